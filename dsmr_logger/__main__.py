@@ -1,0 +1,3 @@
+from dsmr_logger.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Command line: ``dsmr-logger run | check-config | simulate | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import structlog
+
+from dsmr_logger import __version__
+from dsmr_logger.config import Config, ConfigError, LogConfig, effective_toml, load
+from dsmr_logger.delivery.spool import SpoolError
+from dsmr_logger.logsetup import configure
+
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_CONFIG
+    return args.handler(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dsmr-logger",
+        description="Read a smart meter's P1 port and deliver every telegram to DSMR-reader.",
+    )
+    parser.add_argument("--version", action="version", version=f"dsmr-logger {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the datalogger")
+    run.add_argument("--config", type=Path, help="TOML configuration file")
+    run.set_defaults(handler=_run)
+
+    check = commands.add_parser(
+        "check-config", help="validate a configuration and print it, secrets masked"
+    )
+    check.add_argument("--config", type=Path, help="TOML configuration file")
+    check.set_defaults(handler=_check_config)
+
+    sim = commands.add_parser("simulate", help="play recorded telegrams on a virtual serial port")
+    sim.add_argument("--capture", type=Path, help="capture, archive (.log/.log.gz) or telegram")
+    sim.add_argument("--interval", type=float, default=1.0, help="seconds between telegrams")
+    sim.add_argument("--link", type=Path, help="keep a symlink to the port at this path")
+    sim.add_argument("--count", type=int, help="stop after this many telegrams")
+    sim.add_argument(
+        "--as-recorded", action="store_true", help="send the telegrams unchanged (no restamping)"
+    )
+    sim.set_defaults(handler=_simulate)
+
+    demo = commands.add_parser(
+        "demo", help="simulated meter → daemon → archive, live in the terminal"
+    )
+    demo.add_argument("--dir", type=Path, default=Path("dsmr-logger-demo"), help="working folder")
+    demo.add_argument("--interval", type=float, default=1.0, help="seconds between telegrams")
+    demo.add_argument("--dsmr-reader", metavar="URL", help="also deliver to this DSMR-reader")
+    demo.add_argument("--api-key", help="DSMR-reader API key (with --dsmr-reader)")
+    demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _resolve_config(path: Path | None) -> Config:
+    """The TOML file, or else the remote datalogger's environment variables (and ``.env``)."""
+    if path is not None:
+        return load(path)
+    from dsmr_logger import config_env
+
+    dotenv = Path(".env")
+    migrated = config_env.from_environment(os.environ, dotenv=dotenv if dotenv.is_file() else None)
+    if migrated is None:
+        raise ConfigError(
+            [
+                "no --config given and no DSMRREADER_REMOTE_DATALOGGER_* variables set; "
+                "see deploy/config.example.toml"
+            ]
+        )
+    config, notes = migrated
+    structlog.get_logger("dsmr_logger").info(
+        "configured from the remote datalogger's environment variables", notes=notes
+    )
+    return config
+
+
+def _config_or_exit(path: Path | None) -> Config | None:
+    try:
+        return _resolve_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"dsmr-logger: config error: {problem}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    print(effective_toml(config), end="")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    configure(LogConfig())
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    configure(config.log)
+    from dsmr_logger.daemon import Daemon
+
+    try:
+        return asyncio.run(_run_until_signalled(Daemon(config)))
+    except SpoolError as exc:
+        print(f"dsmr-logger: spool error: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run_until_signalled(daemon: object) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await daemon.run(stop)  # type: ignore[attr-defined]
+
+
+def read_capture(path: Path | None) -> bytes:
+    from dsmr_logger.meter.simulate import default_capture
+
+    if path is None:
+        return default_capture()
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from dsmr_logger.meter.simulate import frames_in, simulate
+
+    try:
+        capture = read_capture(args.capture)
+    except OSError as exc:
+        print(f"dsmr-logger: cannot read {args.capture}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not frames_in(capture):
+        print(f"dsmr-logger: {args.capture}: no valid telegram in it", file=sys.stderr)
+        return EXIT_CONFIG
+
+    def announce(path: str) -> None:
+        print(path, flush=True)
+        where = f" (link {args.link})" if args.link else ""
+        print(f"simulated meter on {path}{where}; Ctrl-C stops", file=sys.stderr, flush=True)
+
+    async def play() -> None:
+        task = asyncio.ensure_future(
+            simulate(
+                capture,
+                interval=args.interval,
+                link=args.link,
+                count=args.count,
+                as_recorded=args.as_recorded,
+                announce=announce,
+            )
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(play())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dsmr_logger.demo import run_demo
+
+    if bool(args.dsmr_reader) != bool(args.api_key):
+        print("dsmr-logger: --dsmr-reader and --api-key go together", file=sys.stderr)
+        return EXIT_CONFIG
+    return run_demo(
+        args.dir,
+        interval=args.interval,
+        dsmr_reader=args.dsmr_reader,
+        api_key=args.api_key,
+        duration=args.duration,
+    )

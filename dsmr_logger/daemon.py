@@ -1,0 +1,246 @@
+"""Wires the pipeline — meter reader → per-sink queues and spool → sink workers — and runs it.
+
+Lifecycle: on stop (SIGTERM/SIGINT) reading stops first, each sink may finish the request in flight
+(bounded), everything still undelivered is committed to the spool, and the process exits 0 well
+within 10 s; the next start delivers that backlog before anything new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from dsmr_logger.config import ArchiveSinkConfig, Config, DsmrReaderSinkConfig, SinkConfig
+from dsmr_logger.delivery.queue import Queues
+from dsmr_logger.delivery.sinks import Sink
+from dsmr_logger.delivery.sinks.archive import ArchiveSink
+from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
+from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.delivery.worker import SinkWorker
+from dsmr_logger.meter.framing import Frame
+from dsmr_logger.meter.reader import MeterReader
+from dsmr_logger.telegram.glance import glance
+
+STOP_GRACE = 5.0
+"""Seconds a sink may take to finish its in-flight request at shutdown."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSnapshot:
+    name: str
+    delivered: int
+    backlog: int
+    oldest_age: float | None
+    retries: int
+    dead_letters: int
+    dropped: int
+    throttled: int
+    last_error: str | None
+    last_error_at: float | None
+    failing_since: float | None
+    misconfigured: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything a summary line, the demo or a status page shows, taken at one instant."""
+
+    port: str
+    meter_state: str
+    connected: bool
+    frames: int
+    rejected: dict[str, int]
+    bytes_in: int
+    garbage_bytes: int
+    reconnects: int
+    last_frame_at: float | None
+    last_telegram: bytes | None
+    sinks: tuple[SinkSnapshot, ...]
+
+
+def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
+    """No sink configured: keep a raw archive next to the spool, so nothing read is lost."""
+    if config.sinks:
+        return config.sinks
+    return (ArchiveSinkConfig(name="archive", directory=config.spool.path.parent / "archive"),)
+
+
+def build_sink(config: SinkConfig) -> Sink:
+    if isinstance(config, DsmrReaderSinkConfig):
+        return DsmrReaderV1Sink(config)
+    return ArchiveSink(config)
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        log: Any = None,
+    ) -> None:
+        self.config = config
+        self.sink_configs = default_sinks(config)
+        self._wall = wall_clock
+        self._log = log or structlog.get_logger("dsmr_logger")
+        self.queues = Queues(
+            Spool(
+                config.spool.path,
+                max_bytes=config.spool.max_bytes,
+                strict=config.spool.durability == "strict",
+            ),
+            {sink.name: sink.min_interval for sink in self.sink_configs},
+            flush_interval=config.spool.flush_interval,
+            strict=config.spool.durability == "strict",
+        )
+        self.sinks = [build_sink(sink) for sink in self.sink_configs]
+        self.workers = [
+            SinkWorker(
+                sink,
+                self.queues,
+                retry_initial=getattr(cfg, "retry_initial", 1.0),
+                retry_max=getattr(cfg, "retry_max", 60.0),
+                wall_clock=wall_clock,
+            )
+            for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
+        ]
+        self.reader = MeterReader(config.meter, self._on_frame, wall_clock=wall_clock)
+        self._last_telegram: bytes | None = None
+
+    def _on_frame(self, frame: Frame) -> None:
+        self._last_telegram = frame.telegram
+        self.queues.accept(frame)
+        self._log.debug("telegram", **glance(frame.telegram).values, bytes=len(frame.raw))
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until ``stop`` is set; returns the process exit status."""
+        orphans = await self.queues.open()
+        for name, backlog in orphans.items():
+            self._log.warning(
+                "spool holds telegrams for a sink that is no longer configured; they are kept",
+                sink=name,
+                telegrams=backlog.count,
+            )
+        if not self.config.sinks:
+            self._log.info("no sink configured: archiving raw telegrams", sink=self.sinks[0].name)
+        for sink in self.sinks:
+            await sink.start()
+        self._log.info(
+            "started",
+            port=self.config.meter.port,
+            sinks=[s.name for s in self.sinks],
+            spool=str(self.config.spool.path),
+            durability=self.config.spool.durability,
+        )
+        reader = asyncio.create_task(self.reader.run(), name="reader")
+        workers = [asyncio.create_task(w.run(), name=f"sink:{w.sink.name}") for w in self.workers]
+        helpers = [
+            asyncio.create_task(self.queues.run_flusher(), name="flusher"),
+            asyncio.create_task(self._summaries(), name="summary"),
+        ]
+        if self.queues.strict:
+            helpers.append(asyncio.create_task(self.queues.run_strict_committer(), name="strict"))
+        everything = [reader, *workers, *helpers]
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
+        for task in crashed:
+            self._log.error("task failed", task=task.get_name(), error=repr(task.exception()))
+        stopper.cancel()
+        await self._shutdown(reader, workers, helpers)
+        return 1 if crashed else 0
+
+    async def _shutdown(
+        self,
+        reader: asyncio.Task[None],
+        workers: list[asyncio.Task[None]],
+        helpers: list[asyncio.Task[None]],
+    ) -> None:
+        await _cancel([reader])
+        await asyncio.gather(*(w.stop(STOP_GRACE) for w in self.workers))
+        await _cancel([*workers, *helpers])
+        await self.queues.close()
+        for sink in self.sinks:
+            with contextlib.suppress(Exception):
+                await sink.close()
+        self._log.info("stopped", undelivered=self.queues.undelivered())
+
+    def snapshot(self) -> Snapshot:
+        now = self._wall()
+        counters = self.reader.assembler.counters
+        status = self.reader.status
+        sinks = []
+        for worker in self.workers:
+            queue = worker.queue
+            oldest = queue.oldest_received_at()
+            sinks.append(
+                SinkSnapshot(
+                    name=worker.sink.name,
+                    delivered=worker.stats.delivered,
+                    backlog=len(queue),
+                    oldest_age=None if oldest is None else max(0.0, now - oldest),
+                    retries=worker.stats.retries,
+                    dead_letters=worker.stats.dead_letters,
+                    dropped=queue.stats.dropped,
+                    throttled=queue.stats.throttled,
+                    last_error=worker.stats.last_error,
+                    last_error_at=worker.stats.last_error_at,
+                    failing_since=worker.stats.failing_since,
+                    misconfigured=worker.stats.misconfigured,
+                )
+            )
+        return Snapshot(
+            port=self.config.meter.port,
+            meter_state=status.state.value,
+            connected=status.connected,
+            frames=counters.frames,
+            rejected={r.value: n for r, n in counters.rejected.items() if n},
+            bytes_in=counters.bytes_in,
+            garbage_bytes=counters.garbage_bytes,
+            reconnects=max(0, status.connects - 1),
+            last_frame_at=status.last_frame_at,
+            last_telegram=self._last_telegram,
+            sinks=tuple(sinks),
+        )
+
+    async def _summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.log.summary_interval)
+            self.log_summary()
+
+    def log_summary(self) -> None:
+        snap = self.snapshot()
+        self._log.info(
+            "meter summary",
+            state=snap.meter_state,
+            frames=snap.frames,
+            rejected=snap.rejected,
+            bytes=snap.bytes_in,
+            reconnects=snap.reconnects,
+        )
+        for sink in snap.sinks:
+            self._log.info(
+                "sink summary",
+                sink=sink.name,
+                delivered=sink.delivered,
+                backlog=sink.backlog,
+                oldest_age=None if sink.oldest_age is None else round(sink.oldest_age, 1),
+                retries=sink.retries,
+                dead_letters=sink.dead_letters,
+                dropped=sink.dropped,
+                last_error=sink.last_error,
+            )
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,1 @@
+"""Getting telegrams there: per-sink ordered queues, the durable spool, answers, and sinks."""

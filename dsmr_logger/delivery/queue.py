@@ -1,0 +1,344 @@
+"""Per-sink ordered queues over one shared spool.
+
+Every accepted telegram becomes a ``Record`` that each of its sinks must either confirm or
+dead-letter. A sink's queue is its spooled backlog first (read from disk a page at a time, so a
+100,000-telegram backlog costs no RAM), then the "hot" records still in memory, oldest first.
+
+Durability (see the README): in the default ``batched`` mode a record is written to the spool only
+if some sink still needs it ``flush_interval`` seconds after it arrived, in one transaction with
+the others; a healthy sink therefore costs no disk writes. In ``strict`` mode every record is
+committed before any sink sees it, and every confirmation is committed before the next send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+
+from dsmr_logger.delivery.spool import Backlog, Spool, StoredTelegram
+from dsmr_logger.meter.framing import Frame
+
+T = TypeVar("T")
+
+HOT_LIMIT = 2000
+"""Records a sink keeps in memory before older (already spooled) ones are read back from disk."""
+PAGE_SIZE = 256
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """An accepted telegram still needed by at least one sink."""
+
+    seq: int
+    telegram: bytes
+    received_at: float
+    accepted_at: float
+    waiting: set[str]
+    spooled: bool = False
+
+
+Item = Record | StoredTelegram
+"""What a sink is handed: a hot record, or a telegram read back from the spool."""
+
+
+@dataclass(slots=True)
+class QueueStats:
+    accepted: int = 0
+    throttled: int = 0
+    dropped: int = 0
+    """Lost to the spool's size cap (oldest first), with a warning each time."""
+
+
+class SinkQueue:
+    """One sink's view: strictly oldest first; an item leaves only by ``done``."""
+
+    def __init__(self, name: str, queues: Queues, min_interval: float) -> None:
+        self.name = name
+        self.stats = QueueStats()
+        self.min_interval = min_interval
+        self.hot: deque[Record] = deque()
+        self.cold_upto = 0
+        self.cold_cursor = 0
+        self.cold_count = 0
+        self._queues = queues
+        self._page: deque[StoredTelegram] = deque()
+        self._current: Item | None = None
+        self._arrived = asyncio.Event()
+        self._last_accepted_at: float | None = None
+
+    def __len__(self) -> int:
+        """Undelivered telegrams, spooled backlog included."""
+        in_flight_cold = isinstance(self._current, StoredTelegram)
+        return self.cold_count + len(self.hot) + in_flight_cold
+
+    def oldest_received_at(self) -> float | None:
+        if self._current is not None:
+            return self._current.received_at
+        if self._page:
+            return self._page[0].received_at
+        if self.cold_count:
+            return self._queues.cold_oldest.get(self.name)
+        return self.hot[0].received_at if self.hot else None
+
+    def wants(self, received_at: float) -> bool:
+        """The throttle: at most one telegram per ``min_interval`` seconds for this sink."""
+        last = self._last_accepted_at
+        if self.min_interval > 0 and last is not None and received_at - last < self.min_interval:
+            self.stats.throttled += 1
+            return False
+        self._last_accepted_at = received_at
+        self.stats.accepted += 1
+        return True
+
+    def push(self, record: Record) -> None:
+        self.hot.append(record)
+        self._arrived.set()
+
+    async def head(self) -> Item:
+        """The oldest undelivered telegram; waits while there is none."""
+        while self._current is None:
+            self._current = await self._take()
+        return self._current
+
+    async def peek_behind_head(self) -> Item | None:
+        """The telegram after the head, without waiting (for the poison probe)."""
+        if self._current is None:
+            return None
+        if self.cold_cursor < self.cold_upto:
+            if not self._page:
+                await self._load_page()
+            if self._page:
+                return self._page[0]
+        if isinstance(self._current, Record) and self.hot and self.hot[0] is self._current:
+            return self.hot[1] if len(self.hot) > 1 else None
+        return self.hot[0] if self.hot else None
+
+    def done(self) -> Item:
+        """Remove the head (confirmed or dead-lettered)."""
+        item = self._current
+        assert item is not None, "done() without a head"
+        if isinstance(item, Record):
+            if self.hot and self.hot[0] is item:
+                self.hot.popleft()
+            else:
+                self.hot.remove(item)
+        self._current = None
+        return item
+
+    async def _take(self) -> Item:
+        while True:
+            if self.cold_cursor < self.cold_upto:
+                if not self._page:
+                    await self._load_page()
+                if self._page:
+                    item = self._page.popleft()
+                    self.cold_cursor = item.seq
+                    self.cold_count = max(0, self.cold_count - 1)
+                    return item
+                self.cold_cursor = self.cold_upto
+                self.cold_count = 0
+            if self.hot:
+                return self.hot[0]
+            self._arrived.clear()
+            await self._arrived.wait()
+
+    async def _load_page(self) -> None:
+        page = await self._queues.in_spool(
+            self._queues.spool.page, self.name, self.cold_cursor, self.cold_upto, PAGE_SIZE
+        )
+        self._page.extend(page)
+        if not page:
+            self.cold_cursor = self.cold_upto
+            self.cold_count = 0
+
+    def evict(self, limit: int) -> None:
+        """Keep at most ``limit`` hot records; older spooled ones are read back from disk later."""
+        while len(self.hot) > limit:
+            index = 1 if self.hot[0] is self._current else 0
+            if index >= len(self.hot) or not self.hot[index].spooled:
+                return
+            if index:
+                # Behind a hot head in flight: its own spooled row must never be read back.
+                self.cold_cursor = max(self.cold_cursor, self.hot[0].seq)
+            record = self.hot[index]
+            del self.hot[index]
+            self.cold_upto = max(self.cold_upto, record.seq)
+            self.cold_count += 1
+
+
+class Queues:
+    """Accepts frames from the reader, feeds each sink's queue, and keeps the spool in step."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        sinks: Mapping[str, float],
+        *,
+        flush_interval: float,
+        strict: bool,
+        hot_limit: int = HOT_LIMIT,
+        log: Any = None,
+    ) -> None:
+        """``sinks`` maps each sink name to its ``min_interval`` throttle."""
+        self.spool = spool
+        self.flush_interval = flush_interval
+        self.strict = strict
+        self.hot_limit = hot_limit
+        self.sinks = {name: SinkQueue(name, self, gap) for name, gap in sinks.items()}
+        self.cold_oldest: dict[str, float | None] = {}
+        self._log = log or structlog.get_logger("dsmr_logger.delivery")
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._seq = 0
+        self._unflushed: deque[Record] = deque()
+        self._acks: list[tuple[str, int]] = []
+        self._strict_waiting: list[Record] = []
+        self._strict_wakeup = asyncio.Event()
+        self._early_flush: asyncio.Task[None] | None = None
+
+    async def in_spool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking spool call on the spool's own thread (calls stay in order)."""
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        # Shielded: a cancelled caller (shutdown) must not cancel a commit that holds telegrams.
+        return await asyncio.shield(job)
+
+    async def open(self) -> dict[str, Backlog]:
+        """Open the spool and restore each sink's backlog; returns backlogs of unknown sinks."""
+        await self.in_spool(self.spool.open)
+        self._seq = await self.in_spool(self.spool.last_seq)
+        backlogs = await self.in_spool(self.spool.backlogs)
+        for name, queue in self.sinks.items():
+            queue.cold_upto = await self.in_spool(self.spool.backlog_upto, name)
+            backlog = backlogs.get(name)
+            queue.cold_count = backlog.count if backlog else 0
+            self.cold_oldest[name] = backlog.oldest_received_at if backlog else None
+            if backlog:
+                self._log.info("restored backlog", sink=name, telegrams=backlog.count)
+        return {name: b for name, b in backlogs.items() if name not in self.sinks}
+
+    # --- the reader's side ------------------------------------------------------------------
+
+    def accept(self, frame: Frame) -> None:
+        """Take a frame from the reader (never blocks, never drops silently)."""
+        wanted = {name for name, q in self.sinks.items() if q.wants(frame.received_at)}
+        if not wanted:
+            return
+        self._seq += 1
+        loop = asyncio.get_running_loop()
+        record = Record(self._seq, frame.telegram, frame.received_at, loop.time(), wanted)
+        if self.strict:
+            self._strict_waiting.append(record)
+            self._strict_wakeup.set()
+            return
+        self._unflushed.append(record)
+        for name in wanted:
+            self.sinks[name].push(record)
+        if len(self._unflushed) > self.hot_limit and self._early_flush is None:
+            self._early_flush = loop.create_task(self._flush_early())
+
+    async def run_strict_committer(self) -> None:
+        """Strict mode: commit waiting records (grouped) before any sink may send them."""
+        while True:
+            await self._strict_wakeup.wait()
+            self._strict_wakeup.clear()
+            batch, self._strict_waiting = self._strict_waiting, []
+            for record in batch:
+                record.spooled = True
+            await self._commit(batch, [])
+            for record in batch:
+                for name in record.waiting:
+                    self.sinks[name].push(record)
+
+    # --- the sinks' side --------------------------------------------------------------------
+
+    async def confirm(self, sink: str, item: Item) -> None:
+        """The sink stored the head telegram: it leaves that sink's queue."""
+        self.sinks[sink].done()
+        if isinstance(item, Record):
+            item.waiting.discard(sink)
+            if not item.spooled:
+                return
+        self._acks.append((sink, item.seq))
+        if self.strict:
+            await self.flush()
+
+    async def dead_letter(
+        self, sink: str, item: Item, *, status: int | None, body: str, reason: str
+    ) -> None:
+        """The server will never take this telegram: keep it aside (listable, requeueable)."""
+        self.sinks[sink].done()
+        if isinstance(item, Record):
+            item.waiting.discard(sink)
+        stored = StoredTelegram(item.seq, item.telegram, item.received_at)
+        await self.in_spool(
+            functools.partial(
+                self.spool.dead_letter, sink, stored, status=status, body=body, reason=reason
+            )
+        )
+
+    # --- the spool's side -------------------------------------------------------------------
+
+    async def flush(self, *, everything: bool = False) -> None:
+        """Commit what is still undelivered after ``flush_interval`` (or all of it), and acks."""
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.flush_interval
+        batch: list[Record] = []
+        while self._unflushed and (everything or self._unflushed[0].accepted_at <= cutoff):
+            record = self._unflushed.popleft()
+            if record.waiting:
+                record.spooled = True
+                batch.append(record)
+        acks, self._acks = self._acks, []
+        if batch or acks:
+            await self._commit(batch, acks)
+        for queue in self.sinks.values():
+            queue.evict(self.hot_limit)
+
+    async def _commit(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> None:
+        new = [(StoredTelegram(r.seq, r.telegram, r.received_at), sorted(r.waiting)) for r in batch]
+        dropped: Counter[str] = await self.in_spool(self.spool.commit, new, acks)
+        for sink, count in dropped.items():
+            if sink in self.sinks:
+                queue = self.sinks[sink]
+                queue.stats.dropped += count
+                queue.cold_count = max(0, queue.cold_count - count)
+            self._log.warning(
+                "spool full: dropped oldest telegrams",
+                sink=sink,
+                dropped=count,
+                max_bytes=self.spool.max_bytes,
+            )
+
+    async def _flush_early(self) -> None:
+        """A burst outgrew the memory window before ``flush_interval``: spool it now."""
+        try:
+            await self.flush(everything=True)
+        finally:
+            self._early_flush = None
+
+    async def run_flusher(self) -> None:
+        period = max(self.flush_interval / 2, 0.05)
+        while True:
+            await asyncio.sleep(period)
+            await self.flush()
+
+    async def close(self) -> None:
+        """Commit everything still undelivered (and every ack), then close the spool."""
+        leftover, self._strict_waiting = self._strict_waiting, []
+        for record in leftover:
+            record.spooled = True
+        if leftover:
+            await self._commit(leftover, [])
+        await self.flush(everything=True)
+        await self.in_spool(self.spool.close)
+        self._executor.shutdown(wait=True)
+
+    def undelivered(self) -> dict[str, int]:
+        return {name: len(q) for name, q in self.sinks.items()}

@@ -1,0 +1,335 @@
+"""The durable spool: undelivered telegrams in one SQLite file, stored once for all sinks.
+
+Only what a sink has not confirmed within ``flush_interval`` is written here (or everything first,
+in strict durability), in one transaction per batch, so a healthy setup writes nothing to the SD
+card. WAL journaling makes a torn write or a SIGKILL lose at most the uncommitted batch, never the
+file. The spool is bounded: past ``max_bytes`` of telegram data the oldest telegrams are dropped,
+and counted per sink. All methods are blocking; the queue calls them from one worker thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS telegrams (
+    id INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL,
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    sink TEXT NOT NULL,
+    telegram_id INTEGER NOT NULL,
+    PRIMARY KEY (sink, telegram_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pending_by_telegram ON pending (telegram_id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    sink TEXT NOT NULL,
+    telegram_id INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    data BLOB NOT NULL,
+    status INTEGER,
+    body TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    sink TEXT NOT NULL,
+    name TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (sink, name)
+) WITHOUT ROWID;
+"""
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTelegram:
+    seq: int
+    telegram: bytes
+    received_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: int
+    sink: str
+    seq: int
+    received_at: float
+    telegram: bytes
+    status: int | None
+    body: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    count: int
+    oldest_received_at: float | None
+
+
+class SpoolError(Exception):
+    """The spool file cannot be used (unreadable, not a spool, newer schema)."""
+
+
+class Spool:
+    def __init__(self, path: Path, *, max_bytes: int, strict: bool = False) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.strict = strict
+        self._db: sqlite3.Connection | None = None
+        self._bytes = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA busy_timeout = 10000")
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute(f"PRAGMA synchronous = {'FULL' if self.strict else 'NORMAL'}")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"{self.path}: written by a newer dsmr-logger (schema {version}); upgrade"
+                )
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._bytes = db.execute(
+                "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
+            ).fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise SpoolError(f"{self.path}: {exc}") from exc
+        except OSError as exc:
+            raise SpoolError(f"{self.path}: {exc.strerror or exc}") from exc
+        self._db = db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise SpoolError("spool is not open")
+        return self._db
+
+    @property
+    def stored_bytes(self) -> int:
+        return self._bytes
+
+    # --- what the daemon needs at start -----------------------------------------------------
+
+    def last_seq(self) -> int:
+        row = self.db.execute(
+            "SELECT MAX(m) FROM (SELECT MAX(id) AS m FROM telegrams "
+            "UNION ALL SELECT MAX(telegram_id) FROM dead_letters)"
+        ).fetchone()
+        return row[0] or 0
+
+    def backlog_upto(self, sink: str) -> int:
+        row = self.db.execute("SELECT MAX(telegram_id) FROM pending WHERE sink = ?", (sink,))
+        return row.fetchone()[0] or 0
+
+    def backlogs(self) -> dict[str, Backlog]:
+        rows = self.db.execute(
+            "SELECT p.sink, COUNT(*), MIN(t.received_at) FROM pending p "
+            "JOIN telegrams t ON t.id = p.telegram_id GROUP BY p.sink"
+        )
+        return {sink: Backlog(count, oldest) for sink, count, oldest in rows}
+
+    # --- the write path ---------------------------------------------------------------------
+
+    def commit(
+        self,
+        new: Sequence[tuple[StoredTelegram, Collection[str]]] = (),
+        acks: Sequence[tuple[str, int]] = (),
+    ) -> Counter[str]:
+        """Store new telegrams (for the sinks named) and drop acknowledged ones, atomically.
+
+        Returns how many telegrams each sink lost to the size cap in this commit.
+        """
+        dropped: Counter[str] = Counter()
+        if not new and not acks:
+            return dropped
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if acks:
+                self._forget(acks)
+            incoming = sum(len(t.telegram) for t, _ in new)
+            if new and self._bytes + incoming > self.max_bytes:
+                dropped = self._drop_oldest(self._bytes + incoming - self.max_bytes)
+            if new:
+                db.executemany(
+                    "INSERT INTO telegrams (id, received_at, data) VALUES (?, ?, ?)",
+                    [(t.seq, t.received_at, t.telegram) for t, _ in new],
+                )
+                db.executemany(
+                    "INSERT INTO pending (sink, telegram_id) VALUES (?, ?)",
+                    [(sink, t.seq) for t, sinks in new for sink in sinks],
+                )
+                self._bytes += incoming
+            for sink, count in dropped.items():
+                self._count(sink, "dropped", count)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return dropped
+
+    def _forget(self, acks: Iterable[tuple[str, int]]) -> None:
+        db = self.db
+        acks = list(acks)
+        db.executemany("DELETE FROM pending WHERE sink = ? AND telegram_id = ?", acks)
+        ids = sorted({seq for _, seq in acks})
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            freed = db.execute(
+                f"DELETE FROM telegrams WHERE id IN ({marks}) AND NOT EXISTS "
+                "(SELECT 1 FROM pending WHERE telegram_id = telegrams.id) "
+                "RETURNING length(data)",
+                chunk,
+            ).fetchall()
+            self._bytes -= sum(n for (n,) in freed)
+
+    def _drop_oldest(self, excess: int) -> Counter[str]:
+        db = self.db
+        dropped: Counter[str] = Counter()
+        while excess > 0:
+            rows = db.execute(
+                "SELECT id, length(data) FROM telegrams ORDER BY id LIMIT 256"
+            ).fetchall()
+            if not rows:
+                break
+            victims = []
+            for seq, size in rows:
+                victims.append(seq)
+                excess -= size
+                self._bytes -= size
+                if excess <= 0:
+                    break
+            marks = ",".join("?" * len(victims))
+            for (sink,) in db.execute(
+                f"SELECT sink FROM pending WHERE telegram_id IN ({marks})", victims
+            ).fetchall():
+                dropped[sink] += 1
+            db.execute(f"DELETE FROM pending WHERE telegram_id IN ({marks})", victims)
+            db.execute(f"DELETE FROM telegrams WHERE id IN ({marks})", victims)
+        return dropped
+
+    def _count(self, sink: str, name: str, amount: int) -> None:
+        self.db.execute(
+            "INSERT INTO counters (sink, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (sink, name) DO UPDATE SET value = value + excluded.value",
+            (sink, name, amount),
+        )
+
+    # --- reading the backlog ----------------------------------------------------------------
+
+    def page(self, sink: str, after: int, upto: int, limit: int) -> list[StoredTelegram]:
+        rows = self.db.execute(
+            "SELECT t.id, t.data, t.received_at FROM pending p JOIN telegrams t "
+            "ON t.id = p.telegram_id WHERE p.sink = ? AND p.telegram_id > ? "
+            "AND p.telegram_id <= ? ORDER BY p.telegram_id LIMIT ?",
+            (sink, after, upto, limit),
+        )
+        return [StoredTelegram(seq, bytes(data), received_at) for seq, data, received_at in rows]
+
+    # --- dead letters -----------------------------------------------------------------------
+
+    def dead_letter(
+        self,
+        sink: str,
+        telegram: StoredTelegram,
+        *,
+        status: int | None,
+        body: str,
+        reason: str,
+        at: float | None = None,
+    ) -> None:
+        """Keep a telegram the server will never accept, with its answer, and unqueue it."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "INSERT INTO dead_letters (sink, telegram_id, received_at, data, status, body, "
+                "reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sink,
+                    telegram.seq,
+                    telegram.received_at,
+                    telegram.telegram,
+                    status,
+                    body,
+                    reason,
+                    time.time() if at is None else at,
+                ),
+            )
+            self._forget([(sink, telegram.seq)])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
+        query = (
+            "SELECT id, sink, telegram_id, received_at, data, status, body, reason, at "
+            "FROM dead_letters"
+        )
+        args: tuple[str, ...] = ()
+        if sink is not None:
+            query += " WHERE sink = ?"
+            args = (sink,)
+        rows = self.db.execute(query + " ORDER BY id", args)
+        return [
+            DeadLetter(i, s, seq, ra, bytes(data), status, body, reason, at)
+            for i, s, seq, ra, data, status, body, reason, at in rows
+        ]
+
+    def requeue(self, ids: Collection[int] | None = None, sink: str | None = None) -> int:
+        """Put dead letters back into their sink's queue (after fixing the server); returns count.
+
+        A running daemon picks them up at its next start; they keep their original order.
+        """
+        letters = [d for d in self.dead_letters(sink) if ids is None or d.id in ids]
+        if not letters:
+            return 0
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for letter in letters:
+                db.execute(
+                    "INSERT OR IGNORE INTO telegrams (id, received_at, data) VALUES (?, ?, ?)",
+                    (letter.seq, letter.received_at, letter.telegram),
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO pending (sink, telegram_id) VALUES (?, ?)",
+                    (letter.sink, letter.seq),
+                )
+                db.execute("DELETE FROM dead_letters WHERE id = ?", (letter.id,))
+            self._bytes = db.execute(
+                "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
+            ).fetchone()[0]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return len(letters)
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for sink, name, value in self.db.execute("SELECT sink, name, value FROM counters"):
+            result.setdefault(sink, {})[name] = value
+        return result

@@ -1,0 +1,193 @@
+"""One task per sink: send the head of its queue until the answer says what to do with it.
+
+Delivered → next. Rejected (``Failed to parse telegram``, 400) → dead-letter, next. Transient →
+capped exponential backoff with full jitter (``Retry-After`` honoured), same telegram again.
+Misconfigured (401/403/404/405) → one clear error naming the sink, keep queueing, probe slowly.
+
+An HTML 500 is ambiguous: DSMR-reader answers it both for a database outage and for a telegram it
+chokes on. After ``SUSPECT_LIMIT`` such answers for the same telegram the worker sends the telegram
+*behind* it once: if that one is stored, the server is fine and the head is poison (dead-lettered,
+so it no longer blocks the queue); if not, the server is down and nothing is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from dsmr_logger.delivery.answers import Answer, Verdict, advice
+from dsmr_logger.delivery.queue import Item, Queues, SinkQueue
+from dsmr_logger.delivery.sinks import Sink
+
+SUSPECT_LIMIT = 3
+
+
+@dataclass(slots=True)
+class SinkStats:
+    delivered: int = 0
+    retries: int = 0
+    dead_letters: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failing_since: float | None = None
+    misconfigured: bool = False
+
+
+class SinkWorker:
+    def __init__(
+        self,
+        sink: Sink,
+        queues: Queues,
+        *,
+        retry_initial: float,
+        retry_max: float,
+        jitter: Callable[[], float] = random.random,
+        wall_clock: Callable[[], float] = time.time,
+        log: Any = None,
+    ) -> None:
+        self.sink = sink
+        self.queues = queues
+        self.queue: SinkQueue = queues.sinks[sink.name]
+        self.stats = SinkStats()
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._jitter = jitter
+        self._wall = wall_clock
+        self._log = (log or structlog.get_logger("dsmr_logger.delivery")).bind(sink=sink.name)
+        self._stopping = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._delivered_ahead: int | None = None
+
+    async def run(self) -> None:
+        attempt = 0
+        suspects = 0
+        while not self._stopping.is_set():
+            item = await self.queue.head()
+            if self._stopping.is_set():
+                return
+            if self._delivered_ahead == item.seq:  # stored by the poison probe already
+                self._delivered_ahead = None
+                await self._delivered(item)
+                continue
+            answer = await self._send(item)
+            verdict = answer.verdict
+            if verdict is Verdict.DELIVERED:
+                await self._delivered(item)
+                attempt = suspects = 0
+                continue
+            if verdict is Verdict.REJECTED:
+                await self._dead_letter(item, answer, "the server refused this telegram")
+                attempt = suspects = 0
+                continue
+            self._failed(answer)
+            if verdict is Verdict.MISCONFIGURED:
+                await self._pause(self.retry_max)
+                continue
+            if verdict is Verdict.SUSPECT:
+                suspects += 1
+                if suspects >= SUSPECT_LIMIT and await self._behind_head_is_stored():
+                    await self._dead_letter(
+                        item, answer, "server error for this telegram only (the next was stored)"
+                    )
+                    attempt = suspects = 0
+                    continue
+            attempt += 1
+            self.stats.retries += 1
+            await self._pause(self._backoff(attempt, answer.retry_after))
+
+    async def stop(self, grace: float) -> None:
+        """Finish an in-flight request (up to ``grace`` seconds), then send nothing more."""
+        self._stopping.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), grace)
+
+    async def _send(self, item: Item) -> Answer:
+        self._idle.clear()
+        try:
+            return await self.sink.send(item)
+        finally:
+            self._idle.set()
+
+    async def _delivered(self, item: Item) -> None:
+        await self.queues.confirm(self.sink.name, item)
+        self.stats.delivered += 1
+        if self.stats.failing_since is not None:
+            self._log.info(
+                "sink recovered",
+                failing_for=round(self._wall() - self.stats.failing_since, 1),
+                backlog=len(self.queue),
+            )
+            self.stats.failing_since = None
+            self.stats.misconfigured = False
+
+    async def _dead_letter(self, item: Item, answer: Answer, reason: str) -> None:
+        await self.queues.dead_letter(
+            self.sink.name, item, status=answer.status, body=answer.body, reason=reason
+        )
+        self.stats.dead_letters += 1
+        self._log.warning(
+            "telegram dead-lettered",
+            reason=reason,
+            answer=answer.describe(),
+            received_at=item.received_at,
+            hint="list with: dsmr-logger spool list",
+        )
+
+    async def _behind_head_is_stored(self) -> bool:
+        behind = await self.queue.peek_behind_head()
+        if behind is None:
+            return False
+        answer = await self._send(behind)
+        if answer.verdict is Verdict.DELIVERED:
+            self._delivered_ahead = behind.seq
+            return True
+        if answer.verdict is Verdict.SUSPECT:
+            self._log.warning(
+                "server answers 500 to consecutive telegrams; if DSMR-reader works otherwise, "
+                "the meter's telegrams may lack registers it needs over v1 (1.8.1, 2.8.1, 1.7.0, "
+                "2.7.0)",
+                answer=answer.describe(),
+            )
+        return False
+
+    def _failed(self, answer: Answer) -> None:
+        now = self._wall()
+        description = answer.describe()
+        first = self.stats.failing_since is None
+        changed = description != self.stats.last_error
+        self.stats.last_error = description
+        self.stats.last_error_at = now
+        if first:
+            self.stats.failing_since = now
+        if answer.verdict is Verdict.MISCONFIGURED:
+            if not self.stats.misconfigured or changed:
+                self._log.error(
+                    "sink misconfigured; telegrams stay queued until it is fixed",
+                    answer=description,
+                    fix=advice(answer),
+                    url=getattr(self.sink, "endpoint", None),
+                    next_probe_in=self.retry_max,
+                )
+            self.stats.misconfigured = True
+        elif first or changed:
+            self._log.warning(
+                "delivery failing, retrying", answer=description, backlog=len(self.queue)
+            )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.retry_max)
+        ceiling = min(self.retry_max, self.retry_initial * 2 ** min(attempt - 1, 30))
+        return max(self.retry_initial / 10, ceiling * self._jitter())
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)

@@ -1,0 +1,117 @@
+"""``dsmr-logger demo``: the real pipeline on a machine with no meter and no server.
+
+A simulated meter plays the bundled capture into a virtual serial port; the daemon reads it like a
+real P1 cable and delivers to an archive folder (and to DSMR-reader when one is given), while a
+live line shows what flows. Logs go to a file in the demo folder so they do not scramble the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from dsmr_logger.config import ConfigError, from_mapping
+from dsmr_logger.daemon import Daemon, Snapshot
+from dsmr_logger.logsetup import configure
+from dsmr_logger.meter.simulate import MeterSimulator, VirtualSerialPort, default_capture, frames_in
+from dsmr_logger.telegram.glance import glance
+
+
+def run_demo(
+    directory: Path,
+    *,
+    interval: float,
+    dsmr_reader: str | None,
+    api_key: str | None,
+    duration: float | None,
+    out: TextIO = sys.stdout,
+) -> int:
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    port = VirtualSerialPort()
+    document: dict[str, Any] = {
+        "meter": {"port": port.path},
+        "spool": {"path": str(directory / "spool.sqlite3"), "flush_interval": 5.0},
+        "sink": [{"name": "archive", "type": "archive", "directory": str(directory / "archive")}],
+        "log": {"format": "keyvalue"},
+    }
+    if dsmr_reader:
+        document["sink"].append(
+            {"name": "dsmr-reader", "url": dsmr_reader, "api_key": api_key, "timeout": 5.0}
+        )
+    try:
+        config = from_mapping(document)
+    except ConfigError as exc:
+        port.close()
+        for problem in exc.problems:
+            print(f"dsmr-logger: {problem}", file=sys.stderr)
+        return 2
+    log_path = directory / "dsmr-logger.log"
+    with log_path.open("a", encoding="utf-8") as log_file:
+        configure(config.log, stream=log_file)
+        print(f"demo: simulated meter on {port.path}, working folder {directory}", file=out)
+        print(f"demo: log in {log_path}; Ctrl-C stops", file=out, flush=True)
+        try:
+            status = asyncio.run(_demo(config, port, interval, duration, out))
+        finally:
+            port.close()
+    archive = directory / "archive"
+    print(f"\ndemo: stopped. Raw telegrams archived in {archive}:", file=out)
+    for day in sorted(archive.glob("*.log*")):
+        print(f"  {day}  ({day.stat().st_size} bytes)", file=out)
+    print(f"demo: replay them with: dsmr-logger simulate --capture {archive}/<day>.log", file=out)
+    return status
+
+
+async def _demo(
+    config: Any, port: VirtualSerialPort, interval: float, duration: float | None, out: TextIO
+) -> int:
+    daemon = Daemon(config)
+    simulator = MeterSimulator(port, frames_in(default_capture()), interval=interval)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if duration is not None:
+        loop.call_later(duration, stop.set)
+    meter = asyncio.create_task(simulator.run())
+    progress = asyncio.create_task(_show_progress(daemon, out))
+    try:
+        return await daemon.run(stop)
+    finally:
+        for task in (meter, progress):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        print("\n" + progress_line(daemon.snapshot()), file=out, flush=True)
+
+
+async def _show_progress(daemon: Daemon, out: TextIO) -> None:
+    live = out.isatty()
+    last_printed = 0.0
+    while True:
+        await asyncio.sleep(0.5)
+        line = progress_line(daemon.snapshot())
+        if live:
+            print("\r\033[K" + line, end="", file=out, flush=True)
+        elif time.monotonic() - last_printed >= 5.0:
+            print(line, file=out, flush=True)
+            last_printed = time.monotonic()
+
+
+def progress_line(snap: Snapshot) -> str:
+    power = glance(snap.last_telegram).power() if snap.last_telegram else None
+    parts = [f"frames {snap.frames}", f"power {power or '-'}"]
+    if snap.rejected:
+        parts.append(f"rejected {sum(snap.rejected.values())}")
+    for sink in snap.sinks:
+        text = f"{sink.name}: {sink.delivered} delivered, backlog {sink.backlog}"
+        if sink.failing_since is not None and sink.last_error:
+            text += f", last error {sink.last_error}"
+        parts.append(text)
+    return " | ".join(parts)

@@ -1,0 +1,1 @@
+"""What the bytes mean: reading values out of a telegram."""

@@ -1,0 +1,50 @@
+"""A quick look at a telegram's headline values, for logs and the demo's live line.
+
+Not a parser: it picks a few well-known registers by OBIS code and leaves the values as the meter
+wrote them (number and unit), so nothing is rounded or converted.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_REGISTER = re.compile(rb"^(\d+-\d+:\d+\.\d+\.\d+)\(([^()]*)\)", re.MULTILINE)
+
+_HEADLINE = {
+    b"0-0:1.0.0": "timestamp",
+    b"1-0:1.7.0": "power_delivered",
+    b"1-0:2.7.0": "power_returned",
+    b"1-0:1.8.1": "delivered_tariff1",
+    b"1-0:1.8.2": "delivered_tariff2",
+    b"1-0:1.8.0": "delivered_total",
+    b"1-0:2.8.1": "returned_tariff1",
+    b"1-0:2.8.2": "returned_tariff2",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Glance:
+    header: str
+    values: dict[str, str]
+
+    def power(self) -> str | None:
+        """Current power as the meter states it, e.g. ``0.378 kW``."""
+        raw = self.values.get("power_delivered")
+        if raw is None:
+            return None
+        number, _, unit = raw.partition("*")
+        try:
+            return f"{float(number):g} {unit}".strip()
+        except ValueError:
+            return raw
+
+
+def glance(telegram: bytes) -> Glance:
+    header = telegram.split(b"\r\n", 1)[0][1:].decode("ascii", "replace")
+    values = {
+        _HEADLINE[code]: value.decode("ascii", "replace")
+        for code, value in _REGISTER.findall(telegram)
+        if code in _HEADLINE
+    }
+    return Glance(header, values)
