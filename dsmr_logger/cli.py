@@ -25,6 +25,7 @@ EXIT_CONFIG = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    configure(LogConfig())  # stderr until the configuration says otherwise; stdout is for output
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_CONFIG
@@ -111,7 +112,6 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    configure(LogConfig())
     config = _config_or_exit(args.config)
     if config is None:
         return EXIT_CONFIG
