@@ -116,12 +116,12 @@ def _run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     configure(config.log)
-    from dsmr_logger.daemon import Daemon
+    from dsmr_logger.daemon import Daemon, StartupError
 
     try:
         return asyncio.run(_run_until_signalled(Daemon(config)))
-    except SpoolError as exc:
-        print(f"dsmr-logger: spool error: {exc}", file=sys.stderr)
+    except (SpoolError, StartupError) as exc:
+        print(f"dsmr-logger: cannot start: {exc}", file=sys.stderr)
         return 1
 
 

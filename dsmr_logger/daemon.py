@@ -27,6 +27,10 @@ from dsmr_logger.meter.framing import Frame
 from dsmr_logger.meter.reader import MeterReader
 from dsmr_logger.telegram.glance import glance
 
+class StartupError(Exception):
+    """The daemon cannot start (a sink's directory is unusable, ...); the message says which."""
+
+
 STOP_GRACE = 5.0
 """Seconds a sink may take to finish its in-flight request at shutdown."""
 
@@ -130,7 +134,11 @@ class Daemon:
         if not self.config.sinks:
             self._log.info("no sink configured: archiving raw telegrams", sink=self.sinks[0].name)
         for sink in self.sinks:
-            await sink.start()
+            try:
+                await sink.start()
+            except OSError as exc:
+                await self.queues.close()
+                raise StartupError(f"sink {sink.name!r}: {exc}") from exc
         self._log.info(
             "started",
             port=self.config.meter.port,
