@@ -164,16 +164,17 @@ def _port(value: Any) -> str:
     port = _str(value)
     if "://" in port:
         parsed = urllib.parse.urlsplit(port)
-        if parsed.scheme == "rfc2217":
+        if parsed.scheme not in ("socket", "rfc2217"):
             raise _Bad(
-                "rfc2217:// is not supported; point ser2net at a raw TCP port and use "
-                "socket://host:port"
+                f"unknown scheme {parsed.scheme!r}; use a device path, socket://host:port "
+                "or rfc2217://host:port"
             )
-        if parsed.scheme != "socket":
-            raise _Bad(f"unknown scheme {parsed.scheme!r}; use a device path or socket://host:port")
         try:
             if not parsed.hostname or parsed.port is None:
-                raise _Bad("socket:// needs a host and a port, e.g. socket://192.168.1.20:2001")
+                raise _Bad(
+                    f"{parsed.scheme}:// needs a host and a port, e.g. "
+                    f"{parsed.scheme}://192.168.1.20:2001"
+                )
         except ValueError as exc:
             raise _Bad(f"invalid socket:// address: {exc}") from None
     return port

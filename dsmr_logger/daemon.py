@@ -27,6 +27,7 @@ from dsmr_logger.meter.framing import Frame
 from dsmr_logger.meter.reader import MeterReader
 from dsmr_logger.telegram.glance import glance
 
+
 class StartupError(Exception):
     """The daemon cannot start (a sink's directory is unusable, ...); the message says which."""
 

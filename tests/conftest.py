@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CORPUS = REPO_ROOT.parent / "shared" / "telegrams"
@@ -41,3 +42,10 @@ def corpus() -> Path:
 def corpus_entries(*kinds: str) -> list[dict[str, Any]]:
     """Manifest entries of the given kinds, for parametrize (empty when the corpus is absent)."""
     return [entry for entry in MANIFEST if entry["kind"] in kinds]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> None:
+    """A test that ran the CLI leaves structlog writing to its (closed) captured stderr."""
+    yield
+    structlog.reset_defaults()

@@ -91,7 +91,7 @@ def test_each_meter_mistake_names_its_key(
         ("[meter]\n", "meter.port: is required"),
         ("", "meter: section is required"),
     ],
-    ids=["url", "api_key", "api", "timeout", "duplicate-name", "section", "toml-dup", "port", "empty"],
+    ids=["url", "api_key", "api", "timeout", "dup-name", "section", "toml-dup", "port", "empty"],
 )
 def test_each_mistake_gives_exit_2_and_names_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str | None

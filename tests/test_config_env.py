@@ -231,7 +231,7 @@ def test_missing_hosts_or_keys() -> None:
         ("SERIAL_BAUDRATE", "fast", "must be an integer, not 'fast'"),
         ("SERIAL_BYTESIZE", "9", "must be one of 7, 8"),
         ("SERIAL_PARITY", "X", "must be one of 'N', 'E', 'O'"),
-        ("SERIAL_PORT", "rfc2217://h:1", "rfc2217:// is not supported"),
+        ("SERIAL_PORT", "ftp://h:1", "unknown scheme 'ftp'"),
         ("TIMEOUT", "0", "must be between 0.05 and 600.0"),
         ("TIMEOUT", "soon", "must be a number"),
         ("SLEEP", "-1", "must be between 0.0 and 86400.0"),

@@ -99,7 +99,7 @@ def test_seq_continues_after_restart(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_spool_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(SpoolError, match="spool.sqlite3"):
+    with pytest.raises(SpoolError, match=r"spool\.sqlite3"):
         Spool(path, max_bytes=10**6).open()
 
 
@@ -123,7 +123,7 @@ _WRITER = textwrap.dedent(
 
 
 def test_sigkill_during_commits_leaves_a_consistent_spool(tmp_path: Path) -> None:
-    """Power loss mid-write: every batch reported committed is there, whole, and the file is sane."""
+    """Power loss mid-write: every batch reported committed is there, whole; the file is sane."""
     path = tmp_path / "spool.sqlite3"
     for _ in range(3):
         writer = subprocess.Popen(

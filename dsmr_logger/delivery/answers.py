@@ -65,7 +65,9 @@ def classify(status: int, body: str, retry_after: str | None = None) -> Answer:
     if status in STATUS_TABLE:
         verdict = STATUS_TABLE[status][0]
     elif status == 500:
-        verdict = Verdict.REJECTED if PARSE_FAILURE_BODY in body else Verdict.SUSPECT
+        # Equality, not "in": Django's debug traceback page quotes the view's source, which
+        # contains this text, and a database outage must not dead-letter good telegrams.
+        verdict = Verdict.REJECTED if body.strip() == PARSE_FAILURE_BODY else Verdict.SUSPECT
     elif 500 <= status < 600:
         verdict = Verdict.RETRY
     elif 400 <= status < 500:

@@ -107,7 +107,8 @@ class SinkWorker:
         """Finish an in-flight request (up to ``grace`` seconds), then send nothing more."""
         self._stopping.set()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), grace)
+            async with asyncio.timeout(grace):
+                await self._idle.wait()
 
     async def _send(self, item: Item) -> Answer:
         self._idle.clear()
@@ -190,4 +191,5 @@ class SinkWorker:
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()

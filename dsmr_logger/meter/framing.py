@@ -174,6 +174,9 @@ class FrameAssembler:
         return False
 
     def _check(self, data: bytes, digits: bytes, tail: int, received_at: float) -> Frame | None:
+        if len(data) > self.max_frame_bytes:  # completed within the read that overflowed the cap
+            self._reject(Rejection.OVERSIZE, data, received_at, f"over {self.max_frame_bytes} B")
+            return None
         if not digits:
             if self.require_crc:
                 self._reject(Rejection.NO_CRC, data, received_at, "require_crc is set")

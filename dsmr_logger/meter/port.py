@@ -1,16 +1,17 @@
-"""Opening the link to the meter: a serial device (pyserial via pyserial-asyncio-fast) or ser2net.
+"""Opening the link to the meter: a serial device, ``socket://`` (ser2net) or ``rfc2217://``.
 
-Both give an ``asyncio.StreamReader``; the reader task above does not care which it got.
+serialx handles all three natively in asyncio; ``bench/serial_bindings.py`` holds the measurements
+behind that choice (the pyserial bindings block the event loop while opening, and cannot do
+rfc2217). Every form gives an ``asyncio.StreamReader``; the reader task does not care which.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.parse
 from dataclasses import dataclass
 
-import serial_asyncio_fast
+import serialx
 
 from dsmr_logger.config import MeterConfig
 
@@ -26,24 +27,20 @@ class Link:
     writer: asyncio.StreamWriter
 
     async def close(self) -> None:
-        self.writer.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.writer.wait_closed(), _CLOSE_TIMEOUT)
+            self.writer.close()
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.writer.wait_closed()
 
 
 async def open_link(meter: MeterConfig) -> Link:
-    """Open the configured port; raises OSError (or the serial library's error) when it can't."""
-    if meter.is_network:
-        url = urllib.parse.urlsplit(meter.port)
-        reader, writer = await asyncio.open_connection(url.hostname, url.port, limit=READ_SIZE)
-        return Link(reader, writer)
+    """Open the configured port; raises OSError (serialx's errors are OSErrors) when it can't."""
     serial = meter.serial
-    reader, writer = await serial_asyncio_fast.open_serial_connection(
+    reader, writer = await serialx.open_serial_connection(
         url=meter.port,
         baudrate=serial.baudrate,
-        bytesize=serial.bytesize,
+        byte_size=serial.bytesize,
         parity=serial.parity,
         stopbits=serial.stopbits,
-        limit=READ_SIZE,
     )
     return Link(reader, writer)

@@ -79,9 +79,8 @@ class MeterReader:
         delay = self.config.reconnect_initial
         while True:
             try:
-                link = await asyncio.wait_for(
-                    self._open(self.config), max(self.config.idle_timeout, 10.0)
-                )
+                async with asyncio.timeout(max(self.config.idle_timeout, 10.0)):
+                    link = await self._open(self.config)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -105,9 +104,10 @@ class MeterReader:
         try:
             while True:
                 try:
-                    chunk = await asyncio.wait_for(
-                        link.reader.read(READ_SIZE), self.config.idle_timeout
-                    )
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                    # that races with arriving data, and then shutdown never finishes.
+                    async with asyncio.timeout(self.config.idle_timeout):
+                        chunk = await link.reader.read(READ_SIZE)
                 except TimeoutError:
                     self.status.idle_reconnects += 1
                     self._went_down(
@@ -128,6 +128,7 @@ class MeterReader:
         return self.assembler.counters.frames > frames_before
 
     def _take(self, chunk: bytes, now: float) -> None:
+        self._down_reason = None
         received_at = self._wall()
         self.status.last_byte_at = received_at
         frames = self.assembler.feed(chunk, received_at)
@@ -163,6 +164,10 @@ class MeterReader:
     def _came_up(self) -> None:
         self.status.connected = True
         self.status.connects += 1
+        if self.status.state is MeterState.NO_BYTES:
+            # Reopened by the idle watchdog: still the same "no bytes" state, not news.
+            self._log.debug("meter port reopened", port=self.config.port)
+            return
         if self._down_reason is not None or self.status.connects == 1:
             self._log.info("meter link open", port=self.config.port)
         self._down_reason = None

@@ -75,6 +75,9 @@ class VirtualSerialPort:
         return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0\0\0\0"))[0]
 
     def close(self) -> None:
+        """Make the port disappear (as an unplugged meter cable would); safe to call twice."""
+        if self.master < 0:
+            return
         if self.link is not None and self.link.is_symlink():
             with contextlib.suppress(OSError):
                 if os.readlink(self.link) == self.path:
@@ -82,6 +85,7 @@ class VirtualSerialPort:
         for fd in (self.master, self._slave):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self.master = self._slave = -1
 
 
 @dataclass(slots=True)
