@@ -156,6 +156,13 @@ def _one_of(*choices: Any) -> Callable[[Any], Any]:
     return check
 
 
+def _api_version(value: Any) -> str:
+    version = _one_of("v1", "v2")(value)
+    if version == "v2":
+        raise _Bad("'v2' (parsed fields) is not available in this version yet; use 'v1'")
+    return version
+
+
 def _path(value: Any) -> Path:
     return Path(_str(value)).expanduser()
 
@@ -279,7 +286,7 @@ def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig | None:
             name=name or "",
             url=s.get("url", _url),
             api_key=s.get("api_key", _str),
-            api=s.get("api", _one_of("v1", "v2"), "v1"),
+            api=s.get("api", _api_version, "v1"),
             auth_header=s.get("auth_header", _one_of("token", "x-authkey"), "token"),
             timeout=s.get("timeout", _number(0.05, 600.0), 20.0),
             verify_tls=s.get("verify_tls", _bool, True),
