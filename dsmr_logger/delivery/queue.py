@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import sqlite3
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ T = TypeVar("T")
 HOT_LIMIT = 2000
 """Records a sink keeps in memory before older (already spooled) ones are read back from disk."""
 PAGE_SIZE = 256
+ACK_BATCH = 32
+"""Confirmations of spooled telegrams committed together: bounds resends after a crash mid-drain."""
+SPOOL_RETRY = 1.0
 
 
 @dataclass(slots=True, eq=False)
@@ -201,6 +205,7 @@ class Queues:
         self._strict_waiting: list[Record] = []
         self._strict_wakeup = asyncio.Event()
         self._early_flush: asyncio.Task[None] | None = None
+        self.spool_error: str | None = None
 
     async def in_spool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""
@@ -251,7 +256,13 @@ class Queues:
             batch, self._strict_waiting = self._strict_waiting, []
             for record in batch:
                 record.spooled = True
-            await self._commit(batch, [])
+            if not await self._commit(batch, []):
+                for record in batch:
+                    record.spooled = False
+                self._strict_waiting[:0] = batch
+                await asyncio.sleep(SPOOL_RETRY)
+                self._strict_wakeup.set()
+                continue
             for record in batch:
                 for name in record.waiting:
                     self.sinks[name].push(record)
@@ -266,7 +277,7 @@ class Queues:
             if not item.spooled:
                 return
         self._acks.append((sink, item.seq))
-        if self.strict:
+        if self.strict or len(self._acks) >= ACK_BATCH:
             await self.flush()
 
     async def dead_letter(
@@ -296,14 +307,35 @@ class Queues:
                 record.spooled = True
                 batch.append(record)
         acks, self._acks = self._acks, []
-        if batch or acks:
-            await self._commit(batch, acks)
+        if (batch or acks) and not await self._commit(batch, acks):
+            # Keep everything in memory and try again at the next flush: nothing is lost
+            # while the process lives, and sinks keep delivering meanwhile.
+            for record in batch:
+                record.spooled = False
+            self._unflushed.extendleft(reversed(batch))
+            self._acks[:0] = acks
+            return
         for queue in self.sinks.values():
             queue.evict(self.hot_limit)
 
-    async def _commit(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> None:
+    async def _commit(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> bool:
+        """Write a batch and acks in one transaction; False (logged once per error) on failure."""
         new = [(StoredTelegram(r.seq, r.telegram, r.received_at), sorted(r.waiting)) for r in batch]
-        dropped: Counter[str] = await self.in_spool(self.spool.commit, new, acks)
+        try:
+            dropped: Counter[str] = await self.in_spool(self.spool.commit, new, acks)
+        except (sqlite3.Error, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if error != self.spool_error:
+                self._log.error(
+                    "cannot write the spool; undelivered telegrams stay in memory meanwhile",
+                    path=str(self.spool.path),
+                    error=error,
+                )
+            self.spool_error = error
+            return False
+        if self.spool_error is not None:
+            self._log.info("spool writable again", path=str(self.spool.path))
+            self.spool_error = None
         for sink, count in dropped.items():
             if sink in self.sinks:
                 queue = self.sinks[sink]
@@ -315,6 +347,7 @@ class Queues:
                 dropped=count,
                 max_bytes=self.spool.max_bytes,
             )
+        return True
 
     async def _flush_early(self) -> None:
         """A burst outgrew the memory window before ``flush_interval``: spool it now."""
@@ -332,11 +365,14 @@ class Queues:
     async def close(self) -> None:
         """Commit everything still undelivered (and every ack), then close the spool."""
         leftover, self._strict_waiting = self._strict_waiting, []
-        for record in leftover:
-            record.spooled = True
-        if leftover:
-            await self._commit(leftover, [])
+        self._unflushed.extendleft(reversed(leftover))
         await self.flush(everything=True)
+        if self._unflushed:
+            self._log.error(
+                "stopping with telegrams that could not be written to the spool; they are lost",
+                telegrams=sum(1 for r in self._unflushed if r.waiting),
+                error=self.spool_error,
+            )
         await self.in_spool(self.spool.close)
         self._executor.shutdown(wait=True)
 
