@@ -12,7 +12,7 @@ from dataclasses import dataclass
 _REGISTER = re.compile(rb"^(\d+-\d+:\d+\.\d+\.\d+)\(([^()]*)\)", re.MULTILINE)
 
 _HEADLINE = {
-    b"0-0:1.0.0": "timestamp",
+    b"0-0:1.0.0": "meter_timestamp",
     b"1-0:1.7.0": "power_delivered",
     b"1-0:2.7.0": "power_returned",
     b"1-0:1.8.1": "delivered_tariff1",
