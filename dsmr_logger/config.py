@@ -333,14 +333,19 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     return Config(meter=meter, spool=spool, sinks=tuple(s for s in sinks if s), log=log)
 
 
-def load(path: Path) -> Config:
-    """Read and validate a TOML file; errors name the file, and the line for syntax errors."""
+def read_text(path: Path) -> str:
+    """A configuration file's text; a missing or undecodable file is a ConfigError naming it."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+
+
+def load(path: Path) -> Config:
+    """Read and validate a TOML file; errors name the file, and the line for syntax errors."""
+    text = read_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dsmr_logger.config import Config, ConfigError, from_mapping, mask
+from dsmr_logger.config import Config, ConfigError, from_mapping, mask, read_text
 
 PREFIX = "DSMRREADER_REMOTE_DATALOGGER_"
 
@@ -173,13 +173,7 @@ def _shorten(text: str, limit: int = 40) -> str:
 
 def read_dotenv(path: Path) -> dict[str, str]:
     """Read a ``.env`` file; errors name the file (and the line)."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
-    return parse_dotenv(text, str(path))
+    return parse_dotenv(read_text(path), str(path))
 
 
 # --- environment → TOML-like document ---------------------------------------------------------
