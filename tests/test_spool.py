@@ -66,7 +66,7 @@ def test_full_spool_drops_oldest_and_counts_per_sink(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_dead_letter_keeps_answer_and_requeue_restores_it(spool: Spool) -> None:
+def test_dead_letter_keeps_answer_and_requeue_hands_it_back(spool: Spool) -> None:
     spool.commit([(telegram(1), ["a"]), (telegram(2), ["a"])])
     spool.dead_letter(
         "a", telegram(1), status=500, body="Failed to parse telegram", reason="refused"
@@ -79,8 +79,16 @@ def test_dead_letter_keeps_answer_and_requeue_restores_it(spool: Spool) -> None:
         telegram(1).telegram,
     )
     assert spool.requeue(sink="a") == 1
-    assert [t.seq for t in spool.page("a", 0, 10, 10)] == [1, 2]
     assert spool.dead_letters() == []
+    ((row, sink, waiting),) = spool.requeued(["a", "b"])
+    assert (sink, waiting.telegram, waiting.received_at) == (
+        "a",
+        telegram(1).telegram,
+        telegram(1).received_at,
+    )
+    assert spool.requeued(["b"]) == []
+    spool.forget_requeued([row])
+    assert spool.requeued(["a"]) == []
 
 
 def test_seq_continues_after_restart(tmp_path: Path) -> None:

@@ -226,6 +226,7 @@ class Queues:
             self.cold_oldest[name] = backlog.oldest_received_at if backlog else None
             if backlog:
                 self._log.info("restored backlog", sink=name, telegrams=backlog.count)
+        await self.adopt_requeued()
         return {name: b for name, b in backlogs.items() if name not in self.sinks}
 
     # --- the reader's side ------------------------------------------------------------------
@@ -233,20 +234,36 @@ class Queues:
     def accept(self, frame: Frame) -> None:
         """Take a frame from the reader (never blocks, never drops silently)."""
         wanted = {name for name, q in self.sinks.items() if q.wants(frame.received_at)}
-        if not wanted:
-            return
-        self._seq += 1
+        if wanted:
+            self._enqueue(frame.telegram, frame.received_at, wanted)
+
+    def _enqueue(self, telegram: bytes, received_at: float, sinks: set[str]) -> None:
         loop = asyncio.get_running_loop()
-        record = Record(self._seq, frame.telegram, frame.received_at, loop.time(), wanted)
+        self._seq += 1
+        record = Record(self._seq, telegram, received_at, loop.time(), sinks)
         if self.strict:
             self._strict_waiting.append(record)
             self._strict_wakeup.set()
             return
         self._unflushed.append(record)
-        for name in wanted:
+        for name in sinks:
             self.sinks[name].push(record)
         if len(self._unflushed) > self.hot_limit and self._early_flush is None:
             self._early_flush = loop.create_task(self._flush_early())
+
+    async def adopt_requeued(self) -> int:
+        """Queue dead letters a user requeued (``dsmr-logger spool requeue``), even while running.
+
+        They are enqueued like new telegrams before their rows are removed, so a crash in
+        between can only send one twice, never lose it.
+        """
+        waiting = await self.in_spool(self.spool.requeued, list(self.sinks))
+        for _, sink, stored in waiting:
+            self._enqueue(stored.telegram, stored.received_at, {sink})
+        if waiting:
+            await self.in_spool(self.spool.forget_requeued, [row for row, _, _ in waiting])
+            self._log.info("requeued telegrams queued again", telegrams=len(waiting))
+        return len(waiting)
 
     async def run_strict_committer(self) -> None:
         """Strict mode: commit waiting records (grouped) before any sink may send them."""
@@ -361,6 +378,7 @@ class Queues:
         while True:
             await asyncio.sleep(period)
             await self.flush()
+            await self.adopt_requeued()
 
     async def close(self) -> None:
         """Commit everything still undelivered (and every ack), then close the spool."""

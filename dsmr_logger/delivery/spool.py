@@ -9,10 +9,11 @@ and counted per sink. All methods are blocking; the queue calls them from one wo
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,12 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     body TEXT NOT NULL,
     reason TEXT NOT NULL,
     at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requeued (
+    id INTEGER PRIMARY KEY,
+    sink TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    data BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS counters (
     sink TEXT NOT NULL,
@@ -104,14 +111,12 @@ class Spool:
                 )
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._bytes = db.execute(
-                "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
-            ).fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise SpoolError(f"{self.path}: {exc}") from exc
         except OSError as exc:
             raise SpoolError(f"{self.path}: {exc.strerror or exc}") from exc
         self._db = db
+        self._bytes = self._count_bytes()
 
     def close(self) -> None:
         if self._db is not None:
@@ -162,9 +167,7 @@ class Spool:
         dropped: Counter[str] = Counter()
         if not new and not acks:
             return dropped
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             if acks:
                 self._forget(acks)
             incoming = sum(len(t.telegram) for t, _ in new)
@@ -182,10 +185,6 @@ class Spool:
                 self._bytes += incoming
             for sink, count in dropped.items():
                 self._count(sink, "dropped", count)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return dropped
 
     def _forget(self, acks: Iterable[tuple[str, int]]) -> None:
@@ -260,9 +259,7 @@ class Spool:
         at: float | None = None,
     ) -> None:
         """Keep a telegram the server will never accept, with its answer, and unqueue it."""
-        db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction() as db:
             db.execute(
                 "INSERT INTO dead_letters (sink, telegram_id, received_at, data, status, body, "
                 "reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -278,10 +275,6 @@ class Spool:
                 ),
             )
             self._forget([(sink, telegram.seq)])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
         query = (
@@ -299,34 +292,59 @@ class Spool:
         ]
 
     def requeue(self, ids: Collection[int] | None = None, sink: str | None = None) -> int:
-        """Put dead letters back into their sink's queue (after fixing the server); returns count.
+        """Hand dead letters back for another try (after fixing the server); returns how many.
 
-        A running daemon picks them up at its next start; they keep their original order.
+        They wait in ``requeued`` until the daemon adopts them (within seconds if it runs, else
+        at its next start), so this is safe while the daemon holds the spool open.
         """
         letters = [d for d in self.dead_letters(sink) if ids is None or d.id in ids]
         if not letters:
             return 0
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO requeued (sink, received_at, data) VALUES (?, ?, ?)",
+                [(d.sink, d.received_at, d.telegram) for d in letters],
+            )
+            db.executemany("DELETE FROM dead_letters WHERE id = ?", [(d.id,) for d in letters])
+        return len(letters)
+
+    def requeued(self, sinks: Collection[str]) -> list[tuple[int, str, StoredTelegram]]:
+        """Requeued telegrams waiting for these sinks, oldest first: (row id, sink, telegram).
+
+        A plain read: the daemon calls it periodically and it writes nothing when idle.
+        """
+        marks = ",".join("?" * len(sinks))
+        rows = self.db.execute(
+            f"SELECT id, sink, received_at, data FROM requeued WHERE sink IN ({marks}) "
+            "ORDER BY received_at, id",
+            tuple(sinks),
+        )
+        return [(i, sink, StoredTelegram(0, bytes(data), at)) for i, sink, at, data in rows]
+
+    def forget_requeued(self, ids: Collection[int]) -> None:
+        with self._transaction() as db:
+            db.executemany("DELETE FROM requeued WHERE id = ?", [(i,) for i in ids])
+
+    def requeued_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM requeued").fetchone()[0]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write; on failure nothing changed, the byte count included."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            for letter in letters:
-                db.execute(
-                    "INSERT OR IGNORE INTO telegrams (id, received_at, data) VALUES (?, ?, ?)",
-                    (letter.seq, letter.received_at, letter.telegram),
-                )
-                db.execute(
-                    "INSERT OR IGNORE INTO pending (sink, telegram_id) VALUES (?, ?)",
-                    (letter.sink, letter.seq),
-                )
-                db.execute("DELETE FROM dead_letters WHERE id = ?", (letter.id,))
-            self._bytes = db.execute(
-                "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
-            ).fetchone()[0]
+            yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._bytes = self._count_bytes()
             raise
-        return len(letters)
+
+    def _count_bytes(self) -> int:
+        query = "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
+        return self.db.execute(query).fetchone()[0]
 
     def counters(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
