@@ -60,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_simulate)
 
+    spool = commands.add_parser("spool", help="look into and repair the spool (safe while running)")
+    spool.add_argument("--config", type=Path, help="TOML configuration file (finds the spool)")
+    actions = spool.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="backlog per sink and dead letters with their reasons")
+    show = actions.add_parser("show", help="one dead letter in full")
+    show.add_argument("id", type=int)
+    requeue = actions.add_parser("requeue", help="send dead letters again")
+    requeue.add_argument("ids", type=int, nargs="*", help="dead letter ids (default: all)")
+    requeue.add_argument("--sink", help="only this sink's dead letters")
+    purge = actions.add_parser("purge", help="delete backlog and/or dead letters")
+    purge.add_argument("--sink", help="only this sink (default: every sink)")
+    purge.add_argument("--backlog-only", action="store_true", help="keep the dead letters")
+    purge.add_argument("--dead-letters-only", action="store_true", help="keep the backlog")
+    purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    export = actions.add_parser("export", help="write backlog and dead letters as raw telegrams")
+    export.add_argument("file", type=Path)
+    export.add_argument("--sink", help="only this sink")
+    spool.set_defaults(handler=_spool)
+
     demo = commands.add_parser(
         "demo", help="simulated meter → daemon → archive, live in the terminal"
     )
@@ -131,6 +150,46 @@ async def _run_until_signalled(daemon: object) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return await daemon.run(stop)  # type: ignore[attr-defined]
+
+
+def _spool(args: argparse.Namespace) -> int:
+    from dsmr_logger.delivery.spool import Spool
+    from dsmr_logger.ops import spool_tool
+
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    path = config.spool.path
+    if not path.is_file():
+        print(f"dsmr-logger: no spool at {path} (spool.path)", file=sys.stderr)
+        return 1
+    spool = Spool(path, max_bytes=config.spool.max_bytes)
+    try:
+        spool.open()
+    except SpoolError as exc:
+        print(f"dsmr-logger: spool error: {exc}", file=sys.stderr)
+        return 1
+    out = sys.stdout
+    try:
+        if args.action == "list":
+            return spool_tool.list_spool(spool, out)
+        if args.action == "show":
+            return spool_tool.show(spool, args.id, out)
+        if args.action == "requeue":
+            return spool_tool.requeue(spool, args.ids, args.sink, out)
+        if args.action == "export":
+            return spool_tool.export(spool, args.file, args.sink, out)
+        return spool_tool.purge(
+            spool,
+            args.sink,
+            backlog=not args.dead_letters_only,
+            dead_letters=not args.backlog_only,
+            confirmed=args.yes,
+            ask=input,
+            out=out,
+        )
+    finally:
+        spool.close()
 
 
 def read_capture(path: Path | None) -> bytes:

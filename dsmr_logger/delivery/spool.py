@@ -328,6 +328,23 @@ class Spool:
     def requeued_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM requeued").fetchone()[0]
 
+    def purge(self, sink: str | None, *, backlog: bool, dead_letters: bool) -> tuple[int, int]:
+        """Delete a sink's (or every sink's) backlog and/or dead letters; returns both counts."""
+        where, args = ("WHERE sink = ?", (sink,)) if sink is not None else ("", ())
+        with self._transaction() as db:
+            queued = gone = 0
+            if backlog:
+                queued = db.execute(f"DELETE FROM pending {where}", args).rowcount
+                db.execute(
+                    "DELETE FROM telegrams WHERE NOT EXISTS "
+                    "(SELECT 1 FROM pending WHERE telegram_id = telegrams.id)"
+                )
+                db.execute(f"DELETE FROM requeued {where}", args)
+            if dead_letters:
+                gone = db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
+        self._bytes = self._count_bytes()
+        return queued, gone
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One atomic write; on failure nothing changed, the byte count included."""

@@ -1,0 +1,1 @@
+"""Being watched and repaired: status, spool tools."""

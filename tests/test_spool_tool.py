@@ -1,0 +1,158 @@
+"""``dsmr-logger spool ...`` against a spool that a running daemon holds open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from dsmr_reader_server import DsmrReaderServer
+
+from dsmr_logger.cli import main
+from dsmr_logger.config import load
+from dsmr_logger.daemon import Daemon
+from dsmr_logger.meter.simulate import (
+    MeterSimulator,
+    VirtualSerialPort,
+    default_capture,
+    frames_in,
+)
+
+KEY = "spool-tool-test-key-0123"
+TELEGRAMS = frames_in(default_capture())
+POISON = TELEGRAMS[2]
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+    try:
+        async with asyncio.timeout(timeout):
+            await poll()
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def write_config(tmp_path: Path, port: str, url: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[meter]
+port = "{port}"
+idle_timeout = 2.0
+reconnect_initial = 0.05
+reconnect_max = 0.2
+
+[spool]
+path = "{tmp_path / "spool.sqlite3"}"
+flush_interval = 0.1
+
+[[sink]]
+name = "home"
+url = "{url}"
+api_key = "{KEY}"
+timeout = 1.0
+retry_initial = 0.01
+retry_max = 0.1
+"""
+    )
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(config_path: Path) -> AsyncIterator[Daemon]:
+    daemon = Daemon(load(config_path))
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            assert await task == 0
+
+
+def cli(config: Path, *args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    status = main(["spool", "--config", str(config), *args])
+    return status, capsys.readouterr().out
+
+
+async def test_dead_letter_listed_shown_and_requeued_into_a_running_daemon(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = VirtualSerialPort()
+    async with DsmrReaderServer(api_key=KEY) as server:
+        server.poison = lambda telegram: telegram == POISON.decode()
+        server.poison_answer = "parse_failure"
+        config = write_config(tmp_path, port.path, server.url)
+        try:
+            async with running(config) as daemon:
+                await wait_until(lambda: daemon.reader.status.connected, "the meter port")
+                await MeterSimulator(port, TELEGRAMS[:6], interval=0, as_recorded=True).run(6)
+                await wait_until(lambda: len(server.received) == 5, "five deliveries")
+                assert daemon.workers[0].stats.dead_letters == 1
+
+                status, out = cli(config, "list", capsys=capsys)
+                assert status == 0
+                assert "dead letters: 1" in out
+                assert "#1 home" in out
+                assert "HTTP 500 Failed to parse telegram" in out
+
+                status, out = cli(config, "show", "1", capsys=capsys)
+                assert status == 0
+                assert POISON.decode().replace("\r\n", "\n").strip() in out
+
+                status, out = cli(config, "export", str(tmp_path / "out.log"), capsys=capsys)
+                assert status == 0
+                assert frames_in((tmp_path / "out.log").read_bytes()) == [POISON]
+
+                server.poison = None  # the server was fixed
+                status, out = cli(config, "requeue", capsys=capsys)
+                assert status == 0
+                assert "requeued 1" in out
+                await wait_until(lambda: len(server.received) == 6, "the requeued telegram")
+
+                status, out = cli(config, "list", capsys=capsys)
+                assert "dead letters: none" in out
+        finally:
+            port.close()
+    delivered = [t.encode() for t in server.received]
+    assert delivered == [*TELEGRAMS[:2], *TELEGRAMS[3:6], POISON]
+
+
+async def test_purge_asks_first_and_deletes_the_backlog(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = VirtualSerialPort()
+    async with DsmrReaderServer(api_key=KEY) as server:
+        server.mode = "refuse"
+        config = write_config(tmp_path, port.path, server.url)
+        try:
+            async with running(config) as daemon:
+                await wait_until(lambda: daemon.reader.status.connected, "the meter port")
+                await MeterSimulator(port, TELEGRAMS[:4], interval=0, as_recorded=True).run(4)
+                await wait_until(lambda: daemon.queues.undelivered()["home"] == 4, "a backlog")
+        finally:
+            port.close()
+    status, out = cli(config, "list", capsys=capsys)
+    assert "backlog home: 4 telegrams" in out
+
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    status, out = cli(config, "purge", capsys=capsys)
+    assert status == 1
+    assert "nothing deleted" in out
+    status, out = cli(config, "purge", "--yes", capsys=capsys)
+    assert status == 0
+    assert "deleted 4 queued telegram(s)" in out
+    status, out = cli(config, "list", capsys=capsys)
+    assert "backlog: none" in out
+
+
+def test_missing_spool_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path, "/dev/null", "http://127.0.0.1:9")
+    assert main(["spool", "--config", str(config), "list"]) == 1
+    assert "no spool at" in capsys.readouterr().err
