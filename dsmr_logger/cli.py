@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_simulate)
 
+    status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
+    status.add_argument("--config", type=Path, help="TOML configuration file")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(handler=_status)
+
     spool = commands.add_parser("spool", help="look into and repair the spool (safe while running)")
     spool.add_argument("--config", type=Path, help="TOML configuration file (finds the spool)")
     actions = spool.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -136,9 +141,10 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(config.log)
     from dsmr_logger.daemon import Daemon, StartupError
+    from dsmr_logger.ops.notify import Notifier
 
     try:
-        return asyncio.run(_run_until_signalled(Daemon(config)))
+        return asyncio.run(_run_until_signalled(Daemon(config, notifier=Notifier())))
     except (SpoolError, StartupError) as exc:
         print(f"dsmr-logger: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -150,6 +156,19 @@ async def _run_until_signalled(daemon: object) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return await daemon.run(stop)  # type: ignore[attr-defined]
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dsmr_logger.ops.status_tool import status
+
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        return status(config, as_json=args.json, out=sys.stdout)
+    except SpoolError as exc:
+        print(f"dsmr-logger: spool error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _spool(args: argparse.Namespace) -> int:

@@ -95,11 +95,29 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str | None = None
+    """``host:port`` of the status endpoint (/healthz, /status, /metrics); None: off."""
+    frame_window: float = 60.0
+    """Unhealthy when no valid frame arrived for this many seconds."""
+    sink_failing: float = 900.0
+    """Unhealthy when a sink has been failing for this many seconds."""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     meter: MeterConfig
     spool: SpoolConfig = SpoolConfig()
     sinks: tuple[SinkConfig, ...] = ()
     log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
 
 
 # --- validation helpers: each returns the converted value or raises _Bad(message) ----------------
@@ -309,12 +327,31 @@ def _log(table: Any, problems: list[str]) -> LogConfig:
     return log
 
 
+def _listen(value: Any) -> str:
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Bad(f"must be host:port, e.g. 127.0.0.1:8484, not {value!r}")
+    return text
+
+
+def _http(table: Any, problems: list[str]) -> HttpConfig:
+    s = _Section("http", table, problems)
+    http = HttpConfig(
+        listen=s.get("listen", _listen, None),
+        frame_window=s.get("frame_window", _number(1.0), 60.0),
+        sink_failing=s.get("sink_failing", _number(1.0), 900.0),
+    )
+    s.finish()
+    return http
+
+
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Validate a parsed document; raises ConfigError listing every problem found."""
     problems: list[str] = []
     for key in data:
-        if key not in ("meter", "spool", "sink", "log"):
-            problems.append(f"{key}: unknown section (expected meter, spool, sink, log)")
+        if key not in ("meter", "spool", "sink", "log", "http"):
+            problems.append(f"{key}: unknown section (expected meter, spool, sink, log, http)")
     if "meter" not in data:
         problems.append("meter: section is required (at least meter.port)")
     meter = _meter(data.get("meter", {}), problems)
@@ -328,9 +365,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"sink.name: {duplicate!r} is used by more than one sink")
     log = _log(data.get("log", {}), problems)
+    http = _http(data.get("http", {}), problems)
     if problems:
         raise ConfigError(problems)
-    return Config(meter=meter, spool=spool, sinks=tuple(s for s in sinks if s), log=log)
+    return Config(meter=meter, spool=spool, sinks=tuple(s for s in sinks if s), log=log, http=http)
 
 
 def read_text(path: Path) -> str:
@@ -381,6 +419,7 @@ def effective_toml(config: Config) -> str:
     for sink in config.sinks:
         table("[[sink]]", sink)
     table("[log]", config.log)
+    table("[http]", config.http)
     return "\n".join(lines)
 
 

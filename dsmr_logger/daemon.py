@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -25,6 +24,9 @@ from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.delivery.worker import SinkWorker
 from dsmr_logger.meter.framing import Frame
 from dsmr_logger.meter.reader import MeterReader
+from dsmr_logger.ops.http import StatusServer
+from dsmr_logger.ops.notify import Notifier
+from dsmr_logger.snapshot import SinkSnapshot, Snapshot
 from dsmr_logger.telegram.glance import glance
 
 
@@ -34,39 +36,6 @@ class StartupError(Exception):
 
 STOP_GRACE = 5.0
 """Seconds a sink may take to finish its in-flight request at shutdown."""
-
-
-@dataclass(frozen=True, slots=True)
-class SinkSnapshot:
-    name: str
-    delivered: int
-    backlog: int
-    oldest_age: float | None
-    retries: int
-    dead_letters: int
-    dropped: int
-    throttled: int
-    last_error: str | None
-    last_error_at: float | None
-    failing_since: float | None
-    misconfigured: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Everything a summary line, the demo or a status page shows, taken at one instant."""
-
-    port: str
-    meter_state: str
-    connected: bool
-    frames: int
-    rejected: dict[str, int]
-    bytes_in: int
-    garbage_bytes: int
-    reconnects: int
-    last_frame_at: float | None
-    last_telegram: bytes | None
-    sinks: tuple[SinkSnapshot, ...]
 
 
 def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
@@ -88,9 +57,11 @@ class Daemon:
         config: Config,
         *,
         wall_clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
         log: Any = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier({})
         self.sink_configs = default_sinks(config)
         self._wall = wall_clock
         self._log = log or structlog.get_logger("dsmr_logger")
@@ -116,6 +87,11 @@ class Daemon:
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
         ]
         self.reader = MeterReader(config.meter, self._on_frame, wall_clock=wall_clock)
+        self.status_server = (
+            StatusServer(self.snapshot, config.http, wall_clock=wall_clock)
+            if config.http.listen
+            else None
+        )
         self._last_telegram: bytes | None = None
 
     def _on_frame(self, frame: Frame) -> None:
@@ -155,6 +131,13 @@ class Daemon:
         ]
         if self.queues.strict:
             helpers.append(asyncio.create_task(self.queues.run_strict_committer(), name="strict"))
+        if self.status_server is not None:
+            await self.status_server.start()
+            host = self.config.http.listen.rpartition(":")[0]  # type: ignore[union-attr]
+            self._log.info("status endpoint", url=f"http://{host}:{self.status_server.port}/status")
+        self.notifier.ready(self.status_line())
+        if self.notifier.enabled:
+            helpers.append(asyncio.create_task(self._notify(), name="notify"))
         everything = [reader, *workers, *helpers]
         stopper = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
@@ -171,10 +154,13 @@ class Daemon:
         workers: list[asyncio.Task[None]],
         helpers: list[asyncio.Task[None]],
     ) -> None:
+        self.notifier.stopping()
         await _cancel([reader])
         await asyncio.gather(*(w.stop(STOP_GRACE) for w in self.workers))
         await _cancel([*workers, *helpers])
         await self.queues.close()
+        if self.status_server is not None:
+            await self.status_server.stop()
         for sink in self.sinks:
             with contextlib.suppress(Exception):
                 await sink.close()
@@ -217,6 +203,21 @@ class Daemon:
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),
         )
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: "reading /dev/ttyUSB0, 2/2 sinks ok, backlog 0"."""
+        snap = self.snapshot()
+        state = "reading" if snap.meter_state == "ok" else snap.meter_state.replace("_", " ")
+        ok = sum(1 for sink in snap.sinks if sink.failing_since is None)
+        backlog = sum(sink.backlog for sink in snap.sinks)
+        return f"{state} {snap.port}, {ok}/{len(snap.sinks)} sinks ok, backlog {backlog}"
+
+    async def _notify(self) -> None:
+        """STATUS updates, and WATCHDOG pings that stop by themselves if the loop wedges."""
+        interval = self.notifier.watchdog_interval
+        while True:
+            await asyncio.sleep(interval or 10.0)
+            self.notifier.status(self.status_line(), watchdog=interval is not None)
 
     async def _summaries(self) -> None:
         while True:

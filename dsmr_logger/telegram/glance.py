@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 
 _REGISTER = re.compile(rb"^(\d+-\d+:\d+\.\d+\.\d+)\(([^()]*)\)", re.MULTILINE)
+# M-Bus meter reading: 0-n:24.2.1 (NL) or 0-n:24.2.3 (BE), (timestamp)(value*unit).
+_MBUS = re.compile(rb"^0-\d:24\.2\.[13]\(([^()]*)\)\(([^()]*)\)", re.MULTILINE)
 
 _HEADLINE = {
     b"0-0:1.0.0": "meter_timestamp",
@@ -47,4 +49,8 @@ def glance(telegram: bytes) -> Glance:
         for code, value in _REGISTER.findall(telegram)
         if code in _HEADLINE
     }
+    mbus = _MBUS.search(telegram)
+    if mbus:
+        values["mbus_timestamp"] = mbus.group(1).decode("ascii", "replace")
+        values["mbus_reading"] = mbus.group(2).decode("ascii", "replace")
     return Glance(header, values)

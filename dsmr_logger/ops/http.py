@@ -1,0 +1,133 @@
+"""The status endpoint: ``/healthz`` (200/503), ``/status`` (JSON), ``/metrics`` (Prometheus).
+
+Served by aiohttp in the daemon's own event loop; every answer is computed from one snapshot at
+request time, so it costs nothing between requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from dsmr_logger.config import HttpConfig
+from dsmr_logger.ops.health import judge, status_document
+from dsmr_logger.snapshot import Snapshot
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class SnapshotCollector(Collector):
+    """Prometheus metrics read from the daemon's snapshot at scrape time."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        frames = CounterMetricFamily(
+            "dsmr_logger_frames", "Frames from the meter, by result", labels=["result"]
+        )
+        frames.add_metric(["valid"], snap.frames)
+        for reason, count in snap.rejected.items():
+            frames.add_metric([reason], count)
+        yield frames
+        yield CounterMetricFamily(
+            "dsmr_logger_meter_bytes", "Bytes read from the meter", value=snap.bytes_in
+        )
+        yield CounterMetricFamily(
+            "dsmr_logger_meter_reconnects",
+            "Times the meter link was reopened",
+            value=snap.reconnects,
+        )
+        yield GaugeMetricFamily(
+            "dsmr_logger_meter_connected", "1 while the meter link is open", value=snap.connected
+        )
+        if snap.last_frame_at is not None:
+            yield GaugeMetricFamily(
+                "dsmr_logger_last_frame_timestamp_seconds",
+                "Unix time of the last valid frame",
+                value=snap.last_frame_at,
+            )
+        per_sink = {
+            "delivered": (CounterMetricFamily, "Telegrams the sink confirmed"),
+            "retries": (CounterMetricFamily, "Failed attempts that will be retried"),
+            "dead_letters": (CounterMetricFamily, "Telegrams the server refused for good"),
+            "dropped": (CounterMetricFamily, "Telegrams lost to the spool size cap"),
+            "backlog": (GaugeMetricFamily, "Telegrams waiting for the sink"),
+        }
+        for field, (family, help_text) in per_sink.items():
+            metric = family(f"dsmr_logger_sink_{field}", help_text, labels=["sink"])
+            for sink in snap.sinks:
+                metric.add_metric([sink.name], getattr(sink, field))
+            yield metric
+        age = GaugeMetricFamily(
+            "dsmr_logger_sink_oldest_age_seconds",
+            "Age of the oldest waiting telegram",
+            labels=["sink"],
+        )
+        failing = GaugeMetricFamily(
+            "dsmr_logger_sink_failing", "1 while the sink's last attempt failed", labels=["sink"]
+        )
+        for sink in snap.sinks:
+            age.add_metric([sink.name], sink.oldest_age or 0.0)
+            failing.add_metric([sink.name], 0 if sink.failing_since is None else 1)
+        yield age
+        yield failing
+
+
+class StatusServer:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        config: HttpConfig,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._snapshot = snapshot
+        self._config = config
+        self._wall = wall_clock
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(SnapshotCollector(snapshot))
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        assert self._config.address is not None
+        host, port = self._config.address
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        health = judge(self._snapshot(), self._wall(), self._config)
+        body = {"healthy": health.ok, "reasons": list(health.reasons)}
+        return web.json_response(body, status=200 if health.ok else 503)
+
+    async def _status(self, _: web.Request) -> web.Response:
+        return web.json_response(status_document(self._snapshot(), self._wall(), self._config))
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(self._registry),
+            content_type=None,
+            headers={"Content-Type": CONTENT_TYPE},
+        )

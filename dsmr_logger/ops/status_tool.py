@@ -1,0 +1,122 @@
+"""``dsmr-logger status``: one glance at whether it reads and delivers; non-zero when it doesn't.
+
+Asks the running daemon's ``/status`` when ``[http] listen`` is set. Otherwise (or when the
+daemon does not answer) it reads the spool file directly, which is safe while the daemon holds it,
+and says what it cannot know from there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any, TextIO
+
+from dsmr_logger.config import Config
+from dsmr_logger.delivery.spool import Spool
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_UNKNOWN = 3
+
+
+def fetch_status(listen: str, timeout: float = 3.0) -> dict[str, Any]:
+    host, _, port = listen.rpartition(":")
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "[::]", "::") else host
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as answer:
+        return json.load(answer)
+
+
+def _ago(timestamp: float | None, now: float) -> str:
+    return "never" if timestamp is None else f"{max(0.0, now - timestamp):.0f} s ago"
+
+
+def render(doc: dict[str, Any]) -> str:
+    now = doc["time"]
+    meter = doc["meter"]
+    lines = [f"dsmr-logger: {'healthy' if doc['healthy'] else 'UNHEALTHY'}"]
+    lines += [f"  ! {reason}" for reason in doc["reasons"]]
+    rejected = sum(meter["rejected"].values())
+    lines.append(
+        f"meter {meter['port']}: {meter['state'].replace('_', ' ')}, last telegram "
+        f"{_ago(meter['last_frame_at'], now)}, {meter['frames']} frames, {rejected} rejected, "
+        f"{meter['reconnects']} reconnects"
+    )
+    reading = doc.get("reading")
+    if reading:
+        parts = [f"power {reading.get('power') or '-'}"]
+        for key in ("delivered_tariff1", "delivered_tariff2", "delivered_total", "mbus_reading"):
+            if reading.get(key):
+                parts.append(f"{key.replace('_', ' ')} {reading[key]}")
+        lines.append("reading: " + ", ".join(parts))
+    for sink in doc["sinks"]:
+        text = (
+            f"sink {sink['name']}: {sink['delivered']} delivered, backlog {sink['backlog']}"
+            f", dead letters {sink['dead_letters']}"
+        )
+        if sink["oldest_age"]:
+            text += f", oldest waiting {sink['oldest_age']:.0f} s"
+        if sink["failing_since"] is not None:
+            text += f"; failing since {_ago(sink['failing_since'], now)}: {sink['last_error']}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def offline_document(config: Config, reason: str) -> dict[str, Any]:
+    """What the spool file alone tells: backlog and dead letters per sink."""
+    doc: dict[str, Any] = {"healthy": None, "daemon": reason, "spool": str(config.spool.path)}
+    if not config.spool.path.is_file():
+        doc["sinks"] = []
+        return doc
+    spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes)
+    spool.open()
+    try:
+        backlogs = spool.backlogs()
+        letters = spool.dead_letters()
+        names = sorted({s.name for s in config.sinks} | set(backlogs) | {d.sink for d in letters})
+        doc["sinks"] = [
+            {
+                "name": name,
+                "backlog": backlogs[name].count if name in backlogs else 0,
+                "oldest_received_at": backlogs[name].oldest_received_at
+                if name in backlogs
+                else None,
+                "dead_letters": sum(1 for d in letters if d.sink == name),
+            }
+            for name in names
+        ]
+    finally:
+        spool.close()
+    return doc
+
+
+def render_offline(doc: dict[str, Any]) -> str:
+    now = time.time()
+    lines = [f"dsmr-logger: state unknown ({doc['daemon']})", f"spool {doc['spool']}:"]
+    for sink in doc["sinks"]:
+        oldest = sink["oldest_received_at"]
+        waiting = f", oldest read {_ago(oldest, now)}" if oldest else ""
+        lines.append(
+            f"sink {sink['name']}: backlog {sink['backlog']}{waiting}, "
+            f"dead letters {sink['dead_letters']}"
+        )
+    if not doc["sinks"]:
+        lines.append("  (no spool file, or nothing in it)")
+    return "\n".join(lines)
+
+
+def status(config: Config, *, as_json: bool, out: TextIO) -> int:
+    listen = config.http.listen
+    reason = "no [http] listen configured, so the daemon cannot be asked"
+    if listen:
+        try:
+            doc = fetch_status(listen)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            reason = f"the daemon does not answer on {listen}: {exc}"
+        else:
+            print(json.dumps(doc, indent=2) if as_json else render(doc), file=out)
+            return EXIT_HEALTHY if doc["healthy"] else EXIT_UNHEALTHY
+    offline = offline_document(config, reason)
+    print(json.dumps(offline, indent=2) if as_json else render_offline(offline), file=out)
+    return EXIT_UNKNOWN
