@@ -18,6 +18,8 @@ from typing import Any, Literal
 BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEFAULT_SPOOL_PATH = Path("/var/lib/dsmr-logger/spool.sqlite3")
 DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
+SMARTY_AUTHENTICATION_KEY = "00112233445566778899AABBCCDDEEFF"
+SECRET_KEYS = frozenset({"api_key", "decryption_key", "authentication_key"})
 
 
 class ConfigError(Exception):
@@ -46,6 +48,10 @@ class MeterConfig:
     """Seconds without a byte before the link is reopened (catches half-open ser2net links)."""
     reconnect_initial: float = 1.0
     reconnect_max: float = 60.0
+    decryption_key: str | None = field(default=None, repr=False)
+    """32 hex digits: the meter encrypts its P1 output (Luxembourg Smarty and similar)."""
+    authentication_key: str | None = field(default=SMARTY_AUTHENTICATION_KEY, repr=False)
+    """The GCM additional-data key; "" when the meter uses none."""
 
     @property
     def is_network(self) -> bool:
@@ -181,6 +187,22 @@ def _api_version(value: Any) -> str:
     return version
 
 
+def _aes_key(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string of 32 hex digits, not {type(value).__name__}")
+    try:
+        key = bytes.fromhex(value)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        raise _Bad("must be 32 hex digits (16 bytes), as your grid operator supplied it")
+    return value.upper()
+
+
+def _optional_aes_key(value: Any) -> str | None:
+    return None if value == "" else _aes_key(value)
+
+
 def _path(value: Any) -> Path:
     return Path(_str(value)).expanduser()
 
@@ -267,6 +289,10 @@ def _meter(table: Any, problems: list[str]) -> MeterConfig:
         idle_timeout=s.get("idle_timeout", _number(0.05), 30.0),
         reconnect_initial=s.get("reconnect_initial", _number(0.01), 1.0),
         reconnect_max=s.get("reconnect_max", _number(0.01), 60.0),
+        decryption_key=s.get("decryption_key", _aes_key, None),
+        authentication_key=s.get(
+            "authentication_key", _optional_aes_key, SMARTY_AUTHENTICATION_KEY
+        ),
     )
     s.finish()
     return meter
@@ -404,14 +430,16 @@ def effective_toml(config: Config) -> str:
             if f.name in skip:
                 continue
             value = getattr(obj, f.name)
-            if f.name == "api_key":
-                value = mask(value)
+            if f.name in SECRET_KEYS and value and value != SMARTY_AUTHENTICATION_KEY:
+                value = mask(value)  # the Smarty spec's published key is no secret
             if dataclasses.is_dataclass(value):
                 for sub in dataclasses.fields(value):
                     lines.append(f"{sub.name} = {_toml_value(getattr(value, sub.name))}")
                 continue
             if value is not None:
                 lines.append(f"{f.name} = {_toml_value(value)}")
+            elif f.name == "authentication_key":
+                lines.append(f'{f.name} = ""')
         lines.append("")
 
     table("[meter]", config.meter)

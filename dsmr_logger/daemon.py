@@ -195,7 +195,7 @@ class Daemon:
             meter_state=status.state.value,
             connected=status.connected,
             frames=counters.frames,
-            rejected={r.value: n for r, n in counters.rejected.items() if n},
+            rejected=self.reader.rejected(),
             bytes_in=counters.bytes_in,
             garbage_bytes=counters.garbage_bytes,
             reconnects=max(0, status.connects - 1),

@@ -18,6 +18,7 @@ Like the plain assembler this does no I/O and reads no clock.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
@@ -36,6 +37,9 @@ SHORT_LENGTH = 0x81  # one length byte: not used by P1, seen on the Austrian wir
 SC_AUTH_ENC = 0x30  # security control: authenticated and encrypted, security suite 0
 PREFIX_BYTES = 13  # DB, 08, title, 82, length: the bytes the length field does not count
 MIN_LENGTH = 1 + 4 + 1 + TAG_BYTES  # SC, frame counter, at least one byte of ciphertext, tag
+
+# A telegram that ends at its CRC without the final CRLF (as some test tools encrypt it).
+_UNTERMINATED = re.compile(rb"\n![0-9A-Fa-f]{0,4}\r?\Z")
 
 # Security controls of real DLMS frames we refuse, and why (anything else is not a header).
 _UNSUPPORTED = {
@@ -189,9 +193,7 @@ class _Scan(enum.Enum):
     NOT_HEADER = "not_header"
 
 
-def _read_header(
-    buf: bytearray, cap: int
-) -> int | _Scan | tuple[EncryptedRejection, str, int]:
+def _read_header(buf: bytearray, cap: int) -> int | _Scan | tuple[EncryptedRejection, str, int]:
     """Judge the header at ``buf[0] == 0xDB``: its length field, WAIT, NOT_HEADER or a rejection.
 
     A rejection carries the reason, a detail and the header size, for the diagnostic copy.
@@ -316,16 +318,29 @@ class EncryptedFrameAssembler:
         self.last_rejected = RejectedHeader(reason, bytes(header), received_at, detail)
 
 
+def terminate(plaintext: bytes) -> bytes:
+    """``plaintext`` with the CRLF after its CRC restored if the sender left it out.
+
+    The plain assembler waits for that CRLF, so without it the telegram would sit until the next
+    one arrived and then be rejected as malformed. The CRC does not cover it.
+    """
+    if _UNTERMINATED.search(plaintext, max(0, len(plaintext) - 8)) is None:
+        return plaintext
+    return plaintext.removesuffix(b"\r") + b"\r\n"
+
+
 @dataclass(slots=True)
 class DecryptionCounters:
     decrypted: int = 0
     auth_failed: int = 0
+    crlf_added: int = 0
 
 
 class Decryptor:
     """Bytes from an encrypted P1 port in, verified plaintext telegrams out.
 
-    Output goes to the ordinary FrameAssembler, which checks each telegram's own CRC.
+    Output goes to the ordinary FrameAssembler, which checks each telegram's own CRC; the only
+    change to a plaintext is a missing final CRLF restored (see :func:`terminate`).
     """
 
     def __init__(
@@ -353,13 +368,17 @@ class Decryptor:
         plaintexts: list[bytes] = []
         while (frame := assembler.next_frame(received_at)) is not None:
             try:
-                plaintexts.append(decrypt(frame, self._key, self._auth_key))
+                plaintext = decrypt(frame, self._key, self._auth_key)
             except DecryptionError as error:
                 self.counters.auth_failed += 1
                 self.last_error = error
                 assembler.rescan(frame)
-            else:
-                self.counters.decrypted += 1
+                continue
+            self.counters.decrypted += 1
+            telegram = terminate(plaintext)
+            if telegram is not plaintext:
+                self.counters.crlf_added += 1
+            plaintexts.append(telegram)
         return plaintexts
 
     def reset(self, received_at: float) -> None:

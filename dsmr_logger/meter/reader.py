@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import structlog
 
 from dsmr_logger.config import MeterConfig
+from dsmr_logger.meter.decrypt import Decryptor
 from dsmr_logger.meter.framing import Frame, FrameAssembler
 from dsmr_logger.meter.port import READ_SIZE, Link, open_link
 
@@ -63,6 +64,15 @@ class MeterReader:
         self.assembler = FrameAssembler(
             max_frame_bytes=config.max_frame_bytes, require_crc=config.require_crc
         )
+        self.decryptor = (
+            Decryptor(
+                bytes.fromhex(config.decryption_key),
+                bytes.fromhex(config.authentication_key) if config.authentication_key else None,
+                max_frame_bytes=config.max_frame_bytes,
+            )
+            if config.decryption_key
+            else None
+        )
         self.status = MeterStatus(port=config.port)
         self._on_frame = on_frame
         self._wall = wall_clock
@@ -97,6 +107,8 @@ class MeterReader:
         """Pump bytes into the assembler until the link fails or idles; True if frames came."""
         loop = asyncio.get_running_loop()
         self.assembler.reset(self._wall())
+        if self.decryptor is not None:
+            self.decryptor.reset(self._wall())
         self._came_up()
         self._last_progress = loop.time()
         self._bytes_since_frame = 0
@@ -131,7 +143,14 @@ class MeterReader:
         self._down_reason = None
         received_at = self._wall()
         self.status.last_byte_at = received_at
-        frames = self.assembler.feed(chunk, received_at)
+        if self.decryptor is None:
+            frames = self.assembler.feed(chunk, received_at)
+        else:
+            frames = [
+                frame
+                for telegram in self.decryptor.feed(chunk, received_at)
+                for frame in self.assembler.feed(telegram, received_at)
+            ]
         for frame in frames:
             self._on_frame(frame)
         if frames:
@@ -145,18 +164,27 @@ class MeterReader:
                 self._set_state(MeterState.NO_VALID_FRAMES)
         self._report_rejects(now)
 
+    def rejected(self) -> dict[str, int]:
+        """Frames not passed on, by reason (tag check failures of encrypted frames included)."""
+        counts = {r.value: n for r, n in self.assembler.counters.rejected.items() if n}
+        if self.decryptor is not None and self.decryptor.counters.auth_failed:
+            counts["decryption_failed"] = self.decryptor.counters.auth_failed
+        return counts
+
     def _report_rejects(self, now: float) -> None:
-        counters = self.assembler.counters
-        total = counters.rejected_total
+        counts = self.rejected()
+        total = sum(counts.values())
         if total == self._rejects_logged or now - self._rejects_logged_at < REJECT_LOG_INTERVAL:
             return
         last = self.assembler.last_rejected
+        failure = self.decryptor.last_error if self.decryptor is not None else None
         self._log.warning(
             "frames rejected",
             since_last_report=total - self._rejects_logged,
-            total={reason.value: n for reason, n in counters.rejected.items() if n},
+            total=counts,
             last_reason=last.reason.value if last else None,
             last_detail=last.detail if last else None,
+            decryption=str(failure) if failure else None,
         )
         self._rejects_logged = total
         self._rejects_logged_at = now
