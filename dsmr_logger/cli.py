@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_simulate)
 
+    parse = commands.add_parser("parse", help="show what telegrams say and their API v2 fields")
+    parse.add_argument("file", help="capture, archive day file or telegram; - for stdin")
+    parse.add_argument("--timezone", default="Europe/Amsterdam", help="the meter's time zone")
+    parse.add_argument("--gas-channel", type=int, choices=(1, 2, 3, 4), help="M-Bus gas channel")
+    parse.set_defaults(handler=_parse)
+
     status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
     status.add_argument("--config", type=Path, help="TOML configuration file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -156,6 +162,25 @@ async def _run_until_signalled(daemon: object) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return await daemon.run(stop)  # type: ignore[attr-defined]
+
+
+def _parse(args: argparse.Namespace) -> int:
+    import time
+    import zoneinfo
+
+    from dsmr_logger.ops.parse_tool import parse_command
+
+    try:
+        zone = zoneinfo.ZoneInfo(args.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        print(f"dsmr-logger: --timezone: unknown time zone {args.timezone!r}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        data = sys.stdin.buffer.read() if args.file == "-" else read_capture(Path(args.file))
+    except OSError as exc:
+        print(f"dsmr-logger: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    return parse_command(data, sys.stdout, zone=zone, gas_channel=args.gas_channel, now=time.time())
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import tomllib
 import urllib.parse
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class MeterConfig:
     """32 hex digits: the meter encrypts its P1 output (Luxembourg Smarty and similar)."""
     authentication_key: str | None = field(default=SMARTY_AUTHENTICATION_KEY, repr=False)
     """The GCM additional-data key; "" when the meter uses none."""
+    timezone: str = "Europe/Amsterdam"
+    """The meter's local time zone: how its timestamps are read (for API v2)."""
 
     @property
     def is_network(self) -> bool:
@@ -78,6 +81,8 @@ class DsmrReaderSinkConfig:
     min_interval: float = 0.0
     retry_initial: float = 1.0
     retry_max: float = 300.0
+    gas_channel: int | None = None
+    """v2: the M-Bus channel of the gas meter (default: the first device of type gas)."""
     type: Literal["dsmr-reader"] = "dsmr-reader"
 
 
@@ -180,13 +185,6 @@ def _one_of(*choices: Any) -> Callable[[Any], Any]:
     return check
 
 
-def _api_version(value: Any) -> str:
-    version = _one_of("v1", "v2")(value)
-    if version == "v2":
-        raise _Bad("'v2' (parsed fields) is not available in this version yet; use 'v1'")
-    return version
-
-
 def _aes_key(value: Any) -> str:
     if not isinstance(value, str):
         raise _Bad(f"must be a string of 32 hex digits, not {type(value).__name__}")
@@ -201,6 +199,15 @@ def _aes_key(value: Any) -> str:
 
 def _optional_aes_key(value: Any) -> str | None:
     return None if value == "" else _aes_key(value)
+
+
+def _zone(value: Any) -> str:
+    name = _str(value)
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _Bad(f"unknown time zone {name!r}; use a name like 'Europe/Amsterdam'") from None
+    return name
 
 
 def _path(value: Any) -> Path:
@@ -290,6 +297,7 @@ def _meter(table: Any, problems: list[str]) -> MeterConfig:
         reconnect_initial=s.get("reconnect_initial", _number(0.01), 1.0),
         reconnect_max=s.get("reconnect_max", _number(0.01), 60.0),
         decryption_key=s.get("decryption_key", _aes_key, None),
+        timezone=s.get("timezone", _zone, "Europe/Amsterdam"),
         authentication_key=s.get(
             "authentication_key", _optional_aes_key, SMARTY_AUTHENTICATION_KEY
         ),
@@ -330,13 +338,14 @@ def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig | None:
             name=name or "",
             url=s.get("url", _url),
             api_key=s.get("api_key", _str),
-            api=s.get("api", _api_version, "v1"),
+            api=s.get("api", _one_of("v1", "v2"), "v1"),
             auth_header=s.get("auth_header", _one_of("token", "x-authkey"), "token"),
             timeout=s.get("timeout", _number(0.05, 600.0), 20.0),
             verify_tls=s.get("verify_tls", _bool, True),
             min_interval=min_interval,
             retry_initial=s.get("retry_initial", _number(0.01, 3600.0), 1.0),
             retry_max=s.get("retry_max", _number(0.01, 86400.0), 300.0),
+            gas_channel=s.get("gas_channel", _one_of(1, 2, 3, 4), None),
         )
     s.finish()
     return sink

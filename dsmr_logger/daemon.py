@@ -12,14 +12,21 @@ import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
-from dsmr_logger.config import ArchiveSinkConfig, Config, DsmrReaderSinkConfig, SinkConfig
+from dsmr_logger.config import (
+    ArchiveSinkConfig,
+    Config,
+    DsmrReaderSinkConfig,
+    MeterConfig,
+    SinkConfig,
+)
 from dsmr_logger.delivery.queue import Queues
 from dsmr_logger.delivery.sinks import Sink
 from dsmr_logger.delivery.sinks.archive import ArchiveSink
-from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
+from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink, DsmrReaderV2Sink
 from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.delivery.worker import SinkWorker
 from dsmr_logger.meter.framing import Frame
@@ -45,8 +52,10 @@ def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
     return (ArchiveSinkConfig(name="archive", directory=config.spool.path.parent / "archive"),)
 
 
-def build_sink(config: SinkConfig) -> Sink:
+def build_sink(config: SinkConfig, meter: MeterConfig) -> Sink:
     if isinstance(config, DsmrReaderSinkConfig):
+        if config.api == "v2":
+            return DsmrReaderV2Sink(config, zone=ZoneInfo(meter.timezone))
         return DsmrReaderV1Sink(config)
     return ArchiveSink(config)
 
@@ -75,7 +84,7 @@ class Daemon:
             flush_interval=config.spool.flush_interval,
             strict=config.spool.durability == "strict",
         )
-        self.sinks = [build_sink(sink) for sink in self.sink_configs]
+        self.sinks = [build_sink(sink, config.meter) for sink in self.sink_configs]
         self.workers = [
             SinkWorker(
                 sink,

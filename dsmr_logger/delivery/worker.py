@@ -84,7 +84,7 @@ class SinkWorker:
                 attempt = suspects = 0
                 continue
             if verdict is Verdict.REJECTED:
-                await self._dead_letter(item, answer, "the server refused this telegram")
+                await self._dead_letter(item, answer, answer.error or "the server refused it")
                 attempt = suspects = 0
                 continue
             self._failed(answer)

@@ -1,29 +1,42 @@
-"""DSMR-reader's datalogger API v1: ``POST {url}/api/v1/datalogger/dsmrreading``, ``telegram=``.
+"""DSMR-reader's datalogger API: v1 (the raw telegram) and v2 (parsed fields).
 
-One keep-alive ``aiohttp`` session per sink. The raw telegram is form-encoded byte for byte (every
-CR and LF kept), so DSMR-reader's own CRC check sees exactly what the meter sent.
+``POST {url}/api/v1/datalogger/dsmrreading`` takes ``telegram=`` form-encoded byte for byte (every
+CR and LF kept), so DSMR-reader's own parser and CRC check see exactly what the meter sent.
+``POST {url}/api/v2/datalogger/dsmrreading`` takes the reading's fields with an explicit
+timestamp: it serves meters DSMR-reader cannot parse itself (Swedish, Austrian, ...) and backfills.
+One keep-alive ``aiohttp`` session per sink.
 """
 
 from __future__ import annotations
 
 import urllib.parse
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 import aiohttp
+import structlog
 
 from dsmr_logger import __version__
 from dsmr_logger.config import DsmrReaderSinkConfig
-from dsmr_logger.delivery.answers import Answer, classify, no_answer
+from dsmr_logger.delivery.answers import Answer, Verdict, classify, no_answer
 from dsmr_logger.delivery.sinks import Telegram
+from dsmr_logger.telegram.obis import ParseError, parse
+from dsmr_logger.telegram.v2 import MappingError, to_v2
 
 V1_PATH = "/api/v1/datalogger/dsmrreading"
+V2_PATH = "/api/v2/datalogger/dsmrreading"
 MAX_BODY = 64 * 1024
 
 
-class DsmrReaderV1Sink:
+class DsmrReaderSink:
+    """Shared by both API versions: session, headers, posting, and reading the answer."""
+
+    path = V1_PATH
+
     def __init__(self, config: DsmrReaderSinkConfig) -> None:
         self.name = config.name
         self.config = config
-        self.endpoint = config.url + V1_PATH
+        self.endpoint = config.url + self.path
         self._session: aiohttp.ClientSession | None = None
 
     def headers(self) -> dict[str, str]:
@@ -50,9 +63,15 @@ class DsmrReaderV1Sink:
             raise_for_status=False,
         )
 
+    def form(self, item: Telegram) -> str | Answer:
+        """The request body, or the answer that it cannot be sent at all."""
+        return urllib.parse.urlencode({"telegram": item.telegram})
+
     async def send(self, item: Telegram) -> Answer:
         assert self._session is not None, "start() first"
-        body = urllib.parse.urlencode({"telegram": item.telegram})
+        body = self.form(item)
+        if isinstance(body, Answer):
+            return body
         try:
             async with self._session.post(self.endpoint, data=body) as response:
                 text = (await response.content.read(MAX_BODY)).decode("utf-8", "replace")
@@ -64,3 +83,35 @@ class DsmrReaderV1Sink:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class DsmrReaderV1Sink(DsmrReaderSink):
+    path = V1_PATH
+
+
+class DsmrReaderV2Sink(DsmrReaderSink):
+    """Parses and maps each telegram itself; one that cannot be mapped is dead-lettered."""
+
+    path = V2_PATH
+
+    def __init__(self, config: DsmrReaderSinkConfig, *, zone: ZoneInfo) -> None:
+        super().__init__(config)
+        self.zone = zone
+        self._told: set[str] = set()
+        self._log = structlog.get_logger("dsmr_logger.delivery").bind(sink=config.name)
+
+    def form(self, item: Telegram) -> str | Answer:
+        received = datetime.fromtimestamp(item.received_at, UTC)
+        try:
+            mapped = to_v2(
+                parse(item.telegram, zone=self.zone),
+                gas_channel=self.config.gas_channel,
+                received_at=received,
+            )
+        except (ParseError, MappingError) as exc:
+            return Answer(Verdict.REJECTED, error=f"cannot map to API v2: {exc}")
+        for note in mapped.notes:
+            if note not in self._told:  # e.g. "no timestamp: using the receive time", once
+                self._told.add(note)
+                self._log.info("v2 mapping note", note=note)
+        return urllib.parse.urlencode(mapped.fields)
