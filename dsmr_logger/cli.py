@@ -109,7 +109,12 @@ def _resolve_config(path: Path | None) -> Config:
     from dsmr_logger import config_env
 
     dotenv = Path(".env")
-    migrated = config_env.from_environment(os.environ, dotenv=dotenv if dotenv.is_file() else None)
+    spool = os.environ.get("DSMR_LOGGER_SPOOL")  # where the old script's users keep state
+    migrated = config_env.from_environment(
+        os.environ,
+        dotenv=dotenv if dotenv.is_file() else None,
+        spool_path=Path(spool) if spool else None,
+    )
     if migrated is None:
         raise ConfigError(
             [

@@ -1,4 +1,4 @@
-"""A fake DSMR-reader speaking the datalogger API v1 over real HTTP on 127.0.0.1, for tests.
+"""A fake DSMR-reader speaking the datalogger API v1 and v2 over real HTTP on 127.0.0.1, for tests.
 
 It answers the way DSMR-reader's v1 view (``dsmr_api/views/v1.py``, a plain Django view, not DRF)
 does, in its order: API disabled → ``405 API is disabled``; neither ``X-AUTHKEY: <key>`` nor
@@ -19,6 +19,26 @@ In a test (one event loop, no threads)::
         server.poison = lambda t: "1-0:1.8.1(000001" in t   # per-telegram 500 (poison_answer)
         server.delay = 0.2       # seconds before every answer (a slow server)
         server.requests, server.answers, server.hanging
+        server.readings          # API v2 readings stored (201): dicts of the posted fields
+        server.v2_reject = lambda fields: {"timestamp": ["..."]} if ... else None  # per-reading 400
+
+API v2 (``V2_PATH``, a DRF view in DSMR-reader; same key check and the same modes):
+``POST`` validates like DSMR-reader's ``DsmrReading`` serializer (:func:`v2_errors`): required
+``timestamp``, ``electricity_currently_delivered/returned``, ``electricity_delivered_1/2``,
+``electricity_returned_1/2``; energy, power and gas decimals at most 9 digits with 3 decimals,
+``phase_voltage_l*`` 4 digits with 1 decimal, ``phase_power_current_l*`` an integer 0..999,
+datetimes ISO-8601. Stricter than the real server on one point: a timestamp without a UTC offset
+is refused (DSMR-reader would quietly read it in its own time zone). Unknown fields are ignored.
+Invalid → ``400`` JSON ``{"field": ["message"]}`` with DRF's messages; stored → the posted fields
+(strings, as posted, unknown ones included) are appended to ``server.readings`` and the answer is
+``201`` with the reading as DSMR-reader renders it (``id``, every known field, decimals at their
+precision, datetimes in the server's ``zone`` with an offset). ``GET`` lists ``server.readings``
+with ``timestamp__gte``/``timestamp__lte`` (compared as instants; naive ones read in ``zone``),
+``ordering`` (``timestamp`` | ``-timestamp``), ``limit`` (default 25) and ``offset``, answering
+``{"count", "next", "previous", "results"}``; an unencoded ``+`` in a timestamp arrives as a
+space and gets ``400 {"timestamp__gte": ["Enter a valid date/time."]}`` as on the real server.
+Tests may preload readings with ``server.readings.extend(...)`` (see :func:`v2_reading`); a
+reading's ``id`` is its position in ``readings`` plus one.
 
 Modes: ``ok``; ``refuse`` closes the listening socket and every open connection at once (the
 client sees connection refused; leaving ``refuse`` re-listens on the same port); ``hang`` accepts
@@ -36,8 +56,9 @@ As a process (daemon tests)::
 prints the API port on the first stdout line and a control port on the second, then serves until
 SIGTERM/SIGINT. The control port (never refused) takes ``POST /_control`` with JSON
 ``{"mode", "poison_substring", "poison_answer", "delay", "retry_after", "hang_outcome",
-"reset"}`` (all optional; answers the state) and ``GET /_control`` (state), ``GET /_received``
-(JSON list of stored telegrams); the API port serves the same three too. ``DsmrReaderProcess``
+"v2_reject_timestamps", "reset"}`` (all optional; answers the state) and ``GET /_control``
+(state), ``GET /_received`` (JSON list of stored telegrams), ``GET /_readings`` (JSON list of
+stored v2 readings); the API port serves the same too. ``DsmrReaderProcess``
 below wraps all of that for synchronous use.
 """
 
@@ -55,10 +76,13 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, DecimalException
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -69,6 +93,7 @@ except ImportError:  # run as a script from a checkout without the package insta
     from dsmr_logger.meter.crc import crc16
 
 V1_PATH = "/api/v1/datalogger/dsmrreading"
+V2_PATH = "/api/v2/datalogger/dsmrreading"
 MODES = (
     "ok",
     "refuse",
@@ -173,6 +198,210 @@ def lacks_required_registers(telegram: str) -> bool:
     )
 
 
+# --- API v2: DSMR-reader's DsmrReading serializer (Django REST framework) ------------------------
+
+REQUIRED = "This field is required."
+NOT_NULL = "This field may not be null."
+DATETIME_INVALID = (
+    "Datetime has wrong format. Use one of these formats instead: "
+    "YYYY-MM-DDThh:mm[:ss[.uuuuuu]][+HH:MM|-HH:MM|Z]."
+)
+DATETIME_NAIVE = "Datetime has no UTC offset (this fake server requires one)."
+NUMBER_INVALID = "A valid number is required."
+INTEGER_INVALID = "A valid integer is required."
+FILTER_DATETIME_INVALID = "Enter a valid date/time."
+DEFAULT_LIMIT = 25
+
+# Django's parse_datetime fallback (after datetime.fromisoformat) and forms.DateTimeField formats.
+_DJANGO_DATETIME = re.compile(
+    r"(?P<year>\d{4})-(?P<month>\d{1,2})-(?P<day>\d{1,2})"
+    r"[T ](?P<hour>\d{1,2}):(?P<minute>\d{1,2})"
+    r"(?::(?P<second>\d{1,2})(?:[.,](?P<microsecond>\d{1,6})\d{0,6})?)?"
+    r"\s*(?P<tzinfo>Z|[+-]\d{2}(?::?\d{2})?)?$"
+)
+_FORM_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M", "%Y-%m-%d")
+_INTEGER_SUFFIX = re.compile(r"\.0*\s*$")  # DRF's IntegerField accepts "3.0"
+
+
+@dataclass(frozen=True, slots=True)
+class V2Field:
+    """One serializer field: its kind, and the model column's limits."""
+
+    kind: str  # "datetime" | "decimal" | "integer"
+    required: bool = False
+    max_digits: int = 9
+    places: int = 3
+    minimum: int | None = None
+    maximum: int | None = None
+
+
+_ENERGY = V2Field("decimal", required=True)
+# In DSMR-reader's model (and its JSON) order; the newer phase fields come last.
+V2_FIELDS: dict[str, V2Field] = {
+    "timestamp": V2Field("datetime", required=True),
+    "electricity_delivered_1": _ENERGY,
+    "electricity_returned_1": _ENERGY,
+    "electricity_delivered_2": _ENERGY,
+    "electricity_returned_2": _ENERGY,
+    "electricity_currently_delivered": _ENERGY,
+    "electricity_currently_returned": _ENERGY,
+    **{f"phase_currently_delivered_l{n}": V2Field("decimal") for n in (1, 2, 3)},
+    "extra_device_timestamp": V2Field("datetime"),
+    "extra_device_delivered": V2Field("decimal"),
+    **{f"phase_currently_returned_l{n}": V2Field("decimal") for n in (1, 2, 3)},
+    **{f"phase_voltage_l{n}": V2Field("decimal", max_digits=4, places=1) for n in (1, 2, 3)},
+    **{f"phase_power_current_l{n}": V2Field("integer", minimum=0, maximum=999) for n in (1, 2, 3)},
+}
+V2_REQUIRED = tuple(name for name, spec in V2_FIELDS.items() if spec.required)
+
+
+def v2_reading(timestamp: str, **fields: str) -> dict[str, str]:
+    """A valid v2 reading (all required fields, zeros) for preloading ``server.readings``."""
+    reading = {name: "0.000" for name in V2_REQUIRED}
+    reading["timestamp"] = timestamp
+    return reading | fields
+
+
+def parse_datetime(text: str) -> datetime | None:
+    """Django's ``parse_datetime``: ``fromisoformat``, then its own regex; None if neither."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        pass
+    match = _DJANGO_DATETIME.match(text)
+    if match is None:
+        return None
+    parts = match.groupdict()
+    tz = parts.pop("tzinfo")
+    micro = parts.pop("microsecond")
+    numbers = {key: int(value) for key, value in parts.items() if value is not None}
+    if micro:
+        numbers["microsecond"] = int(micro.ljust(6, "0"))
+    try:
+        moment = datetime(**numbers)
+        if tz:
+            offset = "+00:00" if tz == "Z" else tz
+            moment = datetime.fromisoformat(moment.isoformat() + _colon(offset))
+    except ValueError:
+        return None
+    return moment
+
+
+def _colon(offset: str) -> str:
+    digits = offset[1:].replace(":", "")
+    return f"{offset[0]}{digits[:2]}:{digits[2:] or '00'}"
+
+
+def _decimal_errors(text: str, spec: V2Field) -> tuple[Decimal | None, str | None]:
+    """DRF's DecimalField.to_internal_value + validate_precision (no rounding: more places fail)."""
+    text = text.strip()
+    if len(text) > 1000:
+        return None, "String value too large."
+    try:
+        value = Decimal(text)
+    except DecimalException:
+        return None, NUMBER_INVALID
+    if not value.is_finite():
+        return None, NUMBER_INVALID
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)
+    if exponent >= 0:
+        total = whole = len(digits) + exponent
+        places = 0
+    elif len(digits) > -exponent:
+        total, places = len(digits), -exponent
+        whole = total - places
+    else:
+        total = places = -exponent
+        whole = 0
+    if total > spec.max_digits:
+        return None, f"Ensure that there are no more than {spec.max_digits} digits in total."
+    if places > spec.places:
+        return None, f"Ensure that there are no more than {spec.places} decimal places."
+    if whole > spec.max_digits - spec.places:
+        limit = spec.max_digits - spec.places
+        return None, f"Ensure that there are no more than {limit} digits before the decimal point."
+    return value.quantize(Decimal(1).scaleb(-spec.places)), None
+
+
+def _integer_errors(text: str, spec: V2Field) -> tuple[int | None, str | None]:
+    if len(text) > 1000:
+        return None, "String value too large."
+    try:
+        value = int(_INTEGER_SUFFIX.sub("", text))
+    except ValueError:
+        return None, INTEGER_INVALID
+    if spec.maximum is not None and value > spec.maximum:
+        return None, f"Ensure this value is less than or equal to {spec.maximum}."
+    if spec.minimum is not None and value < spec.minimum:
+        return None, f"Ensure this value is greater than or equal to {spec.minimum}."
+    return value, None
+
+
+def clean_v2(fields: Mapping[str, str | None]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The serializer's validated values (known fields only) and its errors, field by field."""
+    values: dict[str, Any] = {}
+    errors: dict[str, list[str]] = {}
+    for name, spec in V2_FIELDS.items():
+        text = fields.get(name)
+        if text is None or (text == "" and not spec.required):
+            if name not in fields and spec.required:
+                errors[name] = [REQUIRED]
+            elif spec.required:
+                errors[name] = [NOT_NULL]
+            else:
+                values[name] = None
+            continue
+        value: Any
+        if spec.kind == "datetime":
+            value = parse_datetime(text)
+            error = DATETIME_INVALID if value is None else None
+            if value is not None and value.tzinfo is None:
+                error = DATETIME_NAIVE
+        elif spec.kind == "integer":
+            value, error = _integer_errors(text, spec)
+        else:
+            value, error = _decimal_errors(text, spec)
+        if error is not None:
+            errors[name] = [error]
+        else:
+            values[name] = value
+    return values, errors
+
+
+def v2_errors(fields: Mapping[str, str | None]) -> dict[str, list[str]]:
+    """What DSMR-reader's v2 POST would answer with 400 for these fields ({} = it stores them)."""
+    return clean_v2(fields)[1]
+
+
+def render_datetime(moment: datetime, zone: ZoneInfo) -> str:
+    """DRF's DateTimeField output: in the server's time zone, ``Z`` for UTC."""
+    text = moment.astimezone(zone).isoformat()
+    return text[:-6] + "Z" if text.endswith("+00:00") else text
+
+
+def _replace_query(url: str, key: str, value: object | None) -> str:
+    """DRF's replace_query_param / remove_query_param (sorted keys)."""
+    scheme, netloc, path, query, fragment = urllib.parse.urlsplit(url)
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if value is None:
+        params.pop(key, None)
+    else:
+        params[key] = [str(value)]
+    query = urllib.parse.urlencode(sorted(params.items()), doseq=True)
+    return urllib.parse.urlunsplit((scheme, netloc, path, query, fragment))
+
+
+def _positive_int(text: str | None, default: int, *, strict: bool) -> int:
+    try:
+        value = int(text) if text is not None else default
+    except ValueError:
+        return default
+    if value < 0 or (strict and value == 0):
+        return default
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Served:
     """One answer the server sent (requests dropped while hanging are not answers)."""
@@ -184,10 +413,13 @@ class Served:
     """Which header authenticated the request: "token", "x-authkey", or None."""
     reason: str = ""
     """Why the telegram was refused (parse failure detail, "poison", the forced mode)."""
+    fields: dict[str, str] | None = None
+    """API v2 POST: the posted fields; GET: the query parameters."""
+    path: str = V1_PATH
 
 
 class DsmrReaderServer:
-    """DSMR-reader's datalogger API v1 on 127.0.0.1, in the running event loop (see module doc)."""
+    """DSMR-reader's datalogger API v1 and v2 on 127.0.0.1, in the running loop (see module doc)."""
 
     def __init__(
         self,
@@ -203,6 +435,8 @@ class DsmrReaderServer:
         html500_page: str = "plain",
         hang_outcome: str = "drop",
         control: bool = False,
+        zone: str = "Europe/Amsterdam",
+        v2_reject: Callable[[dict[str, str]], dict[str, list[str]] | None] | None = None,
     ) -> None:
         self._check_mode(mode)
         self.api_key = api_key
@@ -215,6 +449,10 @@ class DsmrReaderServer:
         self.html500_page = html500_page
         self.hang_outcome = hang_outcome
         self.received: list[str] = []
+        self.readings: list[dict[str, str]] = []
+        self.zone = ZoneInfo(zone)
+        self.v2_reject = v2_reject
+        """Called with a valid reading's fields: an error body to answer 400 with, or None."""
         self.answers: list[Served] = []
         self.requests = 0
         self.hanging = 0
@@ -230,6 +468,7 @@ class DsmrReaderServer:
         self._control = control
         self.app = web.Application()
         self.app.router.add_route("*", V1_PATH, self._datalogger)
+        self.app.router.add_route("*", V2_PATH, self._datalogger_v2)
         if control:
             self._add_control_routes(self.app)
 
@@ -295,8 +534,9 @@ class DsmrReaderServer:
             await asyncio.shield(self._reopening)
 
     def reset(self) -> None:
-        """Forget what arrived (received, answers, request count); the mode stays."""
+        """Forget what arrived (received, readings, answers, request count); the mode stays."""
         self.received.clear()
+        self.readings.clear()
         self.answers.clear()
         self.requests = 0
 
@@ -360,19 +600,7 @@ class DsmrReaderServer:
             return web.Response(status=405, headers={"Allow": "POST"})
         auth = self._auth(request)
         telegram = await self._form_telegram(request)
-        if self.delay:
-            await self._pause(self.delay)
-        if self._mode == "hang":
-            release = self._release
-            self.hanging += 1
-            try:
-                await release.wait()
-            finally:
-                self.hanging -= 1
-            if self._stopping.is_set() or self.hang_outcome == "drop" or self._mode == "refuse":
-                if request.transport is not None:
-                    request.transport.abort()
-                raise asyncio.CancelledError  # nothing is sent; aiohttp ends the handler quietly
+        await self._delay_or_hang(request)
         status, body, reason = self._decide(auth, telegram)
         headers: dict[str, str] = {}
         content_type = "text/html"
@@ -388,6 +616,22 @@ class DsmrReaderServer:
         return web.Response(
             status=status, text=body, headers=headers, content_type=content_type, charset="utf-8"
         )
+
+    async def _delay_or_hang(self, request: web.Request) -> None:
+        """Apply ``delay``; in ``hang`` wait for release, then drop the request or go on."""
+        if self.delay:
+            await self._pause(self.delay)
+        if self._mode == "hang":
+            release = self._release
+            self.hanging += 1
+            try:
+                await release.wait()
+            finally:
+                self.hanging -= 1
+            if self._stopping.is_set() or self.hang_outcome == "drop" or self._mode == "refuse":
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError  # nothing is sent; aiohttp ends the handler quietly
 
     def _decide(self, auth: str | None, telegram: str | None) -> tuple[int, str, str]:
         forced = {
@@ -440,6 +684,181 @@ class DsmrReaderServer:
         values = [value for key, value in pairs if key == "telegram"]
         return values[-1] if values else None
 
+    # --- API v2 (Django REST framework view) ----------------------------------------------------
+
+    async def _datalogger_v2(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        if request.method not in ("GET", "POST"):
+            detail = {"detail": f'Method "{request.method}" not allowed.'}
+            body = json.dumps(detail)
+            self.answers.append(
+                Served(405, body, None, None, f"method {request.method}", path=V2_PATH)
+            )
+            return web.json_response(detail, status=405, headers={"Allow": "GET, POST"})
+        auth = self._auth(request)
+        if request.method == "POST":
+            fields = await self._v2_form(request)
+        else:
+            fields = self._v2_query(request)
+        await self._delay_or_hang(request)
+        forced = self._v2_forced()
+        if forced is not None:
+            status, text, reason, content_type = forced
+        elif auth is None:
+            status, text, reason = 403, json.dumps({"detail": INVALID_AUTH}), "bad or missing key"
+            content_type = "application/json"
+        elif request.method == "POST":
+            status, text, reason = self._v2_create(fields)
+            content_type = "application/json"
+        else:
+            status, text, reason = self._v2_list(request, fields)
+            content_type = "application/json"
+        headers: dict[str, str] = {}
+        if status == 405:
+            headers["Allow"] = "GET, POST"
+        elif status == 429:
+            headers["Retry-After"] = str(self.retry_after)
+        self.answers.append(Served(status, text, None, auth, reason, fields, V2_PATH))
+        return web.Response(
+            status=status, text=text, headers=headers, content_type=content_type, charset="utf-8"
+        )
+
+    def _v2_forced(self) -> tuple[int, str, str, str] | None:
+        html, text, data = "text/html", "text/plain", "application/json"
+        forced = {
+            "html500": (500, self._html500(), "html500", html),
+            "parse_failure": (500, PARSE_FAILURE, "parse_failure", html),
+            "bad_request": (
+                400,
+                json.dumps({"non_field_errors": [INVALID_DATA]}),
+                "bad_request",
+                data,
+            ),
+            "forbidden": (403, json.dumps({"detail": INVALID_AUTH}), "forbidden", data),
+            "disabled": (405, API_DISABLED, "disabled", html),
+            "rate_limited": (429, "Too Many Requests", "rate_limited", text),
+        }
+        return forced.get(self._mode)
+
+    def _v2_create(self, fields: dict[str, str]) -> tuple[int, str, str]:
+        errors = v2_errors(fields)
+        if not errors and self.v2_reject is not None:
+            errors = self.v2_reject(dict(fields)) or {}
+        if errors:
+            return 400, json.dumps(errors), "invalid: " + ", ".join(errors)
+        self.readings.append(dict(fields))
+        return 201, json.dumps(self.render(len(self.readings) - 1)), ""
+
+    def render(self, index: int) -> dict[str, Any]:
+        """Reading ``index`` of ``readings`` as DSMR-reader's JSON shows it."""
+        fields = self.readings[index]
+        values, _ = clean_v2(fields)
+        shown: dict[str, Any] = {"id": index + 1}
+        for name in V2_FIELDS:
+            value = values.get(name, fields.get(name))
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                value = render_datetime(value, self.zone)
+            elif isinstance(value, Decimal):
+                value = f"{value:f}"
+            shown[name] = value
+        return shown
+
+    def _instant(self, index: int) -> datetime | None:
+        value = clean_v2(self.readings[index])[0].get("timestamp")
+        return value if isinstance(value, datetime) else None
+
+    def _filter_time(self, text: str) -> datetime | None:
+        """django-filter's forms.DateTimeField: ISO-8601 or Django's input formats, naive = zone."""
+        text = text.strip()
+        moment = parse_datetime(text)
+        if moment is None:
+            for pattern in _FORM_FORMATS:
+                with contextlib.suppress(ValueError):
+                    moment = datetime.strptime(text, pattern)
+                    break
+        if moment is None:
+            return None
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=self.zone)
+
+    def _v2_list(self, request: web.Request, query: dict[str, str]) -> tuple[int, str, str]:
+        bounds: dict[str, datetime] = {}
+        errors: dict[str, list[str]] = {}
+        for name in ("timestamp__gte", "timestamp__lte"):
+            text = query.get(name, "")
+            if not text:
+                continue
+            moment = self._filter_time(text)
+            if moment is None:
+                errors[name] = [FILTER_DATETIME_INVALID]
+            else:
+                bounds[name] = moment
+        if errors:
+            return 400, json.dumps(errors), "invalid filter: " + ", ".join(errors)
+        chosen: list[tuple[datetime, int]] = []
+        for index in range(len(self.readings)):
+            instant = self._instant(index)
+            if instant is None:
+                continue
+            if "timestamp__gte" in bounds and instant < bounds["timestamp__gte"]:
+                continue
+            if "timestamp__lte" in bounds and instant > bounds["timestamp__lte"]:
+                continue
+            chosen.append((instant, index))
+        terms = [t.strip() for t in query.get("ordering", "").split(",")]
+        valid = [t for t in terms if t in ("timestamp", "-timestamp")]
+        descending = bool(valid) and valid[0] == "-timestamp"
+        chosen.sort(key=lambda pair: pair[0], reverse=descending)
+        limit = _positive_int(query.get("limit"), DEFAULT_LIMIT, strict=True)
+        offset = _positive_int(query.get("offset"), 0, strict=False)
+        count = len(chosen)
+        page = chosen[offset : offset + limit]
+        url = f"{request.scheme}://{request.host}{request.raw_path}"
+        following = None
+        if offset + limit < count:
+            following = _replace_query(
+                _replace_query(url, "limit", limit), "offset", offset + limit
+            )
+        previous = None
+        if offset > 0:
+            previous = _replace_query(url, "limit", limit)
+            back = offset - limit
+            previous = _replace_query(previous, "offset", back if back > 0 else None)
+        answer = {
+            "count": count,
+            "next": following,
+            "previous": previous,
+            "results": [self.render(index) for _, index in page],
+        }
+        return 200, json.dumps(answer), "list"
+
+    @staticmethod
+    async def _v2_form(request: web.Request) -> dict[str, str]:
+        """The posted fields as DRF's parsers give them (form, multipart or JSON; last wins)."""
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            return {key: value for key, value in form.items() if isinstance(value, str)}
+        body = await request.read()
+        if request.content_type == "application/json":
+            try:
+                data = json.loads(body or b"{}")
+            except ValueError:
+                return {}
+            if not isinstance(data, dict):
+                return {}
+            return {k: v if v is None else str(v) for k, v in data.items()}  # type: ignore[misc]
+        if request.content_type != "application/x-www-form-urlencoded":
+            return {}
+        pairs = urllib.parse.parse_qsl(
+            body.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="replace"
+        )
+        return dict(pairs)
+
+    @staticmethod
+    def _v2_query(request: web.Request) -> dict[str, str]:
+        """The query string decoded as Django does: ``+`` is a space, last value wins."""
+        query = request.raw_path.partition("?")[2]
+        return dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+
     # --- control (process mode) ------------------------------------------------------------
 
     def _control_app(self) -> web.Application:
@@ -451,6 +870,7 @@ class DsmrReaderServer:
         app.router.add_post("/_control", self._control_post)
         app.router.add_get("/_control", self._control_get)
         app.router.add_get("/_received", self._received_get)
+        app.router.add_get("/_readings", self._readings_get)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -459,6 +879,7 @@ class DsmrReaderServer:
             "control_port": self.control_port,
             "requests": self.requests,
             "received": len(self.received),
+            "readings": len(self.readings),
             "hanging": self.hanging,
             "delay": self.delay,
             "retry_after": self.retry_after,
@@ -478,6 +899,8 @@ class DsmrReaderServer:
         if "poison_substring" in changes:
             needle = changes["poison_substring"]
             self.poison = None if needle is None else (lambda telegram: needle in telegram)
+        if "v2_reject_timestamps" in changes:
+            self.v2_reject = _reject_timestamps(changes["v2_reject_timestamps"])
         for key in ("poison_answer", "delay", "retry_after", "hang_outcome"):
             if key in changes:
                 setattr(self, key, changes[key])
@@ -501,6 +924,25 @@ class DsmrReaderServer:
     async def _received_get(self, request: web.Request) -> web.Response:
         return web.json_response(self.received)
 
+    async def _readings_get(self, request: web.Request) -> web.Response:
+        return web.json_response(self.readings)
+
+
+def _reject_timestamps(
+    stamps: list[str] | None,
+) -> Callable[[dict[str, str]], dict[str, list[str]] | None] | None:
+    """A ``v2_reject`` refusing readings with these exact timestamps (process-mode control)."""
+    if not stamps:
+        return None
+    refused = set(stamps)
+
+    def reject(fields: dict[str, str]) -> dict[str, list[str]] | None:
+        if fields.get("timestamp") in refused:
+            return {"timestamp": ["Rejected by the test (v2_reject_timestamps)."]}
+        return None
+
+    return reject
+
 
 class DsmrReaderProcess:
     """The server as a child process, driven synchronously (for tests of a daemon process)."""
@@ -519,7 +961,7 @@ class DsmrReaderProcess:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def control(self, **changes: Any) -> dict[str, Any]:
-        """POST /_control: mode=, poison_substring=, delay=, retry_after=, reset=True, ..."""
+        """POST /_control: mode=, poison_substring=, v2_reject_timestamps=, reset=True, ..."""
         return self._call("/_control", changes)
 
     def state(self) -> dict[str, Any]:
@@ -527,6 +969,9 @@ class DsmrReaderProcess:
 
     def received(self) -> list[str]:
         return self._call("/_received")
+
+    def readings(self) -> list[dict[str, str]]:
+        return self._call("/_readings")
 
     def _call(self, path: str, payload: dict[str, Any] | None = None) -> Any:
         data = None if payload is None else json.dumps(payload).encode()

@@ -59,7 +59,7 @@ def test_full_spool_drops_oldest_and_counts_per_sink(tmp_path: Path) -> None:
     dropped = spool.commit([(telegram(i), ["a", "b"]) for i in range(1, 11)])
     assert dropped == {}
     dropped = spool.commit([(telegram(i), ["a"]) for i in range(11, 14)])
-    assert dropped == {"a": 3, "b": 3}
+    assert dropped == {"a": [1, 2, 3], "b": [1, 2, 3]}
     assert [t.seq for t in spool.page("a", 0, 100, 100)] == list(range(4, 14))
     assert spool.stored_bytes <= 1000
     assert spool.counters()["a"]["dropped"] == 3
@@ -155,3 +155,13 @@ def test_sigkill_during_commits_leaves_a_consistent_spool(tmp_path: Path) -> Non
         path.unlink()
         for extra in ("-wal", "-shm"):
             Path(str(path) + extra).unlink(missing_ok=True)
+
+
+def test_a_batch_larger_than_the_spool_keeps_its_newest(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite3", max_bytes=1000)
+    spool.open()
+    dropped = spool.commit([(telegram(i), ["a"]) for i in range(1, 31)])
+    assert dropped == {"a": list(range(1, 21))}
+    assert [t.seq for t in spool.page("a", 0, 100, 100)] == list(range(21, 31))
+    assert spool.stored_bytes <= 1000
+    spool.close()

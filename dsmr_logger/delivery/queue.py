@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import functools
 import sqlite3
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,7 +29,10 @@ from dsmr_logger.meter.framing import Frame
 T = TypeVar("T")
 
 HOT_LIMIT = 2000
-"""Records a sink keeps in memory before older (already spooled) ones are read back from disk."""
+"""Records a sink keeps in memory before older (already spooled) ones are read back from disk.
+
+A soft bound: a burst is spooled early once this many records wait unflushed, so a sink's memory
+holds at most 2 x HOT_LIMIT + 1 records while commits stay batched (one transaction per burst)."""
 PAGE_SIZE = 256
 ACK_BATCH = 32
 """Confirmations of spooled telegrams committed together: bounds resends after a crash mid-drain."""
@@ -94,7 +97,9 @@ class SinkQueue:
     def wants(self, received_at: float) -> bool:
         """The throttle: at most one telegram per ``min_interval`` seconds for this sink."""
         last = self._last_accepted_at
-        if self.min_interval > 0 and last is not None and received_at - last < self.min_interval:
+        # A clock stepped backwards (NTP) restarts the throttle instead of silencing the sink.
+        gap = None if last is None else received_at - last
+        if self.min_interval > 0 and gap is not None and 0 <= gap < self.min_interval:
             self.stats.throttled += 1
             return False
         self._last_accepted_at = received_at
@@ -161,6 +166,19 @@ class SinkQueue:
         if not page:
             self.cold_cursor = self.cold_upto
             self.cold_count = 0
+
+    def drop(self, seqs: list[int]) -> None:
+        """The spool dropped these (size cap; never the one in flight): forget them here too."""
+        gone = set(seqs)
+        self.hot = deque(r for r in self.hot if r.seq not in gone)
+        self._page = deque(t for t in self._page if t.seq not in gone)
+        cold = sum(1 for seq in gone if self.cold_cursor < seq <= self.cold_upto)
+        self.cold_count = max(0, self.cold_count - cold)
+        self.stats.dropped += len(gone)
+
+    @property
+    def in_flight(self) -> int | None:
+        return None if self._current is None else self._current.seq
 
     def evict(self, limit: int) -> None:
         """Keep at most ``limit`` hot records; older spooled ones are read back from disk later."""
@@ -338,8 +356,11 @@ class Queues:
     async def _commit(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> bool:
         """Write a batch and acks in one transaction; False (logged once per error) on failure."""
         new = [(StoredTelegram(r.seq, r.telegram, r.received_at), sorted(r.waiting)) for r in batch]
+        protect = {q.in_flight for q in self.sinks.values() if q.in_flight is not None}
         try:
-            dropped: Counter[str] = await self.in_spool(self.spool.commit, new, acks)
+            dropped: dict[str, list[int]] = await self.in_spool(
+                self.spool.commit, new, acks, protect
+            )
         except (sqlite3.Error, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
             if error != self.spool_error:
@@ -353,15 +374,13 @@ class Queues:
         if self.spool_error is not None:
             self._log.info("spool writable again", path=str(self.spool.path))
             self.spool_error = None
-        for sink, count in dropped.items():
+        for sink, seqs in dropped.items():
             if sink in self.sinks:
-                queue = self.sinks[sink]
-                queue.stats.dropped += count
-                queue.cold_count = max(0, queue.cold_count - count)
+                self.sinks[sink].drop(seqs)
             self._log.warning(
                 "spool full: dropped oldest telegrams",
                 sink=sink,
-                dropped=count,
+                dropped=len(seqs),
                 max_bytes=self.spool.max_bytes,
             )
         return True

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,20 +158,33 @@ class Spool:
         self,
         new: Sequence[tuple[StoredTelegram, Collection[str]]] = (),
         acks: Sequence[tuple[str, int]] = (),
-    ) -> Counter[str]:
+        protect: Collection[int] = (),
+    ) -> dict[str, list[int]]:
         """Store new telegrams (for the sinks named) and drop acknowledged ones, atomically.
 
-        Returns how many telegrams each sink lost to the size cap in this commit.
+        Returns, per sink, the telegrams (seq) dropped to keep within ``max_bytes``; those in
+        ``protect`` (being sent right now) are spared, so every dropped one is really lost.
         """
-        dropped: Counter[str] = Counter()
+        dropped: dict[str, list[int]] = {}
         if not new and not acks:
             return dropped
+        incoming = sum(len(t.telegram) for t, _ in new)
+        kept = []
+        for telegram, sinks in new:  # oldest first: a batch larger than the whole spool
+            if incoming > self.max_bytes and telegram.seq not in protect:
+                incoming -= len(telegram.telegram)
+                for sink in sinks:
+                    dropped.setdefault(sink, []).append(telegram.seq)
+            else:
+                kept.append((telegram, sinks))
+        new = kept
         with self._transaction() as db:
             if acks:
                 self._forget(acks)
-            incoming = sum(len(t.telegram) for t, _ in new)
-            if new and self._bytes + incoming > self.max_bytes:
-                dropped = self._drop_oldest(self._bytes + incoming - self.max_bytes)
+            excess = self._bytes + incoming - self.max_bytes
+            if new and excess > 0:
+                for sink, seqs in self._drop_oldest(excess, protect).items():
+                    dropped.setdefault(sink, []).extend(seqs)
             if new:
                 db.executemany(
                     "INSERT INTO telegrams (id, received_at, data) VALUES (?, ?, ?)",
@@ -183,8 +195,8 @@ class Spool:
                     [(sink, t.seq) for t, sinks in new for sink in sinks],
                 )
                 self._bytes += incoming
-            for sink, count in dropped.items():
-                self._count(sink, "dropped", count)
+            for sink, seqs in dropped.items():
+                self._count_dropped(sink, len(seqs))
         return dropped
 
     def _forget(self, acks: Iterable[tuple[str, int]]) -> None:
@@ -203,36 +215,45 @@ class Spool:
             ).fetchall()
             self._bytes -= sum(n for (n,) in freed)
 
-    def _drop_oldest(self, excess: int) -> Counter[str]:
+    def _drop_oldest(self, excess: int, protect: Collection[int]) -> dict[str, list[int]]:
+        """Delete the oldest telegrams until ``excess`` bytes are freed, sparing ``protect``."""
         db = self.db
-        dropped: Counter[str] = Counter()
+        dropped: dict[str, list[int]] = {}
+        after = 0
         while excess > 0:
             rows = db.execute(
-                "SELECT id, length(data) FROM telegrams ORDER BY id LIMIT 256"
+                "SELECT id, length(data) FROM telegrams WHERE id > ? ORDER BY id LIMIT 256",
+                (after,),
             ).fetchall()
             if not rows:
                 break
             victims = []
             for seq, size in rows:
+                after = seq
+                if seq in protect:
+                    continue
                 victims.append(seq)
                 excess -= size
                 self._bytes -= size
                 if excess <= 0:
                     break
+            if not victims:
+                continue
             marks = ",".join("?" * len(victims))
-            for (sink,) in db.execute(
-                f"SELECT sink FROM pending WHERE telegram_id IN ({marks})", victims
+            for sink, seq in db.execute(
+                f"SELECT sink, telegram_id FROM pending WHERE telegram_id IN ({marks})", victims
             ).fetchall():
-                dropped[sink] += 1
+                dropped.setdefault(sink, []).append(seq)
             db.execute(f"DELETE FROM pending WHERE telegram_id IN ({marks})", victims)
             db.execute(f"DELETE FROM telegrams WHERE id IN ({marks})", victims)
         return dropped
 
-    def _count(self, sink: str, name: str, amount: int) -> None:
+    def _count_dropped(self, sink: str, amount: int) -> None:
+        """Remember, for ``spool list``, how many telegrams a sink lost to the size cap."""
         self.db.execute(
-            "INSERT INTO counters (sink, name, value) VALUES (?, ?, ?) "
+            "INSERT INTO counters (sink, name, value) VALUES (?, 'dropped', ?) "
             "ON CONFLICT (sink, name) DO UPDATE SET value = value + excluded.value",
-            (sink, name, amount),
+            (sink, amount),
         )
 
     # --- reading the backlog ----------------------------------------------------------------

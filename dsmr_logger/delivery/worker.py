@@ -6,8 +6,9 @@ Misconfigured (401/403/404/405) → one clear error naming the sink, keep queuei
 
 An HTML 500 is ambiguous: DSMR-reader answers it both for a database outage and for a telegram it
 chokes on. After ``SUSPECT_LIMIT`` such answers for the same telegram the worker sends the telegram
-*behind* it once: if that one is stored, the server is fine and the head is poison (dead-lettered,
-so it no longer blocks the queue); if not, the server is down and nothing is dead-lettered.
+*behind* it once: if that one is not stored, the server is down and nothing is dead-lettered; if
+it is, the head gets one more try (an outage may just have ended) and is dead-lettered only if it
+is refused again, so it no longer blocks the queue.
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ class SinkWorker:
             if verdict is Verdict.SUSPECT:
                 suspects += 1
                 if suspects >= SUSPECT_LIMIT and await self._behind_head_is_stored():
-                    await self._dead_letter(
-                        item, answer, "server error for this telegram only (the next was stored)"
-                    )
-                    attempt = suspects = 0
-                    continue
+                    # The server stores others; one more try tells a just-ended outage apart.
+                    answer = await self._send(item)
+                    if answer.verdict is Verdict.DELIVERED:
+                        await self._delivered(item)
+                        attempt = suspects = 0
+                        continue
+                    if answer.verdict in (Verdict.SUSPECT, Verdict.REJECTED):
+                        await self._dead_letter(
+                            item, answer, "server error for this telegram only (others are stored)"
+                        )
+                        attempt = suspects = 0
+                        continue
             attempt += 1
             self.stats.retries += 1
             await self._pause(self._backoff(attempt, answer.retry_after))
@@ -146,6 +154,8 @@ class SinkWorker:
         behind = await self.queue.peek_behind_head()
         if behind is None:
             return False
+        if self._delivered_ahead == behind.seq:  # stored by an earlier probe
+            return True
         answer = await self._send(behind)
         if answer.verdict is Verdict.DELIVERED:
             self._delivered_ahead = behind.seq

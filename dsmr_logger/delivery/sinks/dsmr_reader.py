@@ -9,6 +9,7 @@ One keep-alive ``aiohttp`` session per sink.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -22,6 +23,8 @@ from dsmr_logger.delivery.answers import Answer, Verdict, classify, no_answer
 from dsmr_logger.delivery.sinks import Telegram
 from dsmr_logger.telegram.obis import ParseError, parse
 from dsmr_logger.telegram.v2 import MappingError, to_v2
+
+_DIGITS = re.compile(r"\d+")
 
 V1_PATH = "/api/v1/datalogger/dsmrreading"
 V2_PATH = "/api/v2/datalogger/dsmrreading"
@@ -111,7 +114,8 @@ class DsmrReaderV2Sink(DsmrReaderSink):
         except (ParseError, MappingError) as exc:
             return Answer(Verdict.REJECTED, error=f"cannot map to API v2: {exc}")
         for note in mapped.notes:
-            if note not in self._told:  # e.g. "no timestamp: using the receive time", once
-                self._told.add(note)
+            kind = _DIGITS.sub("#", note)  # a note carrying a changing value is still one note
+            if kind not in self._told:  # e.g. "no timestamp: using the receive time", once
+                self._told.add(kind)
                 self._log.info("v2 mapping note", note=note)
         return urllib.parse.urlencode(mapped.fields)

@@ -1,0 +1,755 @@
+"""Delivery end to end: real queues, workers, SQLite spool and HTTP to a real DSMR-reader v1 server.
+
+Each test asserts what a user cares about: every telegram arrives, oldest first, once; a dead or
+slow sink never delays another; a healthy setup writes nothing to the SD card; what is undelivered
+survives in the spool file; the server's answers are honoured (poison, wrong key, Retry-After).
+The spool file is inspected with ``sqlite3`` directly, beside the daemon's own connection; where a
+test must know whether a telegram was *ever* written, an observer trigger records every insert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from dsmr_reader_server import PARSE_FAILURE, DsmrReaderServer
+
+from dsmr_logger.config import Config, DsmrReaderSinkConfig, MeterConfig, SpoolConfig
+from dsmr_logger.daemon import Daemon
+from dsmr_logger.delivery.queue import HOT_LIMIT, Queues
+from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
+from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.delivery.worker import SUSPECT_LIMIT, SinkWorker
+from dsmr_logger.meter.framing import Frame, FrameAssembler
+from dsmr_logger.meter.simulate import (
+    MeterSimulator,
+    VirtualSerialPort,
+    default_capture,
+    frames_in,
+    restamp,
+)
+
+KEY = "delivery-test-key-0123"
+CAPTURE = frames_in(default_capture())  # ten telegrams of an Iskra AM550 (DSMR 5)
+T0 = 1_795_000_000.0  # received_at of telegram 0; telegram i was read at T0 + i
+BIG = 64 * 1024 * 1024
+
+
+# --- telegrams ---------------------------------------------------------------------------------
+
+
+def telegram(i: int) -> bytes:
+    """Telegram ``i``: a real one from the capture, dated 2026-11-24 12:00:00 + i s (new CRC)."""
+    when = datetime(2026, 11, 24, 12, 0, 0) + timedelta(seconds=i)
+    return restamp(CAPTURE[i % len(CAPTURE)], when.strftime("%y%m%d%H%M%S").encode() + b"W")
+
+
+def frame(i: int, received_at: float | None = None) -> Frame:
+    (result,) = FrameAssembler().feed(telegram(i), T0 + i if received_at is None else received_at)
+    return result
+
+
+def texts(indexes: Sequence[int]) -> list[str]:
+    """What DSMR-reader stores for these telegrams (its ``received`` list)."""
+    return [telegram(i).decode() for i in indexes]
+
+
+def test_telegrams_are_distinct_and_valid() -> None:
+    assert len({telegram(i) for i in range(300)}) == 300
+    assert all(frame(i).crc is not None and frame(i).telegram == telegram(i) for i in range(20))
+
+
+# --- waiting -----------------------------------------------------------------------------------
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 3.0) -> float:
+    """Poll ``condition`` (every 5 ms) until true; returns the seconds it took."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def settle(seconds: float) -> None:
+    """A short, bounded pause (used only to show that something does NOT happen)."""
+    await asyncio.sleep(seconds)
+
+
+# --- the spool file, read directly -------------------------------------------------------------
+
+
+def query(path: Path, sql: str, *args: object) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def spooled_for(path: Path, sink: str) -> list[bytes]:
+    """The telegrams the spool file holds for ``sink``, in queue order."""
+    rows = query(
+        path,
+        "SELECT t.data FROM pending p JOIN telegrams t ON t.id = p.telegram_id "
+        "WHERE p.sink = ? ORDER BY p.telegram_id",
+        sink,
+    )
+    return [bytes(data) for (data,) in rows]
+
+
+def count(path: Path, table: str) -> int:
+    return query(path, f"SELECT COUNT(*) FROM {table}")[0][0]
+
+
+def install_insert_recorder(path: Path) -> None:
+    """Create the spool and add an observer: every row ever inserted into ``telegrams``."""
+    spool = Spool(path, max_bytes=BIG)
+    spool.open()
+    spool.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            """
+            CREATE TABLE test_inserted (data BLOB NOT NULL);
+            CREATE TRIGGER test_record_insert AFTER INSERT ON telegrams
+            BEGIN INSERT INTO test_inserted (data) VALUES (new.data); END;
+            """
+        )
+
+
+def ever_inserted(path: Path) -> list[bytes]:
+    return [bytes(d) for (d,) in query(path, "SELECT data FROM test_inserted ORDER BY rowid")]
+
+
+# --- a queue-level pipeline: the daemon's delivery half, without the meter ---------------------
+
+
+@dataclass
+class SinkSpec:
+    name: str
+    url: str
+    api_key: str = KEY
+    min_interval: float = 0.0
+    timeout: float = 0.3
+    retry_initial: float = 0.01
+    retry_max: float = 0.1
+
+
+@dataclass
+class Pipeline:
+    queues: Queues
+    workers: dict[str, SinkWorker]
+    path: Path
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def accept(self, *indexes: int) -> None:
+        for i in indexes:
+            self.queues.accept(frame(i))
+
+    def backlog(self, sink: str) -> int:
+        return self.queues.undelivered()[sink]
+
+    async def dead_letters(self, sink: str | None = None) -> list:
+        return await self.queues.in_spool(self.queues.spool.dead_letters, sink)
+
+    def alive(self) -> bool:
+        return not any(task.done() for task in self.tasks)
+
+
+@contextlib.asynccontextmanager
+async def pipeline(
+    path: Path,
+    sinks: Sequence[SinkSpec],
+    *,
+    flush_interval: float = 0.2,
+    strict: bool = False,
+    hot_limit: int = HOT_LIMIT,
+    max_bytes: int = BIG,
+) -> AsyncIterator[Pipeline]:
+    """Queues + spool + one SinkWorker per sink, wired and stopped as the Daemon does."""
+    queues = Queues(
+        Spool(path, max_bytes=max_bytes, strict=strict),
+        {spec.name: spec.min_interval for spec in sinks},
+        flush_interval=flush_interval,
+        strict=strict,
+        hot_limit=hot_limit,
+    )
+    await queues.open()
+    clients = [
+        DsmrReaderV1Sink(
+            DsmrReaderSinkConfig(
+                name=spec.name,
+                url=spec.url,
+                api_key=spec.api_key,
+                timeout=spec.timeout,
+                min_interval=spec.min_interval,
+                retry_initial=spec.retry_initial,
+                retry_max=spec.retry_max,
+            )
+        )
+        for spec in sinks
+    ]
+    for client in clients:
+        await client.start()
+    workers = {
+        spec.name: SinkWorker(
+            client, queues, retry_initial=spec.retry_initial, retry_max=spec.retry_max
+        )
+        for spec, client in zip(sinks, clients, strict=True)
+    }
+    tasks = [asyncio.create_task(w.run(), name=f"sink:{n}") for n, w in workers.items()]
+    tasks.append(asyncio.create_task(queues.run_flusher(), name="flusher"))
+    if strict:
+        tasks.append(asyncio.create_task(queues.run_strict_committer(), name="strict"))
+    line = Pipeline(queues, workers, path, tasks)
+    try:
+        yield line
+    finally:
+        await asyncio.gather(*(w.stop(1.0) for w in workers.values()))
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await queues.close()
+        for client in clients:
+            await client.close()
+
+
+def observe(server: DsmrReaderServer, hook: Callable[[float, web.Request, int], None]) -> None:
+    """Call ``hook(monotonic time, request, status)`` after each answer, before it is sent.
+
+    Must be installed before the server starts (the app freezes then).
+    """
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        response = await handler(request)
+        hook(time.monotonic(), request, response.status)
+        return response
+
+    server.app.middlewares.append(middleware)
+
+
+# --- the whole daemon, reading a virtual meter -------------------------------------------------
+
+
+def daemon_config(
+    path: Path, port: str, url: str, *, key: str = KEY, flush_interval: float = 0.2
+) -> Config:
+    return Config(
+        meter=MeterConfig(port=port, idle_timeout=5.0, reconnect_initial=0.05, reconnect_max=0.2),
+        spool=SpoolConfig(path=path, flush_interval=flush_interval),
+        sinks=(
+            DsmrReaderSinkConfig(
+                name="home",
+                url=url,
+                api_key=key,
+                timeout=0.3,
+                retry_initial=0.01,
+                retry_max=0.1,
+            ),
+        ),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config) -> AsyncIterator[Daemon]:
+    daemon = Daemon(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_until(
+            lambda: daemon.reader.status.connected or task.done(), "the meter port", 3.0
+        )
+        assert not task.done(), "the daemon stopped by itself"
+        yield daemon
+    finally:
+        stop.set()
+        async with asyncio.timeout(4):
+            assert await task == 0
+
+
+async def play(port: VirtualSerialPort, indexes: Sequence[int], interval: float = 0.0) -> None:
+    """The meter sends these telegrams (as recorded: our own distinct timestamps)."""
+    telegrams = [telegram(i) for i in indexes]
+    await MeterSimulator(port, telegrams, interval=interval, as_recorded=True).run(len(telegrams))
+
+
+def accepted(daemon: Daemon, sink: str = "home") -> int:
+    return daemon.queues.sinks[sink].stats.accepted
+
+
+# --- 1. a sink down for a while ------------------------------------------------------------------
+
+
+async def test_sink_down_then_up_delivers_everything_oldest_first_once(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    port = VirtualSerialPort()
+    try:
+        async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+            config = daemon_config(path, port.path, server.url, flush_interval=0.2)
+            async with running(config) as daemon:
+                await play(port, range(0, 12))
+                await wait_until(lambda: accepted(daemon) == 12, "12 telegrams read")
+                read_at = time.monotonic()
+                # Undelivered for longer than flush_interval: in the spool file, in order.
+                took = await wait_until(
+                    lambda: len(spooled_for(path, "home")) == 12, "the first 12 spooled"
+                )
+                assert took < 0.2 + 0.5
+                assert spooled_for(path, "home") == [telegram(i) for i in range(12)]
+                await play(port, range(12, 20))
+                await wait_until(lambda: accepted(daemon) == 20, "20 telegrams read")
+                await wait_until(lambda: len(spooled_for(path, "home")) == 20, "all 20 spooled")
+                assert time.monotonic() - read_at < 2.0
+                assert server.received == []
+                assert daemon.queues.undelivered() == {"home": 20}
+
+                await server.set_mode("ok")
+                await wait_until(lambda: len(server.received) >= 20, "the backlog delivered")
+                await play(port, range(20, 25))  # live telegrams after the backlog
+                await wait_until(lambda: len(server.received) >= 25, "live telegrams")
+                await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+                assert daemon.queues.undelivered() == {"home": 0}
+                worker = daemon.workers[0]
+                await wait_until(lambda: worker.stats.delivered == 25, "25 confirmations")
+            assert server.received == texts(range(25))  # oldest first, nothing twice
+    finally:
+        port.close()
+    assert count(path, "pending") == 0
+    assert count(path, "telegrams") == 0
+
+
+# --- 2. a healthy sink writes nothing -----------------------------------------------------------
+
+
+async def test_healthy_sink_never_writes_a_telegram_to_the_spool(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    install_insert_recorder(path)
+    port = VirtualSerialPort()
+    peak = 0
+    try:
+        async with DsmrReaderServer(api_key=KEY) as server:
+            config = daemon_config(path, port.path, server.url, flush_interval=0.5)
+            async with running(config) as daemon:
+                with contextlib.closing(sqlite3.connect(path)) as monitor:
+                    version = monitor.execute("PRAGMA data_version").fetchone()[0]
+
+                    async def watch() -> None:
+                        nonlocal peak
+                        while True:
+                            rows = monitor.execute("SELECT COUNT(*) FROM telegrams").fetchone()
+                            peak = max(peak, rows[0])
+                            await asyncio.sleep(0.01)
+
+                    watcher = asyncio.create_task(watch())
+                    try:
+                        await play(port, range(60), interval=0.01)
+                        await wait_until(lambda: len(server.received) == 60, "60 deliveries")
+                        # Past flush_interval for every telegram: the flusher had its chances.
+                        await settle(0.5 + 0.15)
+                    finally:
+                        watcher.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await watcher
+                    assert daemon.queues.undelivered() == {"home": 0}
+                    # No other connection committed anything to the file meanwhile.
+                    assert monitor.execute("PRAGMA data_version").fetchone()[0] == version
+            assert server.received == texts(range(60))
+    finally:
+        port.close()
+    assert peak == 0
+    assert ever_inserted(path) == []
+
+
+# --- 3. one sink hanging does not delay another -------------------------------------------------
+
+
+async def test_hanging_sink_never_delays_the_healthy_one(tmp_path: Path) -> None:
+    async with (
+        DsmrReaderServer(api_key=KEY) as healthy,
+        DsmrReaderServer(api_key=KEY, mode="hang") as stuck,
+    ):
+        specs = [SinkSpec("healthy", healthy.url), SinkSpec("stuck", stuck.url, timeout=0.3)]
+        async with pipeline(tmp_path / "spool.sqlite3", specs) as line:
+            for i in range(20):
+                line.accept(i)
+                await asyncio.sleep(0.01)
+                # Each telegram reaches the healthy sink promptly, one after the other.
+                await wait_until(lambda i=i: len(healthy.received) == i + 1, "prompt", 0.25)
+            await stuck.wait_for_requests(1)
+            assert stuck.hanging >= 1
+            assert healthy.received == texts(range(20))
+            assert stuck.received == []
+            await wait_until(lambda: line.workers["stuck"].stats.retries >= 2, "timeouts")
+            assert line.backlog("stuck") == 20
+            assert line.backlog("healthy") == 0
+
+            await stuck.set_mode("ok")
+            await wait_until(lambda: len(stuck.received) >= 20, "the stuck sink's backlog")
+            line.accept(20)
+            await wait_until(lambda: len(stuck.received) >= 21, "live after backlog")
+            await wait_until(lambda: len(healthy.received) >= 21, "live to the healthy one")
+        assert stuck.received == texts(range(21))
+        assert healthy.received == texts(range(21))
+
+
+# --- 4. poison telegrams --------------------------------------------------------------------------
+
+
+async def test_parse_failure_dead_letters_that_telegram_and_the_rest_flows(
+    tmp_path: Path,
+) -> None:
+    poison = telegram(4).decode()
+    async with DsmrReaderServer(api_key=KEY) as server:
+        server.poison = lambda text: text == poison
+        server.poison_answer = "parse_failure"
+        async with pipeline(tmp_path / "spool.sqlite3", [SinkSpec("home", server.url)]) as line:
+            line.accept(*range(10))
+            await wait_until(lambda: len(server.received) == 9, "nine deliveries")
+            await wait_until(lambda: line.backlog("home") == 0, "an empty queue")
+            (letter,) = await line.dead_letters("home")
+            await wait_until(lambda: line.workers["home"].stats.dead_letters == 1, "counted")
+        assert (letter.status, letter.body, letter.telegram) == (500, PARSE_FAILURE, telegram(4))
+        assert server.received == texts([0, 1, 2, 3, 5, 6, 7, 8, 9])
+        sent = [a.telegram for a in server.answers]
+        assert sent.count(poison) == 1  # permanent: never resent
+
+
+async def test_html500_for_one_telegram_only_is_dead_lettered_after_the_probe(
+    tmp_path: Path,
+) -> None:
+    poison, behind = telegram(3).decode(), telegram(4).decode()
+    async with DsmrReaderServer(api_key=KEY) as server:
+        server.poison = lambda text: text == poison  # 500 with Django's HTML error page
+        async with pipeline(tmp_path / "spool.sqlite3", [SinkSpec("home", server.url)]) as line:
+            line.accept(*range(10))
+            await wait_until(lambda: len(server.received) == 9, "nine deliveries")
+            await wait_until(lambda: line.backlog("home") == 0, "an empty queue")
+            (letter,) = await line.dead_letters("home")
+        assert letter.telegram == telegram(3)
+        assert letter.status == 500 and "Server Error (500)" in letter.body
+        assert server.received == texts([0, 1, 2, 4, 5, 6, 7, 8, 9])
+        sent = [a.telegram for a in server.answers]
+        assert sent.count(poison) == SUSPECT_LIMIT + 1  # three answers, probe, one more try
+        assert sent.count(behind) == 1  # the probe stored it: not sent a second time
+
+
+async def test_html500_poison_in_a_spooled_backlog_read_back_from_disk(tmp_path: Path) -> None:
+    """The probe also works when head and the telegram behind it come from the spool file."""
+    poison = telegram(30).decode()
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        server.poison = lambda text: text == poison
+        spec = SinkSpec("home", server.url)
+        async with pipeline(tmp_path / "spool.sqlite3", [spec], hot_limit=5) as line:
+            for i in range(60):
+                line.accept(i)
+                await asyncio.sleep(0.002)
+            await wait_until(lambda: count(line.path, "pending") == 60, "a spooled backlog")
+            # 30 and 31 are long out of the memory window: both are read back from the file.
+            assert telegram(30) not in [r.telegram for r in line.queues.sinks["home"].hot]
+            await server.set_mode("ok")
+            await wait_until(lambda: len(server.received) == 59, "59 deliveries")
+            await wait_until(lambda: line.backlog("home") == 0, "an empty queue")
+            (letter,) = await line.dead_letters("home")
+        assert letter.telegram == telegram(30)
+        assert server.received == texts([i for i in range(60) if i != 30])
+        assert [a.telegram for a in server.answers].count(telegram(31).decode()) == 1
+
+
+async def test_html500_to_everything_for_a_while_dead_letters_nothing(tmp_path: Path) -> None:
+    async with DsmrReaderServer(api_key=KEY, mode="html500") as server:
+        async with pipeline(tmp_path / "spool.sqlite3", [SinkSpec("home", server.url)]) as line:
+            line.accept(*range(8))
+            # Well past SUSPECT_LIMIT: the probe ran several times and was refused too.
+            await wait_until(lambda: server.requests >= 4 * SUSPECT_LIMIT, "many 500s")
+            await server.set_mode("ok")
+            await wait_until(lambda: len(server.received) >= 8, "everything after recovery")
+            assert await line.dead_letters() == []
+            assert line.workers["home"].stats.dead_letters == 0
+        assert server.received == texts(range(8))
+
+
+async def test_outage_ending_just_before_the_probe_dead_letters_nothing(tmp_path: Path) -> None:
+    server = DsmrReaderServer(api_key=KEY, mode="html500")
+
+    def end_outage_after_third_500(now: float, request: web.Request, status: int) -> None:
+        if server.mode == "html500" and server.requests == SUSPECT_LIMIT:
+            server.mode = "ok"  # the database is back: the very next request is stored
+
+    observe(server, end_outage_after_third_500)
+    spool = tmp_path / "spool.sqlite3"
+    # (the pipeline is built after the server started: its url has the port then)
+    async with server, pipeline(spool, [SinkSpec("home", server.url)]) as line:
+        line.accept(*range(5))
+        await wait_until(lambda: len(server.received) >= 4, "deliveries after recovery")
+        await wait_until(lambda: line.backlog("home") == 0, "an empty queue")
+        dead = await line.dead_letters()
+    assert dead == []
+    # All five, once each; the probe's telegram arrives just before the head it overtook.
+    assert sorted(server.received) == texts(range(5))
+    assert server.received[:2] == texts([1, 0])
+
+
+# --- 5. wrong API key, then fixed ---------------------------------------------------------------
+
+
+async def test_wrong_key_keeps_everything_then_fixed_key_delivers_the_backlog(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    async with DsmrReaderServer(api_key=KEY) as server:
+        with structlog.testing.capture_logs() as logs:
+            wrong = SinkSpec("home", server.url, api_key="not-the-key")
+            async with pipeline(path, [wrong]) as line:
+                line.accept(*range(10))
+                await wait_until(lambda: server.requests >= 5, "several probes")
+                await wait_until(lambda: len(spooled_for(path, "home")) == 10, "spooled")
+                assert line.backlog("home") == 10
+                assert line.workers["home"].stats.misconfigured
+                assert [a.status for a in server.answers] == [403] * len(server.answers)
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert len(errors) == 1, errors
+        assert errors[0]["sink"] == "home"
+        assert "misconfigured" in errors[0]["event"]
+        assert "api_key" in errors[0]["fix"]
+        assert server.received == []
+        assert spooled_for(path, "home") == [telegram(i) for i in range(10)]
+
+        # "Restart" with the right key over the same spool file.
+        async with pipeline(path, [SinkSpec("home", server.url)]) as line:
+            assert line.backlog("home") == 10
+            line.accept(*range(10, 13))  # live telegrams wait behind the backlog
+            await wait_until(lambda: len(server.received) >= 13, "backlog, then live")
+            await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+        assert server.received == texts(range(13))
+    assert count(path, "telegrams") == 0
+
+
+# --- 6. 429 with Retry-After --------------------------------------------------------------------
+
+
+async def test_rate_limited_waits_for_retry_after_then_delivers(tmp_path: Path) -> None:
+    server = DsmrReaderServer(api_key=KEY, mode="rate_limited", retry_after=0.2)  # type: ignore[arg-type]
+    times: list[tuple[float, int]] = []
+
+    def record(now: float, request: web.Request, status: int) -> None:
+        times.append((now, status))
+        if status == 429:
+            server.mode = "ok"  # busy once; the next attempt succeeds
+
+    observe(server, record)
+    async with server:
+        spec = SinkSpec("home", server.url, retry_initial=0.01, retry_max=1.0)
+        async with pipeline(tmp_path / "spool.sqlite3", [spec]) as line:
+            line.accept(0, 1)
+            await wait_until(lambda: len(server.received) == 2, "both delivered", 2.0)
+            assert line.workers["home"].stats.retries == 1
+    assert [status for _, status in times] == [429, 201, 201]
+    waited = times[1][0] - times[0][0]
+    assert 0.19 <= waited < 0.2 + 0.25, waited  # not before Retry-After, not much later
+    assert server.received == texts([0, 1])
+
+
+# --- 7. the spool's size cap ----------------------------------------------------------------------
+
+
+async def test_full_spool_drops_the_oldest_counts_warns_and_keeps_going(tmp_path: Path) -> None:
+    size = len(telegram(0))
+    path = tmp_path / "spool.sqlite3"
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        with structlog.testing.capture_logs() as logs:
+            spec = SinkSpec("home", server.url)
+            async with pipeline(path, [spec], hot_limit=5, max_bytes=20 * size) as line:
+                for i in range(60):
+                    line.accept(i)
+                    await asyncio.sleep(0.003)
+                newest = [telegram(i) for i in range(41, 60)]
+                # 20 fit: the head being sent (telegram 0), spared by the cap, and the newest 19.
+                await wait_until(
+                    lambda: spooled_for(path, "home") == [telegram(0), *newest], "a full spool"
+                )
+                stats = line.queues.sinks["home"].stats
+                # Counted when the commit returns to the loop (just after the file shows it).
+                await wait_until(lambda: stats.dropped == 40, "the oldest counted as dropped")
+                assert line.alive()
+                await server.set_mode("ok")
+                await wait_until(lambda: line.backlog("home") == 0, "the rest delivered")
+                line.accept(60)
+                await wait_until(lambda: texts([60])[0] in server.received, "a live telegram")
+                assert line.alive()
+        warnings = [e for e in logs if e["event"].startswith("spool full")]
+        assert warnings and all(w["log_level"] == "warning" for w in warnings)
+        assert sum(w["dropped"] for w in warnings) == stats.dropped
+    every = texts(range(61))
+    indexes = [every.index(text) for text in server.received]
+    assert indexes == sorted(set(indexes))  # in order, nothing twice
+    assert indexes == [0, *range(41, 61)]  # the head spared by the cap, then the newest
+    assert len(server.received) + stats.dropped == 61  # the counter is exactly what never came
+
+
+async def test_dropped_counter_matches_what_never_arrives(tmp_path: Path) -> None:
+    size = len(telegram(0))
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        spec = SinkSpec("home", server.url)
+        path = tmp_path / "spool.sqlite3"
+        async with pipeline(path, [spec], max_bytes=20 * size) as line:  # default memory window
+            for i in range(60):
+                line.accept(i)
+                await asyncio.sleep(0.003)
+            await wait_until(lambda: count(path, "telegrams") == 20, "a full spool")
+            await server.set_mode("ok")
+            await wait_until(lambda: line.backlog("home") == 0, "the rest delivered")
+            stats = line.queues.sinks["home"].stats
+    assert len(server.received) + stats.dropped == 60
+
+
+# --- 8. the per-sink throttle ---------------------------------------------------------------------
+
+
+async def test_throttled_sink_gets_every_fifth_and_throttled_ones_never_reach_the_spool(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    install_insert_recorder(path)
+    async with (
+        DsmrReaderServer(api_key=KEY) as fast,
+        DsmrReaderServer(api_key=KEY, mode="refuse") as slow,
+    ):
+        specs = [SinkSpec("fast", fast.url), SinkSpec("slow", slow.url, min_interval=5)]
+        async with pipeline(path, specs, flush_interval=0.3) as line:
+            line.accept(*range(23))  # read 1 s apart
+            await wait_until(lambda: len(fast.received) == 23, "all to the fast sink")
+            every_fifth = [0, 5, 10, 15, 20]
+            await wait_until(lambda: count(path, "pending") == 5, "the slow backlog spooled")
+            assert spooled_for(path, "slow") == [telegram(i) for i in every_fifth]
+            assert spooled_for(path, "fast") == []
+            stats = line.queues.sinks["slow"].stats
+            assert (stats.accepted, stats.throttled) == (5, 18)
+            await slow.set_mode("ok")
+            await wait_until(lambda: len(slow.received) == 5, "the slow sink's five")
+            await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+        assert fast.received == texts(range(23))
+        assert slow.received == texts(every_fifth)
+    assert ever_inserted(path) == [telegram(i) for i in every_fifth]
+
+
+async def test_throttle_survives_a_clock_step_backwards(tmp_path: Path) -> None:
+    async with DsmrReaderServer(api_key=KEY) as server:
+        spec = SinkSpec("slow", server.url, min_interval=5)
+        async with pipeline(tmp_path / "spool.sqlite3", [spec]) as line:
+            line.queues.accept(frame(0, received_at=T0 + 3600))  # clock an hour fast
+            for i in range(1, 12):  # corrected: one telegram a second, an hour earlier
+                line.queues.accept(frame(i, received_at=T0 + i))
+            await wait_until(lambda: line.backlog("slow") == 0, "delivery")
+            await settle(0.05)
+    assert len(server.received) >= 2  # not silent for an hour
+
+
+# --- 9. the memory window -------------------------------------------------------------------------
+
+
+async def test_small_memory_window_reads_the_backlog_back_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    limit = 20
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        async with pipeline(path, [SinkSpec("home", server.url)], hot_limit=limit) as line:
+            queue = line.queues.sinks["home"]
+            peak = 0
+            for i in range(200):
+                line.accept(i)
+                peak = max(peak, len(queue.hot))
+                await asyncio.sleep(0.002)
+                peak = max(peak, len(queue.hot))
+            await wait_until(lambda: count(path, "pending") == 200, "all 200 spooled")
+            await wait_until(lambda: len(queue.hot) <= limit + 1, "the window evicted")
+            assert peak < 3 * limit, peak  # bounded (about 2 x hot_limit), far below 200
+            assert line.backlog("home") == 200
+            await server.set_mode("ok")
+            await wait_until(lambda: len(server.received) >= 200, "all 200 delivered")
+            line.accept(200)
+            await wait_until(lambda: len(server.received) >= 201, "a live one after")
+            await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+            assert line.backlog("home") == 0
+        assert server.received == texts(range(201))
+
+
+async def test_memory_window_stays_within_twice_hot_limit(tmp_path: Path) -> None:
+    """The documented bound: a burst spools early once hot_limit telegrams wait unflushed, so
+    memory holds about 2 x hot_limit at most, while commits stay batched."""
+    limit = 20
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        spec = SinkSpec("home", server.url)
+        async with pipeline(tmp_path / "spool.sqlite3", [spec], hot_limit=limit) as line:
+            queue = line.queues.sinks["home"]
+            peak = 0
+            for i in range(100):
+                line.accept(i)
+                peak = max(peak, len(queue.hot))
+                await asyncio.sleep(0.003)  # far faster than a meter, far slower than a commit
+                peak = max(peak, len(queue.hot))
+    assert peak < 3 * limit, peak
+
+
+# --- 10. strict durability ------------------------------------------------------------------------
+
+
+async def test_strict_every_telegram_is_on_disk_before_the_server_sees_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "spool.sqlite3"
+    server = DsmrReaderServer(api_key=KEY)
+    checked: list[bool] = []
+
+    def on_disk_when_stored(now: float, request: web.Request, status: int) -> None:
+        if status == 201:  # the answer is not sent yet: the logger cannot have confirmed it
+            data = server.received[-1].encode()
+            rows = query(
+                path,
+                "SELECT COUNT(*) FROM telegrams t JOIN pending p ON p.telegram_id = t.id "
+                "WHERE t.data = ? AND p.sink = 'home'",
+                data,
+            )
+            checked.append(rows[0][0] == 1)
+
+    observe(server, on_disk_when_stored)
+    async with server:
+        spec = SinkSpec("home", server.url)
+        async with pipeline(path, [spec], strict=True, flush_interval=10.0) as line:
+            for i in range(30):
+                line.accept(i)
+                if i % 3 == 0:
+                    await asyncio.sleep(0.005)
+            await wait_until(lambda: len(server.received) == 30, "30 deliveries")
+            # Each confirmation is committed before the next send.
+            await wait_until(lambda: count(path, "telegrams") == 0, "acks committed")
+            assert count(path, "pending") == 0
+            assert line.backlog("home") == 0
+    assert checked == [True] * 30
+    assert server.received == texts(range(30))
+
+
+async def test_strict_a_stop_and_restart_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        spec = SinkSpec("home", server.url)
+        async with pipeline(path, [spec], strict=True, flush_interval=10.0) as line:
+            line.accept(*range(10))
+            # Committed before any send, long before flush_interval.
+            await wait_until(lambda: count(path, "pending") == 10, "all committed at once", 1.0)
+        await server.set_mode("ok")
+        async with pipeline(path, [spec], strict=True, flush_interval=10.0) as line:
+            line.accept(10)
+            await wait_until(lambda: len(server.received) >= 11, "backlog then live")
+        assert server.received == texts(range(11))
+    assert count(path, "telegrams") == 0
