@@ -147,3 +147,29 @@ def test_run_with_bad_config_exits_2_before_opening_the_port(tmp_path: Path) -> 
     assert "sink[0] (home).retries: unknown key" in result.stderr
     assert "meter link" not in result.stderr
     assert not (tmp_path / "spool.sqlite3").exists()
+
+
+def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Path) -> None:
+    """The example documents each key as `# key = value`: every one of them must be real."""
+    from conftest import REPO_ROOT
+
+    example = (REPO_ROOT / "deploy" / "config.example.toml").read_text()
+    assert config.load(write(tmp_path, example)).sinks  # as shipped
+    switched_on = []
+    section, keys = "", set()
+    for line in example.splitlines():
+        if line.startswith("[") or line.startswith("# [[sink]]"):
+            section, keys = line, set()
+        uncommented = line[2:] if line.startswith("# ") else line
+        key, eq, value = uncommented.partition(" = ")
+        if not (eq and key.isidentifier()) or section.startswith("# [[sink]]"):
+            switched_on.append(line)
+            continue
+        if line.startswith("# ") and key not in keys:  # the first of alternatives
+            switched_on.append(f"{key} = {value}")
+        elif not line.startswith("# "):
+            switched_on.append(line)
+        keys.add(key)
+    loaded = config.load(write(tmp_path, "\n".join(switched_on)))
+    assert loaded.meter.decryption_key is not None
+    assert loaded.http.listen == "127.0.0.1:8484"
