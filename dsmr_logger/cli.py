@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     parse.add_argument("--gas-channel", type=int, choices=(1, 2, 3, 4), help="M-Bus gas channel")
     parse.set_defaults(handler=_parse)
 
+    fill = commands.add_parser("backfill", help="send recorded telegrams to a DSMR-reader sink")
+    fill.add_argument("--config", type=Path, help="TOML configuration file")
+    fill.add_argument(
+        "--from", dest="source", type=Path, required=True, help="archive directory or capture file"
+    )
+    fill.add_argument("--sink", required=True, help="name of a dsmr-reader sink")
+    fill.add_argument("--since", help="ISO date or time (meter's zone unless an offset is given)")
+    fill.add_argument("--until", help="ISO date or time (meter's zone unless an offset is given)")
+    fill.set_defaults(handler=_backfill)
+
     status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
     status.add_argument("--config", type=Path, help="TOML configuration file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -186,6 +196,36 @@ def _parse(args: argparse.Namespace) -> int:
         print(f"dsmr-logger: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     return parse_command(data, sys.stdout, zone=zone, gas_channel=args.gas_channel, now=time.time())
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    import zoneinfo
+
+    from dsmr_logger.ops.backfill import BackfillError, backfill, parse_moment
+
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    zone = zoneinfo.ZoneInfo(config.meter.timezone)
+    try:
+        since = parse_moment(args.since, zone) if args.since else None
+        until = parse_moment(args.until, zone) if args.until else None
+    except ValueError as exc:
+        print(f"dsmr-logger: --since/--until: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(
+            backfill(config, args.sink, args.source, since=since, until=until, out=sys.stdout)
+        )
+    except BackfillError as exc:
+        print(f"dsmr-logger: backfill: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"dsmr-logger: backfill: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 def _status(args: argparse.Namespace) -> int:

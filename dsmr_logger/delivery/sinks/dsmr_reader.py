@@ -42,6 +42,11 @@ class DsmrReaderSink:
         self.endpoint = config.url + self.path
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "start() first"
+        return self._session
+
     def headers(self) -> dict[str, str]:
         key = self.config.api_key
         auth = (
