@@ -9,12 +9,13 @@ import io
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 from dsmr_reader_server import DsmrReaderServer
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_until
 
 from dsmr_logger.config import Config, HttpConfig, from_mapping
 from dsmr_logger.daemon import Daemon
@@ -29,15 +30,6 @@ from dsmr_logger.ops.status_tool import status
 
 KEY = "ops-test-key-0123456789"
 TELEGRAMS = frames_in(default_capture())
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def make_config(tmp_path: Path, port: str, url: str, **http: float | str) -> Config:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pytest
 import structlog
 from conftest import require_corpus
 from structlog.testing import capture_logs
+from waiting import wait_until
 
 from dsmr_logger.config import MeterConfig
 from dsmr_logger.meter.framing import Frame, Rejection
@@ -67,17 +68,6 @@ def capture_566() -> bytes:
 
 def events(logs: Logs, prefix: str) -> Logs:
     return [entry for entry in logs if entry["event"].startswith(prefix)]
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
 
 
 async def play(port: VirtualSerialPort, telegrams: Sequence[bytes]) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import require_corpus
+from waiting import wait_until
 
 from dsmr_logger.config import from_mapping
 from dsmr_logger.meter.framing import Frame
@@ -24,15 +25,6 @@ def vector() -> tuple[bytes, str, bytes]:
     key = json.loads((root / f"{VECTOR}.json").read_text())["key"]
     plaintext = (root / f"{VECTOR}.plaintext.txt").read_bytes()
     return frame, key, plaintext
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def read_through_pty(

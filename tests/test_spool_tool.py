@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from dsmr_reader_server import DsmrReaderServer
+from waiting import wait_until
 
 from dsmr_logger.cli import main
 from dsmr_logger.config import load
@@ -23,18 +24,6 @@ from dsmr_logger.meter.simulate import (
 KEY = "spool-tool-test-key-0123"
 TELEGRAMS = frames_in(default_capture())
 POISON = TELEGRAMS[2]
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    async def poll() -> None:
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-    try:
-        async with asyncio.timeout(timeout):
-            await poll()
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def write_config(tmp_path: Path, port: str, url: str) -> Path:

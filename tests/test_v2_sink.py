@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from dsmr_reader_server import (
     v2_reading,
 )
 from structlog.testing import capture_logs
+from waiting import wait_until
 from yarl import URL
 
 from dsmr_logger.config import Config, from_mapping
@@ -77,15 +78,6 @@ def corpus_telegram(name: str) -> bytes:
     frames = frames_in((require_corpus() / name).read_bytes())
     assert len(frames) == 1, name
     return frames[0]
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 3.0) -> None:
-    try:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def make_config(tmp_path: Path, port: str, url: str, timezone: str = "Europe/Amsterdam") -> Config:
