@@ -83,6 +83,8 @@ class DsmrReaderSinkConfig:
     retry_max: float = 300.0
     gas_channel: int | None = None
     """v2: the M-Bus channel of the gas meter (default: the first device of type gas)."""
+    max_in_flight: int = 1
+    """Requests at once while a backlog drains (confirmed in order); 1 keeps arrival in order."""
     type: Literal["dsmr-reader"] = "dsmr-reader"
 
 
@@ -346,6 +348,7 @@ def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig | None:
             retry_initial=s.get("retry_initial", _number(0.01, 3600.0), 1.0),
             retry_max=s.get("retry_max", _number(0.01, 86400.0), 300.0),
             gas_channel=s.get("gas_channel", _one_of(1, 2, 3, 4), None),
+            max_in_flight=s.get("max_in_flight", _one_of(1, 2, 3, 4, 5, 6, 7, 8), 1),
         )
     s.finish()
     return sink

@@ -91,6 +91,7 @@ class Daemon:
                 self.queues,
                 retry_initial=getattr(cfg, "retry_initial", 1.0),
                 retry_max=getattr(cfg, "retry_max", 60.0),
+                max_in_flight=getattr(cfg, "max_in_flight", 1),
                 wall_clock=wall_clock,
             )
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)

@@ -140,6 +140,7 @@ class SinkSpec:
     timeout: float = 0.3
     retry_initial: float = 0.01
     retry_max: float = 0.1
+    max_in_flight: int = 1
 
 
 @dataclass
@@ -192,6 +193,7 @@ async def pipeline(
                 min_interval=spec.min_interval,
                 retry_initial=spec.retry_initial,
                 retry_max=spec.retry_max,
+                max_in_flight=spec.max_in_flight,
             )
         )
         for spec in sinks
@@ -200,7 +202,11 @@ async def pipeline(
         await client.start()
     workers = {
         spec.name: SinkWorker(
-            client, queues, retry_initial=spec.retry_initial, retry_max=spec.retry_max
+            client,
+            queues,
+            retry_initial=spec.retry_initial,
+            retry_max=spec.retry_max,
+            max_in_flight=spec.max_in_flight,
         )
         for spec, client in zip(sinks, clients, strict=True)
     }
@@ -753,3 +759,32 @@ async def test_strict_a_stop_and_restart_loses_nothing(tmp_path: Path) -> None:
             await wait_until(lambda: len(server.received) >= 11, "backlog then live")
         assert server.received == texts(range(11))
     assert count(path, "telegrams") == 0
+
+
+# --- 11. pipelined draining -------------------------------------------------------------------
+
+
+async def test_pipelined_drain_delivers_each_once_and_confirms_in_order(tmp_path: Path) -> None:
+    """max_in_flight = 4: a spooled backlog and a poison telegram inside a window."""
+    path = tmp_path / "spool.sqlite3"
+    poison = telegram(13).decode()
+    async with DsmrReaderServer(api_key=KEY, mode="refuse") as server:
+        server.poison = lambda text: text == poison
+        server.poison_answer = "parse_failure"
+        spec = SinkSpec("home", server.url, max_in_flight=4)
+        async with pipeline(path, [spec], hot_limit=10) as line:
+            line.accept(*range(60))
+            await wait_until(lambda: count(path, "pending") == 60, "a spooled backlog")
+            server.hang_outcome = "process"  # held requests are answered when the mode changes
+            await server.set_mode("hang")
+            await wait_until(lambda: server.hanging >= 4, "four requests in flight at once")
+            await asyncio.sleep(0.05)
+            assert server.hanging == 4  # never more than max_in_flight
+            await server.set_mode("ok")
+            await wait_until(lambda: line.backlog("home") == 0, "the backlog drained")
+            await wait_until(lambda: count(path, "pending") == 0, "every confirmation committed")
+            (letter,) = await line.dead_letters("home")
+    assert letter.telegram == telegram(13)
+    expected = texts(i for i in range(60) if i != 13)
+    assert sorted(server.received) == expected  # each once: sorted() keeps duplicates
+    assert len(server.received) == len(expected)

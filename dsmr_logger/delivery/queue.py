@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import itertools
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -128,6 +129,18 @@ class SinkQueue:
         if isinstance(self._current, Record) and self.hot and self.hot[0] is self._current:
             return self.hot[1] if len(self.hot) > 1 else None
         return self.hot[0] if self.hot else None
+
+    async def following(self, count: int) -> list[Item]:
+        """Up to ``count`` telegrams after the head, in queue order, without waiting."""
+        if self._current is None:
+            return []
+        if self.cold_cursor < self.cold_upto:
+            if not self._page:
+                await self._load_page()
+            if self._page:  # the spooled backlog first; hot records only once it is read
+                return list(itertools.islice(self._page, count))
+        skip = 1 if self.hot and self.hot[0] is self._current else 0
+        return list(itertools.islice(self.hot, skip, skip + count))
 
     def done(self) -> Item:
         """Remove the head (confirmed or dead-lettered)."""

@@ -51,6 +51,7 @@ class SinkWorker:
         retry_max: float,
         jitter: Callable[[], float] = random.random,
         wall_clock: Callable[[], float] = time.time,
+        max_in_flight: int = 1,
         log: Any = None,
     ) -> None:
         self.sink = sink
@@ -62,10 +63,13 @@ class SinkWorker:
         self._jitter = jitter
         self._wall = wall_clock
         self._log = (log or structlog.get_logger("dsmr_logger.delivery")).bind(sink=sink.name)
+        self.max_in_flight = max_in_flight
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._delivered_ahead: int | None = None
+        self._in_flight = 0
+        self._delivered_ahead: set[int] = set()
+        """Telegrams behind the head already stored (probe, pipelining): confirmed, not resent."""
 
     async def run(self) -> None:
         attempt = 0
@@ -74,11 +78,11 @@ class SinkWorker:
             item = await self.queue.head()
             if self._stopping.is_set():
                 return
-            if self._delivered_ahead == item.seq:  # stored by the poison probe already
-                self._delivered_ahead = None
+            if item.seq in self._delivered_ahead:  # stored by the probe or a pipelined send
+                self._delivered_ahead.discard(item.seq)
                 await self._delivered(item)
                 continue
-            answer = await self._send(item)
+            answer = await self._send_from(item)
             verdict = answer.verdict
             if verdict is Verdict.DELIVERED:
                 await self._delivered(item)
@@ -118,12 +122,35 @@ class SinkWorker:
             async with asyncio.timeout(grace):
                 await self._idle.wait()
 
+    async def _send_from(self, head: Item) -> Answer:
+        """Send the head, and up to ``max_in_flight - 1`` telegrams behind it at the same time.
+
+        Draining a backlog is then bound by the server, not by round trips; confirmations stay
+        in queue order (a stored follower is confirmed when it becomes the head), so a failure
+        of the head never lets a later telegram overtake it in the queue.
+        """
+        if self.max_in_flight == 1:
+            return await self._send(head)
+        followers = [
+            item
+            for item in await self.queue.following(self.max_in_flight - 1)
+            if item.seq not in self._delivered_ahead
+        ]
+        answers = await asyncio.gather(self._send(head), *(self._send(f) for f in followers))
+        for follower, answer in zip(followers, answers[1:], strict=True):
+            if answer.verdict is Verdict.DELIVERED:
+                self._delivered_ahead.add(follower.seq)
+        return answers[0]
+
     async def _send(self, item: Item) -> Answer:
+        self._in_flight += 1
         self._idle.clear()
         try:
             return await self.sink.send(item)
         finally:
-            self._idle.set()
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     async def _delivered(self, item: Item) -> None:
         await self.queues.confirm(self.sink.name, item)
@@ -154,11 +181,11 @@ class SinkWorker:
         behind = await self.queue.peek_behind_head()
         if behind is None:
             return False
-        if self._delivered_ahead == behind.seq:  # stored by an earlier probe
+        if behind.seq in self._delivered_ahead:  # stored by an earlier probe or pipelined send
             return True
         answer = await self._send(behind)
         if answer.verdict is Verdict.DELIVERED:
-            self._delivered_ahead = behind.seq
+            self._delivered_ahead.add(behind.seq)
             return True
         if answer.verdict is Verdict.SUSPECT:
             self._log.warning(

@@ -62,7 +62,9 @@ class DsmrReaderSink:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=4, ssl=None if self.config.verify_tls else False, keepalive_timeout=30
+            limit=self.config.max_in_flight + 1,  # + the poison probe
+            ssl=None if self.config.verify_tls else False,
+            keepalive_timeout=30,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
