@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -18,6 +19,9 @@ from dsmr_logger import __version__
 from dsmr_logger.config import Config, ConfigError, LogConfig, effective_toml, load
 from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.logsetup import configure
+
+if TYPE_CHECKING:
+    from dsmr_logger.daemon import Daemon
 
 EXIT_CONFIG = 2
 
@@ -171,12 +175,12 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _run_until_signalled(daemon: object) -> int:
+async def _run_until_signalled(daemon: Daemon) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    return await daemon.run(stop)  # type: ignore[attr-defined]
+    return await daemon.run(stop)
 
 
 def _parse(args: argparse.Namespace) -> int:

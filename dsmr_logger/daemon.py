@@ -143,7 +143,7 @@ class Daemon:
             helpers.append(asyncio.create_task(self.queues.run_strict_committer(), name="strict"))
         if self.status_server is not None:
             await self.status_server.start()
-            host = self.config.http.listen.rpartition(":")[0]  # type: ignore[union-attr]
+            host = str(self.config.http.listen).rpartition(":")[0]
             self._log.info("status endpoint", url=f"http://{host}:{self.status_server.port}/status")
         self.notifier.ready(self.status_line())
         if self.notifier.enabled:
