@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -13,7 +14,7 @@ from dsmr_logger.config import LogConfig, mask
 _SECRET_KEYS = ("api_key", "decryption_key", "authentication_key", "password", "token")
 
 
-def _mask_secrets(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """A last guard: a value logged under a secret-looking key is masked, whatever the caller."""
     for key, value in event.items():
         if isinstance(value, str) and any(secret in key.lower() for secret in _SECRET_KEYS):

@@ -150,7 +150,8 @@ def parse_timestamp(raw: str, zone: tzinfo = DEFAULT_ZONE) -> datetime | None:
         return None
     fields = [int(digits[i : i + 2]) for i in range(0, 12, 2)]
     try:
-        naive = datetime(2000 + fields[0], *fields[1:])
+        year, month, day, hour, minute, second = fields
+        naive = datetime(2000 + year, month, day, hour, minute, second)
     except ValueError:
         return None
     return _localise(naive, zone, flag)

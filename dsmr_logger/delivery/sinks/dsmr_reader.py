@@ -63,7 +63,7 @@ class DsmrReaderSink:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self.config.max_in_flight + 1,  # + the poison probe
-            ssl=None if self.config.verify_tls else False,
+            ssl=self.config.verify_tls,  # True: verify certificates (the default)
             keepalive_timeout=30,
         )
         self._session = aiohttp.ClientSession(
