@@ -331,7 +331,7 @@ def main() -> None:
     # cut by the pause at the restart: everything before it read by run 1, after it by run 2.
     explained = missing_fillers == list(range(len(missing_fillers))) and (
         len(missing_day) <= 1
-        and all(sum(p < i for p in positions) == frames_first for i in missing_day)
+        and all(sum(p < i for p in distinct) == frames_first for i in missing_day)
     )
     read_total = frames_first + frames_second
     exactly_once = (

@@ -38,7 +38,8 @@ class Notifier:
             contextlib.suppress(OSError),
             socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock,
         ):
-            sock.sendto("\n".join(lines).encode(), self.address)
+            # Never block the event loop: a full notify queue drops this message instead.
+            sock.sendto("\n".join(lines).encode(), socket.MSG_DONTWAIT, self.address)
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")
