@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from dsmr_logger.config import Config, ConfigError, from_mapping, mask, read_text
+
+T = TypeVar("T")
 
 PREFIX = "DSMRREADER_REMOTE_DATALOGGER_"
 
@@ -197,23 +199,19 @@ class _Translation:
         self.problems.append((names, message))
 
     def number(self, name: str, default: float) -> float | None:
-        text = self.get(name)
-        if text is None:
-            return default
-        try:
-            return float(text)
-        except ValueError:
-            self.bad(f"must be a number, not {text!r}", name)
-            return None
+        return self._converted(name, default, float, "a number")
 
     def integer(self, name: str, default: int) -> int | None:
+        return self._converted(name, default, int, "an integer")
+
+    def _converted(self, name: str, default: T, convert: Callable[[str], T], what: str) -> T | None:
         text = self.get(name)
         if text is None:
             return default
         try:
-            return int(text)
+            return convert(text)
         except ValueError:
-            self.bad(f"must be an integer, not {text!r}", name)
+            self.bad(f"must be {what}, not {text!r}", name)
             return None
 
 

@@ -93,6 +93,7 @@ class Spool:
         self.strict = strict
         self._db: sqlite3.Connection | None = None
         self._bytes = 0
+        self._seen_version: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -332,8 +333,13 @@ class Spool:
     def requeued(self, sinks: Collection[str]) -> list[tuple[int, str, StoredTelegram]]:
         """Requeued telegrams waiting for these sinks, oldest first: (row id, sink, telegram).
 
-        A plain read: the daemon calls it periodically and it writes nothing when idle.
+        The daemon calls it periodically; unless another process (``spool requeue``) committed
+        since the last call, it answers from ``PRAGMA data_version`` without touching the tables.
         """
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._seen_version:
+            return []
+        self._seen_version = version
         marks = ",".join("?" * len(sinks))
         rows = self.db.execute(
             f"SELECT id, sink, received_at, data FROM requeued WHERE sink IN ({marks}) "
