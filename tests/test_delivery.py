@@ -620,6 +620,48 @@ async def test_dropped_counter_matches_what_never_arrives(tmp_path: Path) -> Non
     assert len(server.received) + stats.dropped == 60
 
 
+async def test_the_cap_never_drops_a_telegram_a_sink_takes_while_it_commits(
+    tmp_path: Path,
+) -> None:
+    """A sink confirming fast while a capped commit runs: each telegram delivered or dropped, once.
+
+    The commit spares what was in flight when it began; a head taken during the commit could be
+    dropped under the sink (sent, yet counted as lost, and its removal crashed the sink's task).
+    """
+    path = tmp_path / "spool.sqlite3"
+    sizes = [len(telegram(i)) for i in range(10)]
+    queues = Queues(
+        Spool(path, max_bytes=sum(sizes[:6])), {"home": 0.0}, flush_interval=60.0, strict=False
+    )
+    await queues.open()
+    try:
+        for i in range(5):
+            queues.accept(frame(i))
+        await queues.flush(everything=True)  # telegrams 0-4 on disk, all of them fit
+        queue = queues.sinks["home"]
+        head = await queue.head()
+        for i in range(5, 10):
+            queues.accept(frame(i))
+        commit = asyncio.create_task(queues.flush(everything=True))  # 5-9: the oldest must go
+        await asyncio.sleep(0)
+        assert queues.committing
+        delivered = []
+        while len(queue):
+            delivered.append(head.telegram)
+            await queues.confirm("home", head)
+            head = await queue.head() if len(queue) else head
+        await commit
+    finally:
+        await queues.close()
+    dropped = query(path, "SELECT value FROM counters WHERE sink = 'home' AND name = 'dropped'")
+    (counted,) = dropped[0]
+    sent = [telegram(i) for i in range(10)]
+    assert counted > 0, "the cap did not strike: the test shows nothing"
+    assert [sent.index(t) for t in delivered] == sorted({sent.index(t) for t in delivered})
+    assert len(delivered) + counted == 10, "a telegram both delivered and counted as dropped"
+    assert delivered[-5:] == sent[5:], "the newest must all arrive"
+
+
 # --- 8. the per-sink throttle ---------------------------------------------------------------------
 
 

@@ -154,6 +154,43 @@ async def test_566_frame_capture_through_pty_arrives_complete_in_order() -> None
     assert reader.status.connects == 1
 
 
+async def test_a_finished_simulator_closes_its_port_only_once_the_reader_has_everything() -> None:
+    """``simulate --count N`` then exit: the port vanishing must not swallow the last telegrams.
+
+    Most of a fast burst waits in the kernel, not yet counted as readable; closing the port
+    the moment the readable queue looks empty would discard it.
+    """
+    expected = frames_in(capture_566())[:200]
+    frames: list[Frame] = []
+    with Ports() as make:
+        port = make()
+        reader = MeterReader(meter_config(port.path), frames.append)
+        async with running(reader):
+            await wait_until(lambda: reader.status.connected, "the pty to be opened")
+            await play(port, expected)
+            await port.drained()
+            make.close(port)
+            received = len(frames)
+    assert received == len(expected)
+
+
+async def test_drained_gives_up_when_nobody_reads() -> None:
+    with Ports() as make:
+        port = make()
+        await play_unread(port, frames_in(default_capture()))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(port.drained(settle=0.1, patience=0.3), 5.0)
+        assert port.unread() > 0
+        assert loop.time() - started >= 0.3
+
+
+async def play_unread(port: VirtualSerialPort, telegrams: Sequence[bytes]) -> None:
+    """Write into the port with nobody reading (fits in the pty's buffer)."""
+    for telegram in telegrams:
+        os.write(port.master, telegram)
+
+
 # 2. The pty disappears and comes back at the same path ----------------------------------------
 
 

@@ -80,6 +80,8 @@ class SinkQueue:
         self._current: Item | None = None
         self._arrived = asyncio.Event()
         self._last_accepted_at: float | None = None
+        self.lookahead = 1
+        """Telegrams behind the head a worker may send before the head is confirmed."""
 
     def __len__(self) -> int:
         """Undelivered telegrams, spooled backlog included."""
@@ -112,35 +114,45 @@ class SinkQueue:
         self._arrived.set()
 
     async def head(self) -> Item:
-        """The oldest undelivered telegram; waits while there is none."""
+        """The oldest undelivered telegram; waits while there is none.
+
+        A new head is never taken while a commit runs: the commit spares only what was in
+        flight when it began, and may drop what would otherwise become the head meanwhile.
+        """
         while self._current is None:
-            self._current = await self._take()
+            await self._ready()
+            if self._queues.committing:
+                await self._queues.settled()
+                continue
+            self._current = self._take_ready()
         return self._current
 
     async def peek_behind_head(self) -> Item | None:
         """The telegram after the head, without waiting (for the poison probe)."""
-        if self._current is None:
-            return None
-        if self.cold_cursor < self.cold_upto:
-            if not self._page:
-                await self._load_page()
-            if self._page:
-                return self._page[0]
-        if isinstance(self._current, Record) and self.hot and self.hot[0] is self._current:
-            return self.hot[1] if len(self.hot) > 1 else None
-        return self.hot[0] if self.hot else None
+        behind = await self.following(1)
+        return behind[0] if behind else None
 
     async def following(self, count: int) -> list[Item]:
         """Up to ``count`` telegrams after the head, in queue order, without waiting."""
         if self._current is None:
             return []
+        if self.cold_cursor < self.cold_upto and not self._page:
+            await self._load_page()
+        return self._behind_head(count)
+
+    def _behind_head(self, count: int) -> list[Item]:
         if self.cold_cursor < self.cold_upto:
-            if not self._page:
-                await self._load_page()
-            if self._page:  # the spooled backlog first; hot records only once it is read
-                return list(itertools.islice(self._page, count))
+            # The spooled backlog first (once its page is read); hot records only after it.
+            return list(itertools.islice(self._page, count))
         skip = 1 if self.hot and self.hot[0] is self._current else 0
         return list(itertools.islice(self.hot, skip, skip + count))
+
+    def protected(self) -> list[int]:
+        """What may be on its way to the server now: the head and ``lookahead`` behind it."""
+        if self._current is None:
+            return []
+        behind = self._behind_head(self.lookahead)
+        return [self._current.seq, *(item.seq for item in behind)]
 
     def done(self) -> Item:
         """Remove the head (confirmed or dead-lettered)."""
@@ -154,22 +166,25 @@ class SinkQueue:
         self._current = None
         return item
 
-    async def _take(self) -> Item:
-        while True:
-            if self.cold_cursor < self.cold_upto:
-                if not self._page:
-                    await self._load_page()
-                if self._page:
-                    item = self._page.popleft()
-                    self.cold_cursor = item.seq
-                    self.cold_count = max(0, self.cold_count - 1)
-                    return item
-                self.cold_cursor = self.cold_upto
-                self.cold_count = 0
-            if self.hot:
-                return self.hot[0]
+    async def _ready(self) -> None:
+        """Wait until there is a telegram to take (its page of the backlog read)."""
+        if self.cold_cursor < self.cold_upto:
+            if not self._page:
+                await self._load_page()
+            return
+        if not self.hot:
             self._arrived.clear()
             await self._arrived.wait()
+
+    def _take_ready(self) -> Item | None:
+        if self.cold_cursor < self.cold_upto:
+            if not self._page:
+                return None  # the spool cap dropped this page meanwhile: read the next
+            item = self._page.popleft()
+            self.cold_cursor = item.seq
+            self.cold_count = max(0, self.cold_count - 1)
+            return item
+        return self.hot[0] if self.hot else None
 
     async def _load_page(self) -> None:
         page = await self._queues.in_spool(
@@ -181,17 +196,13 @@ class SinkQueue:
             self.cold_count = 0
 
     def drop(self, seqs: list[int]) -> None:
-        """The spool dropped these (size cap; never the one in flight): forget them here too."""
+        """The spool dropped these (size cap; never one in flight): forget them here too."""
         gone = set(seqs)
         self.hot = deque(r for r in self.hot if r.seq not in gone)
         self._page = deque(t for t in self._page if t.seq not in gone)
         cold = sum(1 for seq in gone if self.cold_cursor < seq <= self.cold_upto)
         self.cold_count = max(0, self.cold_count - cold)
         self.stats.dropped += len(gone)
-
-    @property
-    def in_flight(self) -> int | None:
-        return None if self._current is None else self._current.seq
 
     def evict(self, limit: int) -> None:
         """Keep at most ``limit`` hot records; older spooled ones are read back from disk later."""
@@ -236,7 +247,18 @@ class Queues:
         self._strict_waiting: list[Record] = []
         self._strict_wakeup = asyncio.Event()
         self._early_flush: asyncio.Task[None] | None = None
+        self._commits = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
         self.spool_error: str | None = None
+
+    @property
+    def committing(self) -> bool:
+        return self._commits > 0
+
+    async def settled(self) -> None:
+        """Wait until no commit runs (so none can drop what a sink takes next)."""
+        await self._settled.wait()
 
     async def in_spool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""
@@ -368,8 +390,18 @@ class Queues:
 
     async def _commit(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> bool:
         """Write a batch and acks in one transaction; False (logged once per error) on failure."""
+        self._commits += 1
+        self._settled.clear()
+        try:
+            return await self._commit_now(batch, acks)
+        finally:
+            self._commits -= 1
+            if not self._commits:
+                self._settled.set()
+
+    async def _commit_now(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> bool:
         new = [(StoredTelegram(r.seq, r.telegram, r.received_at), sorted(r.waiting)) for r in batch]
-        protect = {q.in_flight for q in self.sinks.values() if q.in_flight is not None}
+        protect = {seq for queue in self.sinks.values() for seq in queue.protected()}
         try:
             dropped: dict[str, list[int]] = await self.in_spool(
                 self.spool.commit, new, acks, protect

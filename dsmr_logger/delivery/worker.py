@@ -64,6 +64,9 @@ class SinkWorker:
         self._wall = wall_clock
         self._log = (log or structlog.get_logger("dsmr_logger.delivery")).bind(sink=sink.name)
         self.max_in_flight = max_in_flight
+        # The probe sends the telegram behind the head, pipelining up to max_in_flight - 1 more:
+        # the spool's size cap must spare those while they may be on their way.
+        self.queue.lookahead = max(1, max_in_flight - 1)
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()

@@ -14,7 +14,6 @@ import os
 import re
 import struct
 import termios
-import time
 import tty
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -73,6 +72,30 @@ class VirtualSerialPort:
     def unread(self) -> int:
         """Bytes written but not yet read by whoever has the device open."""
         return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0\0\0\0"))[0]
+
+    async def drained(self, settle: float = 0.5, patience: float = 5.0) -> None:
+        """Wait until the reader has taken everything written, so closing loses nothing.
+
+        The kernel moves written bytes into the readable queue a few KiB at a time, and what
+        waits to be moved is not counted by ``unread``: an empty queue proves nothing until it
+        stays empty for ``settle`` seconds. Gives up when nothing moved for ``patience`` seconds
+        (nobody is reading).
+        """
+        loop = asyncio.get_running_loop()
+        last, moved_at, empty_since = self.unread(), loop.time(), None
+        while True:
+            await asyncio.sleep(0.05)
+            now, unread = loop.time(), self.unread()
+            if unread != last:
+                last, moved_at = unread, now
+            if unread:
+                empty_since = None
+            elif empty_since is None:
+                empty_since = now
+            if (empty_since is not None and now - empty_since >= settle) or (
+                now - moved_at >= patience
+            ):
+                return
 
     def close(self) -> None:
         """Make the port disappear (as an unplugged meter cable would); safe to call twice."""
@@ -192,10 +215,7 @@ async def simulate(
         )
         announce(port.path)
         await simulator.run(count)
-        # Let the reader drain what is still in the pty before the port disappears.
-        deadline = time.monotonic() + 5.0
-        while port.unread() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await port.drained()
         return simulator.stats
     finally:
         port.close()
