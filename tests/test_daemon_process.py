@@ -728,7 +728,7 @@ def test_environment_configuration_delivers(
         }
     )
     # Meter first: the daemon's first open finds the port (its reconnect delay is 1 s here).
-    meter = procs.meter(interval=0.02, count=100)
+    meter = procs.meter(interval=0.02, count=200)  # 4 s: outlasts a slow start-up
     daemon, log = procs.daemon(None, env=env, cwd=home)
     assert meter.wait(timeout=15) == 0
     wait_until_quiet(server, 1.0, 10.0)
@@ -738,7 +738,7 @@ def test_environment_configuration_delivers(
     assert "configured from the remote datalogger's environment variables" in text
     assert (tmp_path / "state" / "spool.sqlite3").exists()
     # The port is flushed when the daemon opens it: what the meter sent before is not read.
-    expected = [stamp(t) for t in capture_telegrams()[:100]]
+    expected = [stamp(t) for t in capture_telegrams()[:200]]
     delivered = [stamp(t) for t in server.received()]
     assert len(delivered) >= 50, text
     assert delivered == expected[-len(delivered) :]

@@ -613,7 +613,11 @@ async def test_dropped_counter_matches_what_never_arrives(tmp_path: Path) -> Non
             for i in range(60):
                 line.accept(i)
                 await asyncio.sleep(0.003)
-            await wait_until(lambda: count(path, "telegrams") == 20, "a full spool")
+            stats = line.queues.sinks["home"].stats
+            await wait_until(
+                lambda: stats.dropped > 0 and telegram(59) in spooled_for(path, "home"),
+                "a full spool holding the newest",
+            )
             await server.set_mode("ok")
             await wait_until(lambda: line.backlog("home") == 0, "the rest delivered")
             stats = line.queues.sinks["home"].stats
