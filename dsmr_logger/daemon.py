@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import structlog
@@ -31,10 +31,12 @@ from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.delivery.worker import SinkWorker
 from dsmr_logger.meter.framing import Frame
 from dsmr_logger.meter.reader import MeterReader
-from dsmr_logger.ops.http import StatusServer
 from dsmr_logger.ops.notify import Notifier
 from dsmr_logger.snapshot import SinkSnapshot, Snapshot
 from dsmr_logger.telegram.glance import glance
+
+if TYPE_CHECKING:
+    from dsmr_logger.ops.http import StatusServer
 
 
 class StartupError(Exception):
@@ -97,11 +99,12 @@ class Daemon:
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
         ]
         self.reader = MeterReader(config.meter, self._on_frame, wall_clock=wall_clock)
-        self.status_server = (
-            StatusServer(self.snapshot, config.http, wall_clock=wall_clock)
-            if config.http.listen
-            else None
-        )
+        self.status_server: StatusServer | None = None
+        if config.http.listen:
+            # Imported only here: aiohttp.web and prometheus_client cost 3.3 MiB of RAM.
+            from dsmr_logger.ops.http import StatusServer
+
+            self.status_server = StatusServer(self.snapshot, config.http, wall_clock=wall_clock)
         self._last_telegram: bytes | None = None
         self._debug = config.log.level == "debug"
 

@@ -26,7 +26,7 @@ from dsmr_logger.config import Config, DsmrReaderSinkConfig, MeterConfig, SpoolC
 from dsmr_logger.daemon import Daemon
 from dsmr_logger.delivery.queue import HOT_LIMIT, Queues
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
-from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.delivery.spool import Spool, StoredTelegram
 from dsmr_logger.delivery.worker import SUSPECT_LIMIT, SinkWorker
 from dsmr_logger.meter.framing import Frame, FrameAssembler
 from dsmr_logger.meter.simulate import (
@@ -664,6 +664,25 @@ async def test_the_cap_never_drops_a_telegram_a_sink_takes_while_it_commits(
     assert [sent.index(t) for t in delivered] == sorted({sent.index(t) for t in delivered})
     assert len(delivered) + counted == 10, "a telegram both delivered and counted as dropped"
     assert delivered[-5:] == sent[5:], "the newest must all arrive"
+
+
+async def test_after_a_restart_the_cap_counts_the_backlog_it_found(tmp_path: Path) -> None:
+    """The spool's size is totted up after READY; the cap must still see it before new writes."""
+    path = tmp_path / "spool.sqlite3"
+    cap = sum(len(telegram(i)) for i in range(5, 15))
+    before = Spool(path, max_bytes=cap)
+    before.open()
+    before.commit([(StoredTelegram(i + 1, telegram(i), T0 + i), ["home"]) for i in range(10)])
+    before.close()
+    queues = Queues(Spool(path, max_bytes=cap), {"home": 0.0}, flush_interval=60.0, strict=False)
+    await queues.open()
+    try:
+        for i in range(10, 15):
+            queues.accept(frame(i))
+        await queues.flush(everything=True)
+    finally:
+        await queues.close()
+    assert spooled_for(path, "home") == [telegram(i) for i in range(5, 15)]
 
 
 # --- 8. the per-sink throttle ---------------------------------------------------------------------

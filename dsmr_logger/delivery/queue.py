@@ -269,7 +269,11 @@ class Queues:
 
     async def open(self) -> dict[str, Backlog]:
         """Open the spool and restore each sink's backlog; returns backlogs of unknown sinks."""
-        await self.in_spool(self.spool.open)
+        await self.in_spool(functools.partial(self.spool.open, count_bytes=False))
+        # Queued on the spool's thread ahead of every commit, but not awaited: READY need not
+        # wait for a scan of the whole backlog.
+        counting = asyncio.ensure_future(self.in_spool(self.spool.count_bytes))
+        counting.add_done_callback(self._counted)
         self._seq = await self.in_spool(self.spool.last_seq)
         backlogs = await self.in_spool(self.spool.backlogs)
         for name, queue in self.sinks.items():
@@ -281,6 +285,10 @@ class Queues:
                 self._log.info("restored backlog", sink=name, telegrams=backlog.count)
         await self.adopt_requeued()
         return {name: b for name, b in backlogs.items() if name not in self.sinks}
+
+    def _counted(self, counting: asyncio.Future[int]) -> None:
+        if not counting.cancelled() and counting.exception() is not None:
+            self._log.error("cannot read the spool's size", error=str(counting.exception()))
 
     # --- the reader's side ------------------------------------------------------------------
 

@@ -97,7 +97,12 @@ class Spool:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, *, count_bytes: bool = True) -> None:
+        """Open (creating it if need be); ``count_bytes=False`` leaves ``count_bytes()`` to later.
+
+        Counting visits every stored telegram: with a large backlog on an SD card that is
+        seconds of reading, which the daemon does after READY instead (before its first commit).
+        """
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -116,7 +121,8 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"{self.path}: {exc.strerror or exc}") from exc
         self._db = db
-        self._bytes = self._count_bytes()
+        if count_bytes:
+            self.count_bytes()
 
     def close(self) -> None:
         if self._db is not None:
@@ -147,11 +153,19 @@ class Spool:
         return row.fetchone()[0] or 0
 
     def backlogs(self) -> dict[str, Backlog]:
-        rows = self.db.execute(
-            "SELECT p.sink, COUNT(*), MIN(t.received_at) FROM pending p "
-            "JOIN telegrams t ON t.id = p.telegram_id GROUP BY p.sink"
-        )
-        return {sink: Backlog(count, oldest) for sink, count, oldest in rows}
+        """Each sink's backlog: its size and when its head was read (from ``pending`` alone,
+        plus one lookup per sink, so a start never reads the whole spool)."""
+        db = self.db
+        heads = db.execute(
+            "SELECT sink, COUNT(*), MIN(telegram_id) FROM pending GROUP BY sink"
+        ).fetchall()
+        return {
+            sink: Backlog(
+                count,
+                db.execute("SELECT received_at FROM telegrams WHERE id = ?", (head,)).fetchone()[0],
+            )
+            for sink, count, head in heads
+        }
 
     # --- the write path ---------------------------------------------------------------------
 
@@ -369,7 +383,7 @@ class Spool:
                 db.execute(f"DELETE FROM requeued {where}", args)
             if dead_letters:
                 gone = db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
-        self._bytes = self._count_bytes()
+        self.count_bytes()
         return queued, gone
 
     @contextlib.contextmanager
@@ -383,12 +397,14 @@ class Spool:
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            self._bytes = self._count_bytes()
+            self.count_bytes()
             raise
 
-    def _count_bytes(self) -> int:
+    def count_bytes(self) -> int:
+        """Total the stored telegrams' bytes (what the size cap compares with ``max_bytes``)."""
         query = "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
-        return self.db.execute(query).fetchone()[0]
+        self._bytes = self.db.execute(query).fetchone()[0]
+        return self._bytes
 
     def counters(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}

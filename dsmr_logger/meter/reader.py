@@ -14,13 +14,16 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
 from dsmr_logger.config import MeterConfig
-from dsmr_logger.meter.decrypt import Decryptor
 from dsmr_logger.meter.framing import Frame, FrameAssembler
 from dsmr_logger.meter.port import READ_SIZE, Link, open_link
+
+if TYPE_CHECKING:
+    from dsmr_logger.meter.decrypt import Decryptor
 
 REJECT_LOG_INTERVAL = 60.0
 
@@ -64,15 +67,16 @@ class MeterReader:
         self.assembler = FrameAssembler(
             max_frame_bytes=config.max_frame_bytes, require_crc=config.require_crc
         )
-        self.decryptor = (
-            Decryptor(
+        self.decryptor: Decryptor | None = None
+        if config.decryption_key:
+            # Imported here: cryptography costs 6.6 MiB of RAM, and only encrypted meters need it.
+            from dsmr_logger.meter.decrypt import Decryptor
+
+            self.decryptor = Decryptor(
                 bytes.fromhex(config.decryption_key),
                 bytes.fromhex(config.authentication_key) if config.authentication_key else None,
                 max_frame_bytes=config.max_frame_bytes,
             )
-            if config.decryption_key
-            else None
-        )
         self.status = MeterStatus(port=config.port)
         self._on_frame = on_frame
         self._wall = wall_clock
