@@ -853,3 +853,35 @@ async def test_pipelined_drain_delivers_each_once_and_confirms_in_order(tmp_path
     expected = texts(i for i in range(60) if i != 13)
     assert sorted(server.received) == expected  # each once: sorted() keeps duplicates
     assert len(server.received) == len(expected)
+
+
+async def test_a_slow_answer_does_not_stall_the_window(tmp_path: Path) -> None:
+    """max_in_flight = 3 and telegram 2's answer held: the ones behind it keep going out."""
+    held = telegram(2).decode()
+    release = asyncio.Event()
+    arrived: list[str] = []
+
+    @web.middleware
+    async def hold(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        text = (await request.post()).get("telegram")
+        arrived.append(str(text))
+        if text == held:
+            await release.wait()
+        return await handler(request)
+
+    server = DsmrReaderServer(api_key=KEY)
+    server.app.middlewares.append(hold)
+    async with server:
+        spec = SinkSpec("home", server.url, max_in_flight=3, timeout=10.0)  # held, not failed
+        async with pipeline(tmp_path / "spool.sqlite3", [spec]) as line:
+            line.accept(*range(20))
+            # Telegram 0 and 1 answered, 2 held: the window slides on to 3 and 4 meanwhile.
+            await wait_until(lambda: texts([3, 4])[1] in arrived, "telegrams behind the held one")
+            assert texts([2])[0] not in server.received
+            assert line.backlog("home") == 18  # confirmed in order: 0 and 1 only
+            release.set()
+            await wait_until(lambda: line.backlog("home") == 0, "the rest delivered")
+    assert sorted(server.received) == texts(range(20))
+    assert len(server.received) == 20

@@ -73,8 +73,17 @@ class SinkWorker:
         self._in_flight = 0
         self._delivered_ahead: set[int] = set()
         """Telegrams behind the head already stored (probe, pipelining): confirmed, not resent."""
+        self._window: dict[int, asyncio.Task[Answer]] = {}
+        """Requests on their way (``max_in_flight`` > 1), by telegram."""
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            for task in list(self._window.values()):
+                task.cancel()
+
+    async def _run(self) -> None:
         attempt = 0
         suspects = 0
         while not self._stopping.is_set():
@@ -86,6 +95,7 @@ class SinkWorker:
                 await self._delivered(item)
                 continue
             answer = await self._send_from(item)
+            self._delivered_ahead.discard(item.seq)  # the window's note of its own head
             verdict = answer.verdict
             if verdict is Verdict.DELIVERED:
                 await self._delivered(item)
@@ -126,24 +136,31 @@ class SinkWorker:
                 await self._idle.wait()
 
     async def _send_from(self, head: Item) -> Answer:
-        """Send the head, and up to ``max_in_flight - 1`` telegrams behind it at the same time.
+        """Send the head, keeping up to ``max_in_flight`` requests going behind it (a window).
 
-        Draining a backlog is then bound by the server, not by round trips; confirmations stay
-        in queue order (a stored follower is confirmed when it becomes the head), so a failure
-        of the head never lets a later telegram overtake it in the queue.
+        Draining a backlog is then bound by the server, not by round trips: whenever the head
+        is answered, the window is topped up again. Confirmations stay in queue order (a stored
+        follower is confirmed when it becomes the head), so a failure of the head never lets a
+        later telegram overtake it in the queue; a follower that failed is sent again as head.
         """
         if self.max_in_flight == 1:
             return await self._send(head)
-        followers = [
-            item
-            for item in await self.queue.following(self.max_in_flight - 1)
-            if item.seq not in self._delivered_ahead
-        ]
-        answers = await asyncio.gather(self._send(head), *(self._send(f) for f in followers))
-        for follower, answer in zip(followers, answers[1:], strict=True):
-            if answer.verdict is Verdict.DELIVERED:
-                self._delivered_ahead.add(follower.seq)
-        return answers[0]
+        sending = self._window.get(head.seq) or self._start(head)
+        for follower in await self.queue.following(self.max_in_flight - 1):
+            if follower.seq not in self._delivered_ahead and follower.seq not in self._window:
+                self._start(follower)
+        return await sending
+
+    def _start(self, item: Item) -> asyncio.Task[Answer]:
+        task = asyncio.get_running_loop().create_task(self._send(item))
+        self._window[item.seq] = task
+        task.add_done_callback(lambda done: self._answered(item.seq, done))
+        return task
+
+    def _answered(self, seq: int, task: asyncio.Task[Answer]) -> None:
+        del self._window[seq]
+        if not task.cancelled() and task.result().verdict is Verdict.DELIVERED:
+            self._delivered_ahead.add(seq)
 
     async def _send(self, item: Item) -> Answer:
         self._in_flight += 1
@@ -186,7 +203,8 @@ class SinkWorker:
             return False
         if behind.seq in self._delivered_ahead:  # stored by an earlier probe or pipelined send
             return True
-        answer = await self._send(behind)
+        in_flight = self._window.get(behind.seq)
+        answer = await (in_flight if in_flight is not None else self._send(behind))
         if answer.verdict is Verdict.DELIVERED:
             self._delivered_ahead.add(behind.seq)
             return True
