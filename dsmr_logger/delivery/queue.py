@@ -38,6 +38,7 @@ PAGE_SIZE = 256
 ACK_BATCH = 32
 """Confirmations of spooled telegrams committed together: bounds resends after a crash mid-drain."""
 SPOOL_RETRY = 1.0
+REQUEUE_TICKS = 4
 
 
 @dataclass(slots=True, eq=False)
@@ -446,11 +447,18 @@ class Queues:
             self._early_flush = None
 
     async def run_flusher(self) -> None:
+        """Flush every ``flush_interval / 2``; adopt requeued telegrams every 2 x flush_interval.
+
+        An idle daemon thus wakes the spool's thread only every 10 s (by default): each look
+        for requeued telegrams is a hop to that thread and a read of the file's header.
+        """
         period = max(self.flush_interval / 2, 0.05)
-        while True:
+        for tick in itertools.count(1):
             await asyncio.sleep(period)
-            await self.flush()
-            await self.adopt_requeued()
+            if self._unflushed or self._acks:
+                await self.flush()
+            if tick % REQUEUE_TICKS == 0:
+                await self.adopt_requeued()
 
     async def close(self) -> None:
         """Commit everything still undelivered (and every ack), then close the spool."""
