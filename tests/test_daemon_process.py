@@ -742,3 +742,24 @@ def test_environment_configuration_delivers(
     delivered = [stamp(t) for t in server.received()]
     assert len(delivered) >= 50, text
     assert delivered == expected[-len(delivered) :]
+
+
+# --- 6. what the Pi pays for -------------------------------------------------------------------
+
+
+def test_a_plain_meter_and_v1_sink_load_no_http_or_crypto_library(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """Unencrypted meter, no status endpoint: cryptography, aiohttp and prometheus_client (about
+    20 MiB of RAM between them) stay out of the process, yet every telegram is delivered."""
+    config = write_config(tmp_path, server.url)
+    daemon, log = procs.daemon(config)
+    wait_until(lambda: started(log), 10.0, "the daemon to start")
+    meter = procs.meter(interval=0.01, count=30)
+    assert meter.wait(timeout=15) == 0
+    wait_until(lambda: received_count(server) >= 10, 10.0, "deliveries")
+    maps = Path(f"/proc/{daemon.pid}/maps").read_text()
+    loaded = {lib for lib in ("cryptography", "aiohttp", "multidict", "yarl") if lib in maps}
+    status, _ = terminate(daemon)
+    assert status == 0
+    assert not loaded, f"loaded without need: {sorted(loaded)}"

@@ -245,7 +245,12 @@ async def backfill(
         present: set[datetime] = set()
         dated = [r.timestamp for r in recorded if r.timestamp is not None]
         if sink_config.api == "v2" and dated:
-            present = await stored_timestamps(sink.session, sink_config, min(dated), max(dated))
+            async with aiohttp.ClientSession(
+                headers=sink.headers(),
+                connector=aiohttp.TCPConnector(ssl=sink_config.verify_tls),
+                timeout=aiohttp.ClientTimeout(total=sink_config.timeout),
+            ) as session:
+                present = await stored_timestamps(session, sink_config, min(dated), max(dated))
         else:
             print(
                 "note: API v1 cannot ask which readings DSMR-reader already has; a telegram it "
