@@ -16,6 +16,9 @@ import serialx
 from dsmr_logger.config import MeterConfig
 
 READ_SIZE = 64 * 1024
+TRANSPORT_READ_SIZE = 16 * 1024
+"""Bytes a transport asks the kernel for per read. Its default, 256 KiB, costs an allocation of
+that size for every read of one 778-byte telegram; the pty hands over at most 4 KiB anyway."""
 _CLOSE_TIMEOUT = 2.0
 
 
@@ -43,4 +46,5 @@ async def open_link(meter: MeterConfig) -> Link:
         parity=serial.parity,
         stopbits=serial.stopbits,
     )
+    writer.transport.max_size = TRANSPORT_READ_SIZE  # type: ignore[attr-defined]
     return Link(reader, writer)

@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 MAX_HEAD = 64 * 1024  # response head (and any framing line) larger than this → HttpError
 MAX_DISCARD = 1024 * 1024  # body bytes past max_body read and dropped to keep the connection
+RECV_SIZE = 16 * 1024
 _OWN_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding"})
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -59,6 +60,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        # asyncio reads 256 KiB at a time by default: an allocation that size per answer of a
+        # few hundred bytes.
+        self.transport.max_size = RECV_SIZE  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
