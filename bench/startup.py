@@ -98,11 +98,12 @@ def spool_queries(spool: Path, cold: bool) -> dict[str, tuple[float, float]]:
     me = os.getpid()
     steps: dict[str, tuple[float, float]] = {}
     for name, call in (
-        ("Spool.open (incl. SUM(length(data)) over telegrams)", store.open),
+        ("Spool.open (count_bytes=False, as the daemon)", lambda: store.open(count_bytes=False)),
         ("last_seq", store.last_seq),
-        ("backlogs (COUNT, MIN over pending JOIN telegrams)", store.backlogs),
+        ("backlogs (COUNT, MIN over pending; one row per sink)", store.backlogs),
         ("backlog_upto", lambda: store.backlog_upto(SINK)),
         ("requeued", lambda: store.requeued([SINK])),
+        ("count_bytes (after READY, before the first commit)", store.count_bytes),
     ):
         read = io_counters(me)["read_bytes"]
         started = time.perf_counter()
