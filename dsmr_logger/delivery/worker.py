@@ -159,8 +159,8 @@ class SinkWorker:
 
     def _answered(self, seq: int, task: asyncio.Task[Answer]) -> None:
         del self._window[seq]
-        stored = not task.cancelled() and task.exception() is None
-        if stored and task.result().verdict is Verdict.DELIVERED:
+        answered = not task.cancelled() and task.exception() is None
+        if answered and task.result().verdict is Verdict.DELIVERED:
             self._delivered_ahead.add(seq)
 
     async def _send(self, item: Item) -> Answer:
