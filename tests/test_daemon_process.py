@@ -633,6 +633,16 @@ def fill_the_spool(
     return config, daemon, log, read
 
 
+def sink_back_then_stop(server: DsmrReaderProcess, daemon: subprocess.Popen[Any], log: Path) -> int:
+    """The server answers again: wait until the daemon has delivered what it kept, then SIGTERM."""
+    server.control(mode="ok")
+    why = lambda: f"server: {server.state()}\n{log_tail(log, 20)}"  # noqa: E731
+    wait_until(lambda: received_count(server) >= CAPACITY, 10.0, "the newest telegrams", detail=why)
+    wait_until_quiet(server, 0.5, 10.0)
+    status, _ = terminate(daemon)
+    return status
+
+
 def counted_as_dropped(log: Path) -> int:
     return sum(e["dropped"] for e in log_events(log) if e.get("event", "").startswith("spool full"))
 
@@ -641,12 +651,7 @@ def test_spool_full_keeps_running_and_delivers_the_newest_in_order(
     tmp_path: Path, procs: Processes, server: DsmrReaderProcess
 ) -> None:
     _, daemon, log, read = fill_the_spool(tmp_path, procs, server)
-    server.control(mode="ok")
-    why = lambda: f"server: {server.state()}\n{log_tail(log, 20)}"  # noqa: E731
-    wait_until(lambda: received_count(server) >= CAPACITY, 10.0, "the newest telegrams", detail=why)
-    wait_until_quiet(server, 0.5, 10.0)
-    status, _ = terminate(daemon)
-    assert status == 0
+    assert sink_back_then_stop(server, daemon, log) == 0
     delivered = [stamp(t) for t in server.received()]
     dropped = spool_counter(tmp_path / "spool.sqlite3", "dropped")
     print(
@@ -692,11 +697,7 @@ def test_spool_full_counts_as_dropped_only_what_is_lost(
     tmp_path: Path, procs: Processes, server: DsmrReaderProcess
 ) -> None:
     _, daemon, log, read = fill_the_spool(tmp_path, procs, server)
-    server.control(mode="ok")
-    why = lambda: f"server: {server.state()}\n{log_tail(log, 20)}"  # noqa: E731
-    wait_until(lambda: received_count(server) >= CAPACITY, 10.0, "the newest telegrams", detail=why)
-    wait_until_quiet(server, 0.5, 10.0)
-    assert terminate(daemon)[0] == 0
+    assert sink_back_then_stop(server, daemon, log) == 0
     lost = len(read) - received_count(server)
     assert counted_as_dropped(log) == lost
     assert spool_counter(tmp_path / "spool.sqlite3", "dropped") == lost
