@@ -32,6 +32,24 @@ V2_PATH = "/api/v2/datalogger/dsmrreading"
 MAX_BODY = 64 * 1024
 FORM = "application/x-www-form-urlencoded"
 
+_UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
+_FORM_ESCAPES = [
+    "+" if byte == 0x20 else chr(byte) if byte in _UNRESERVED else f"%{byte:02X}"
+    for byte in range(256)
+]
+"""What ``urllib.parse.quote_plus`` makes of each byte, indexed by the byte's value."""
+
+
+def v1_form(telegram: bytes) -> bytes:
+    """``telegram=<telegram>`` form-encoded, byte-identical to ``urlencode({"telegram": ...})``.
+
+    ``urlencode`` escapes through a Python-level list comprehension, one step per byte; decoding
+    as latin-1 (each byte becomes the code point of the same value) and ``str.translate`` with
+    the table above does the same lookups in C: about 39 -> 25 µs for a 778-byte telegram on
+    x86-64 (``bench/hot_paths.py``).
+    """
+    return b"telegram=" + telegram.decode("latin-1").translate(_FORM_ESCAPES).encode("ascii")
+
 
 class DsmrReaderSink:
     """Shared by both API versions: connections, headers, posting, and reading the answer."""
@@ -65,7 +83,7 @@ class DsmrReaderSink:
 
     def form(self, item: Telegram) -> bytes | Answer:
         """The request body, or the answer that it cannot be sent at all."""
-        return urllib.parse.urlencode({"telegram": item.telegram}).encode("ascii")
+        return v1_form(item.telegram)
 
     async def send(self, item: Telegram) -> Answer:
         assert self._client is not None, "start() first"
