@@ -258,7 +258,8 @@ def _spool(args: argparse.Namespace) -> int:
         return 1
     spool = Spool(path, max_bytes=config.spool.max_bytes)
     try:
-        spool.open()
+        # Only a purge changes the telegrams, which needs the daemon stopped (it owns them).
+        spool.open(shared=args.action != "purge")
     except SpoolError as exc:
         print(f"dsmr-logger: spool error: {exc}", file=sys.stderr)
         return 1

@@ -62,6 +62,11 @@ def build_sink(config: SinkConfig, meter: MeterConfig) -> Sink:
     return ArchiveSink(config)
 
 
+SYNC_FLUSHES = 6
+"""Spooled telegrams reach the card every 6 x ``flush_interval`` (30 s by default): each fsync
+makes the next append rewrite a whole page, so fsyncing every flush would triple the writes."""
+
+
 class Daemon:
     def __init__(
         self,
@@ -81,6 +86,7 @@ class Daemon:
                 config.spool.path,
                 max_bytes=config.spool.max_bytes,
                 strict=config.spool.durability == "strict",
+                sync_interval=SYNC_FLUSHES * config.spool.flush_interval,
             ),
             {sink.name: sink.min_interval for sink in self.sink_configs},
             flush_interval=config.spool.flush_interval,

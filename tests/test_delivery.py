@@ -1,10 +1,10 @@
-"""Delivery end to end: real queues, workers, SQLite spool and HTTP to a real DSMR-reader v1 server.
+"""Delivery end to end: real queues, workers, spool files and HTTP to a real DSMR-reader v1 server.
 
 Each test asserts what a user cares about: every telegram arrives, oldest first, once; a dead or
 slow sink never delays another; a healthy setup writes nothing to the SD card; what is undelivered
 survives in the spool file; the server's answers are honoured (poison, wrong key, Retry-After).
-The spool file is inspected with ``sqlite3`` directly, beside the daemon's own connection; where a
-test must know whether a telegram was *ever* written, an observer trigger records every insert.
+The spool is inspected as the ``spool`` tools see it, beside the daemon's own handle; where a test
+must know whether a telegram was *ever* written, it reads the segment files themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -25,8 +25,9 @@ from dsmr_reader_server import PARSE_FAILURE, DsmrReaderServer
 from dsmr_logger.config import Config, DsmrReaderSinkConfig, MeterConfig, SpoolConfig
 from dsmr_logger.daemon import Daemon
 from dsmr_logger.delivery.queue import HOT_LIMIT, Queues
+from dsmr_logger.delivery.segments import MAGIC, SUFFIX, SegmentLog, read_entries
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
-from dsmr_logger.delivery.spool import Spool, StoredTelegram
+from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir
 from dsmr_logger.delivery.worker import SUSPECT_LIMIT, SinkWorker
 from dsmr_logger.meter.framing import Frame, FrameAssembler
 from dsmr_logger.meter.simulate import (
@@ -86,7 +87,7 @@ async def settle(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-# --- the spool file, read directly -------------------------------------------------------------
+# --- the spool files, read directly ----------------------------------------------------------
 
 
 def query(path: Path, sql: str, *args: object) -> list[tuple]:
@@ -94,38 +95,35 @@ def query(path: Path, sql: str, *args: object) -> list[tuple]:
         return db.execute(sql, args).fetchall()
 
 
-def spooled_for(path: Path, sink: str) -> list[bytes]:
-    """The telegrams the spool file holds for ``sink``, in queue order."""
-    rows = query(
-        path,
-        "SELECT t.data FROM pending p JOIN telegrams t ON t.id = p.telegram_id "
-        "WHERE p.sink = ? ORDER BY p.telegram_id",
-        sink,
-    )
-    return [bytes(data) for (data,) in rows]
-
-
-def count(path: Path, table: str) -> int:
-    return query(path, f"SELECT COUNT(*) FROM {table}")[0][0]
-
-
-def install_insert_recorder(path: Path) -> None:
-    """Create the spool and add an observer: every row ever inserted into ``telegrams``."""
+@contextlib.contextmanager
+def beside(path: Path) -> Iterator[Spool]:
+    """The spool as the ``spool`` tools see it, read beside the daemon's own handle."""
     spool = Spool(path, max_bytes=BIG)
-    spool.open()
-    spool.close()
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        db.executescript(
-            """
-            CREATE TABLE test_inserted (data BLOB NOT NULL);
-            CREATE TRIGGER test_record_insert AFTER INSERT ON telegrams
-            BEGIN INSERT INTO test_inserted (data) VALUES (new.data); END;
-            """
-        )
+    spool.open(shared=True)
+    try:
+        yield spool
+    finally:
+        spool.close()
 
 
-def ever_inserted(path: Path) -> list[bytes]:
-    return [bytes(d) for (d,) in query(path, "SELECT data FROM test_inserted ORDER BY rowid")]
+def spooled_for(path: Path, sink: str) -> list[bytes]:
+    """The telegrams the spool holds for ``sink`` (as last committed), in queue order."""
+    with beside(path) as spool:
+        return [t.telegram for t in spool.page(sink, 0, 2**62, 10**6)]
+
+
+def pending(path: Path) -> int:
+    """Telegram-sink pairs still waiting in the spool, as last committed."""
+    with beside(path) as spool:
+        return sum(backlog.count for backlog in spool.backlogs().values())
+
+
+def ever_spooled(path: Path) -> list[bytes]:
+    """Every telegram ever written to the spool's segment files (none is deleted while the
+    segment being appended to is the only one, which is so below a megabyte)."""
+    log = SegmentLog(telegram_dir(path), segment_bytes=BIG)
+    log.open(writer=False, first_seq=1)
+    return [entry.telegram for segment in log.segments for entry in read_entries(segment)]
 
 
 # --- a queue-level pipeline: the daemon's delivery half, without the meter ---------------------
@@ -325,15 +323,14 @@ async def test_sink_down_then_up_delivers_everything_oldest_first_once(tmp_path:
                 await wait_until(lambda: len(server.received) >= 20, "the backlog delivered")
                 await play(port, range(20, 25))  # live telegrams after the backlog
                 await wait_until(lambda: len(server.received) >= 25, "live telegrams")
-                await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+                await wait_until(lambda: pending(path) == 0, "acks committed")
                 assert daemon.queues.undelivered() == {"home": 0}
                 worker = daemon.workers[0]
                 await wait_until(lambda: worker.stats.delivered == 25, "25 confirmations")
             assert server.received == texts(range(25))  # oldest first, nothing twice
     finally:
         port.close()
-    assert count(path, "pending") == 0
-    assert count(path, "telegrams") == 0
+    assert pending(path) == 0
 
 
 # --- 2. a healthy sink writes nothing -----------------------------------------------------------
@@ -341,7 +338,6 @@ async def test_sink_down_then_up_delivers_everything_oldest_first_once(tmp_path:
 
 async def test_healthy_sink_never_writes_a_telegram_to_the_spool(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
-    install_insert_recorder(path)
     port = VirtualSerialPort()
     peak = 0
     try:
@@ -354,8 +350,8 @@ async def test_healthy_sink_never_writes_a_telegram_to_the_spool(tmp_path: Path)
                     async def watch() -> None:
                         nonlocal peak
                         while True:
-                            rows = monitor.execute("SELECT COUNT(*) FROM telegrams").fetchone()
-                            peak = max(peak, rows[0])
+                            files = telegram_dir(path).glob("*" + SUFFIX)
+                            peak = max(peak, sum(f.stat().st_size - len(MAGIC) for f in files))
                             await asyncio.sleep(0.01)
 
                     watcher = asyncio.create_task(watch())
@@ -375,7 +371,7 @@ async def test_healthy_sink_never_writes_a_telegram_to_the_spool(tmp_path: Path)
     finally:
         port.close()
     assert peak == 0
-    assert ever_inserted(path) == []
+    assert ever_spooled(path) == []
 
 
 # --- 3. one sink hanging does not delay another -------------------------------------------------
@@ -461,7 +457,7 @@ async def test_html500_poison_in_a_spooled_backlog_read_back_from_disk(tmp_path:
             for i in range(60):
                 line.accept(i)
                 await asyncio.sleep(0.002)
-            await wait_until(lambda: count(line.path, "pending") == 60, "a spooled backlog")
+            await wait_until(lambda: pending(line.path) == 60, "a spooled backlog")
             # 30 and 31 are long out of the memory window: both are read back from the file.
             assert telegram(30) not in [r.telegram for r in line.queues.sinks["home"].hot]
             await server.set_mode("ok")
@@ -537,9 +533,9 @@ async def test_wrong_key_keeps_everything_then_fixed_key_delivers_the_backlog(
             assert line.backlog("home") == 10
             line.accept(*range(10, 13))  # live telegrams wait behind the backlog
             await wait_until(lambda: len(server.received) >= 13, "backlog, then live")
-            await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+            await wait_until(lambda: pending(path) == 0, "acks committed")
         assert server.received == texts(range(13))
-    assert count(path, "telegrams") == 0
+    assert pending(path) == 0
 
 
 # --- 6. 429 with Retry-After --------------------------------------------------------------------
@@ -580,14 +576,19 @@ async def test_full_spool_drops_the_oldest_counts_warns_and_keeps_going(tmp_path
                 for i in range(60):
                     line.accept(i)
                     await asyncio.sleep(0.003)
-                newest = [telegram(i) for i in range(41, 60)]
-                # 20 fit: the head being sent (telegram 0), spared by the cap, and the newest 19.
-                await wait_until(
-                    lambda: spooled_for(path, "home") == [telegram(0), *newest], "a full spool"
-                )
+
+                # The head being sent (telegram 0) is spared by the cap; the rest is the newest.
+                # A cap of 20 telegrams holds 19 of them: records and files have headers.
+                def full_of_the_newest() -> bool:
+                    held = spooled_for(path, "home")
+                    newest = [telegram(i) for i in range(61 - len(held), 60)]
+                    return len(held) >= 18 and held == [telegram(0), *newest]
+
+                await wait_until(full_of_the_newest, "a full spool")
                 stats = line.queues.sinks["home"].stats
                 # Counted when the commit returns to the loop (just after the file shows it).
-                await wait_until(lambda: stats.dropped == 40, "the oldest counted as dropped")
+                held = len(spooled_for(path, "home"))
+                await wait_until(lambda: stats.dropped == 60 - held, "the oldest counted")
                 assert line.alive()
                 await server.set_mode("ok")
                 await wait_until(lambda: line.backlog("home") == 0, "the rest delivered")
@@ -600,7 +601,7 @@ async def test_full_spool_drops_the_oldest_counts_warns_and_keeps_going(tmp_path
     every = texts(range(61))
     indexes = [every.index(text) for text in server.received]
     assert indexes == sorted(set(indexes))  # in order, nothing twice
-    assert indexes == [0, *range(41, 61)]  # the head spared by the cap, then the newest
+    assert indexes == [0, *range(indexes[1], 61)]  # the head spared by the cap, then the newest
     assert len(server.received) + stats.dropped == 61  # the counter is exactly what never came
 
 
@@ -635,7 +636,12 @@ async def test_the_cap_never_drops_a_telegram_a_sink_takes_while_it_commits(
     path = tmp_path / "spool.sqlite3"
     sizes = [len(telegram(i)) for i in range(10)]
     queues = Queues(
-        Spool(path, max_bytes=sum(sizes[:6])), {"home": 0.0}, flush_interval=60.0, strict=False
+        # Room for seven telegrams with their record headers: the head in flight, the one behind
+        # it (which a worker may send before the head's answer), and the five newest.
+        Spool(path, max_bytes=sum(sizes[:7]) + 7 * 50),
+        {"home": 0.0},
+        flush_interval=60.0,
+        strict=False,
     )
     await queues.open()
     try:
@@ -669,7 +675,7 @@ async def test_the_cap_never_drops_a_telegram_a_sink_takes_while_it_commits(
 async def test_after_a_restart_the_cap_counts_the_backlog_it_found(tmp_path: Path) -> None:
     """The spool's size is totted up after READY; the cap must still see it before new writes."""
     path = tmp_path / "spool.sqlite3"
-    cap = sum(len(telegram(i)) for i in range(5, 15))
+    cap = sum(len(telegram(i)) + 50 for i in range(5, 15))  # ten, with their record headers
     before = Spool(path, max_bytes=cap)
     before.open()
     before.commit([(StoredTelegram(i + 1, telegram(i), T0 + i), ["home"]) for i in range(10)])
@@ -692,7 +698,6 @@ async def test_throttled_sink_gets_every_fifth_and_throttled_ones_never_reach_th
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "spool.sqlite3"
-    install_insert_recorder(path)
     async with (
         DsmrReaderServer(api_key=KEY) as fast,
         DsmrReaderServer(api_key=KEY, mode="refuse") as slow,
@@ -702,17 +707,17 @@ async def test_throttled_sink_gets_every_fifth_and_throttled_ones_never_reach_th
             line.accept(*range(23))  # read 1 s apart
             await wait_until(lambda: len(fast.received) == 23, "all to the fast sink")
             every_fifth = [0, 5, 10, 15, 20]
-            await wait_until(lambda: count(path, "pending") == 5, "the slow backlog spooled")
+            await wait_until(lambda: pending(path) == 5, "the slow backlog spooled")
             assert spooled_for(path, "slow") == [telegram(i) for i in every_fifth]
             assert spooled_for(path, "fast") == []
             stats = line.queues.sinks["slow"].stats
             assert (stats.accepted, stats.throttled) == (5, 18)
             await slow.set_mode("ok")
             await wait_until(lambda: len(slow.received) == 5, "the slow sink's five")
-            await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+            await wait_until(lambda: pending(path) == 0, "acks committed")
         assert fast.received == texts(range(23))
         assert slow.received == texts(every_fifth)
-    assert ever_inserted(path) == [telegram(i) for i in every_fifth]
+    assert ever_spooled(path) == [telegram(i) for i in every_fifth]
 
 
 async def test_throttle_survives_a_clock_step_backwards(tmp_path: Path) -> None:
@@ -742,7 +747,7 @@ async def test_small_memory_window_reads_the_backlog_back_in_order(tmp_path: Pat
                 peak = max(peak, len(queue.hot))
                 await asyncio.sleep(0.002)
                 peak = max(peak, len(queue.hot))
-            await wait_until(lambda: count(path, "pending") == 200, "all 200 spooled")
+            await wait_until(lambda: pending(path) == 200, "all 200 spooled")
             await wait_until(lambda: len(queue.hot) <= limit + 1, "the window evicted")
             assert peak < 3 * limit, peak  # bounded (about 2 x hot_limit), far below 200
             assert line.backlog("home") == 200
@@ -750,7 +755,7 @@ async def test_small_memory_window_reads_the_backlog_back_in_order(tmp_path: Pat
             await wait_until(lambda: len(server.received) >= 200, "all 200 delivered")
             line.accept(200)
             await wait_until(lambda: len(server.received) >= 201, "a live one after")
-            await wait_until(lambda: count(path, "pending") == 0, "acks committed")
+            await wait_until(lambda: pending(path) == 0, "acks committed")
             assert line.backlog("home") == 0
         assert server.received == texts(range(201))
 
@@ -785,13 +790,7 @@ async def test_strict_every_telegram_is_on_disk_before_the_server_sees_it(
     def on_disk_when_stored(now: float, request: web.Request, status: int) -> None:
         if status == 201:  # the answer is not sent yet: the logger cannot have confirmed it
             data = server.received[-1].encode()
-            rows = query(
-                path,
-                "SELECT COUNT(*) FROM telegrams t JOIN pending p ON p.telegram_id = t.id "
-                "WHERE t.data = ? AND p.sink = 'home'",
-                data,
-            )
-            checked.append(rows[0][0] == 1)
+            checked.append(spooled_for(path, "home").count(data) == 1)
 
     observe(server, on_disk_when_stored)
     async with server:
@@ -803,8 +802,8 @@ async def test_strict_every_telegram_is_on_disk_before_the_server_sees_it(
                     await asyncio.sleep(0.005)
             await wait_until(lambda: len(server.received) == 30, "30 deliveries")
             # Each confirmation is committed before the next send.
-            await wait_until(lambda: count(path, "telegrams") == 0, "acks committed")
-            assert count(path, "pending") == 0
+            await wait_until(lambda: pending(path) == 0, "acks committed")
+            assert pending(path) == 0
             assert line.backlog("home") == 0
     assert checked == [True] * 30
     assert server.received == texts(range(30))
@@ -817,13 +816,13 @@ async def test_strict_a_stop_and_restart_loses_nothing(tmp_path: Path) -> None:
         async with pipeline(path, [spec], strict=True, flush_interval=10.0) as line:
             line.accept(*range(10))
             # Committed before any send, long before flush_interval.
-            await wait_until(lambda: count(path, "pending") == 10, "all committed at once", 1.0)
+            await wait_until(lambda: pending(path) == 10, "all committed at once", 1.0)
         await server.set_mode("ok")
         async with pipeline(path, [spec], strict=True, flush_interval=10.0) as line:
             line.accept(10)
             await wait_until(lambda: len(server.received) >= 11, "backlog then live")
         assert server.received == texts(range(11))
-    assert count(path, "telegrams") == 0
+    assert pending(path) == 0
 
 
 # --- 11. pipelined draining -------------------------------------------------------------------
@@ -839,7 +838,7 @@ async def test_pipelined_drain_delivers_each_once_and_confirms_in_order(tmp_path
         spec = SinkSpec("home", server.url, max_in_flight=4)
         async with pipeline(path, [spec], hot_limit=10) as line:
             line.accept(*range(60))
-            await wait_until(lambda: count(path, "pending") == 60, "a spooled backlog")
+            await wait_until(lambda: pending(path) == 60, "a spooled backlog")
             server.hang_outcome = "process"  # held requests are answered when the mode changes
             await server.set_mode("hang")
             await wait_until(lambda: server.hanging >= 4, "four requests in flight at once")
@@ -847,7 +846,7 @@ async def test_pipelined_drain_delivers_each_once_and_confirms_in_order(tmp_path
             assert server.hanging == 4  # never more than max_in_flight
             await server.set_mode("ok")
             await wait_until(lambda: line.backlog("home") == 0, "the backlog drained")
-            await wait_until(lambda: count(path, "pending") == 0, "every confirmation committed")
+            await wait_until(lambda: pending(path) == 0, "every confirmation committed")
             (letter,) = await line.dead_letters("home")
     assert letter.telegram == telegram(13)
     expected = texts(i for i in range(60) if i != 13)

@@ -141,6 +141,29 @@ async def test_purge_asks_first_and_deletes_the_backlog(
     assert "backlog: none" in out
 
 
+async def test_purge_refuses_while_the_daemon_runs_and_list_reads_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = VirtualSerialPort()
+    async with DsmrReaderServer(api_key=KEY) as server:
+        server.mode = "refuse"
+        config = write_config(tmp_path, port.path, server.url)
+        try:
+            async with running(config) as daemon:
+                await wait_until(lambda: daemon.reader.status.connected, "the meter port")
+                await MeterSimulator(port, TELEGRAMS[:3], interval=0, as_recorded=True).run(3)
+                await wait_until(lambda: daemon.queues.undelivered()["home"] == 3, "a backlog")
+                await daemon.queues.flush(everything=True)
+                status, out = cli(config, "list", capsys=capsys)
+                assert (status, "backlog home: 3 telegrams" in out) == (0, True)
+                assert main(["spool", "--config", str(config), "purge", "--yes"]) == 1
+                error = capsys.readouterr().err
+                assert "in use by another dsmr-logger daemon (stop it first)" in error
+                assert daemon.queues.undelivered()["home"] == 3
+        finally:
+            port.close()
+
+
 def test_missing_spool_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, "/dev/null", "http://127.0.0.1:9")
     assert main(["spool", "--config", str(config), "list"]) == 1

@@ -248,6 +248,9 @@ class Queues:
         self._strict_waiting: list[Record] = []
         self._strict_wakeup = asyncio.Event()
         self._early_flush: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+        """One flush at a time: the spool appends in seq order, so a failed batch must be
+        retried before a newer one is written."""
         self._commits = 0
         self._settled = asyncio.Event()
         self._settled.set()
@@ -270,11 +273,13 @@ class Queues:
 
     async def open(self) -> dict[str, Backlog]:
         """Open the spool and restore each sink's backlog; returns backlogs of unknown sinks."""
-        await self.in_spool(functools.partial(self.spool.open, count_bytes=False))
-        # Queued on the spool's thread ahead of every commit, but not awaited: READY need not
-        # wait for a scan of the whole backlog.
-        counting = asyncio.ensure_future(self.in_spool(self.spool.count_bytes))
-        counting.add_done_callback(self._counted)
+        await self.in_spool(self.spool.open)
+        for path, readable in self.spool.log.damaged:
+            self._log.warning(
+                "spool file ends in a torn or damaged record; kept what was whole before it",
+                file=path.name,
+                bytes_kept=readable,
+            )
         self._seq = await self.in_spool(self.spool.last_seq)
         backlogs = await self.in_spool(self.spool.backlogs)
         for name, queue in self.sinks.items():
@@ -286,10 +291,6 @@ class Queues:
                 self._log.info("restored backlog", sink=name, telegrams=backlog.count)
         await self.adopt_requeued()
         return {name: b for name, b in backlogs.items() if name not in self.sinks}
-
-    def _counted(self, counting: asyncio.Future[int]) -> None:
-        if not counting.cancelled() and counting.exception() is not None:
-            self._log.error("cannot read the spool's size", error=str(counting.exception()))
 
     # --- the reader's side ------------------------------------------------------------------
 
@@ -335,7 +336,9 @@ class Queues:
             batch, self._strict_waiting = self._strict_waiting, []
             for record in batch:
                 record.spooled = True
-            if not await self._commit(batch, []):
+            async with self._flushing:
+                committed = await self._commit(batch, [])
+            if not committed:
                 for record in batch:
                     record.spooled = False
                 self._strict_waiting[:0] = batch
@@ -364,12 +367,20 @@ class Queues:
     ) -> None:
         """The server will never take this telegram: keep it aside (listable, requeueable)."""
         self.sinks[sink].done()
+        spooled = True
         if isinstance(item, Record):
             item.waiting.discard(sink)
+            spooled = item.spooled
         stored = StoredTelegram(item.seq, item.telegram, item.received_at)
         await self.in_spool(
             functools.partial(
-                self.spool.dead_letter, sink, stored, status=status, body=body, reason=reason
+                self.spool.dead_letter,
+                sink,
+                stored,
+                status=status,
+                body=body,
+                reason=reason,
+                spooled=spooled,
             )
         )
 
@@ -377,6 +388,10 @@ class Queues:
 
     async def flush(self, *, everything: bool = False) -> None:
         """Commit what is still undelivered after ``flush_interval`` (or all of it), and acks."""
+        async with self._flushing:
+            await self._flush(everything)
+
+    async def _flush(self, everything: bool) -> None:
         loop = asyncio.get_running_loop()
         cutoff = loop.time() - self.flush_interval
         batch: list[Record] = []

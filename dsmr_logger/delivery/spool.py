@@ -1,33 +1,52 @@
-"""The durable spool: undelivered telegrams in one SQLite file, stored once for all sinks.
+"""The durable spool: undelivered telegrams, stored once for all sinks, and what each sink needs.
 
-Only what a sink has not confirmed within ``flush_interval`` is written here (or everything first,
-in strict durability), in one transaction per batch, so a healthy setup writes nothing to the SD
-card. WAL journaling makes a torn write or a SIGKILL lose at most the uncommitted batch, never the
-file. The spool is bounded: past ``max_bytes`` of telegram data the oldest telegrams are dropped,
-and counted per sink. All methods are blocking; the queue calls them from one worker thread.
+Two parts, each where it writes least. The telegrams go to append-only segment files
+(``segments.py``): spooling an outage writes little more than the telegrams themselves. The
+small state beside them is in SQLite: per sink a cursor (every spooled telegram up to it is done
+for that sink) and the few done out of order above it, a summary per full segment, dead letters
+with their answers, requeued telegrams and counters. A segment file is deleted once every sink is
+done with all of it.
+
+Only what a sink has not confirmed within ``flush_interval`` is spooled (or everything first, in
+strict durability), so a healthy setup writes nothing. Each commit appends with one ``write``:
+the telegrams survive a crash or SIGKILL of the daemon at once; they reach the card itself at the
+next fsync, every ``sync_interval`` (30 s) in batched durability, or before the commit returns
+in strict durability. A torn write loses at most the records after the tear, never the file. The
+spool is bounded: past ``max_bytes`` of segment files the oldest telegrams are dropped, and
+counted per sink. One daemon owns a spool (a lock); the ``spool`` tools read beside it. All
+methods block; the queue calls them from one worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from dsmr_logger.delivery.segments import Segment, SegmentLog, encode, read_entries
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS telegrams (
-    id INTEGER PRIMARY KEY,
-    received_at REAL NOT NULL,
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS pending (
-    sink TEXT NOT NULL,
-    telegram_id INTEGER NOT NULL,
-    PRIMARY KEY (sink, telegram_id)
+CREATE TABLE IF NOT EXISTS cursors (
+    sink TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS pending_by_telegram ON pending (telegram_id);
+CREATE TABLE IF NOT EXISTS done (
+    sink TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (sink, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS segments (
+    first_seq INTEGER NOT NULL,
+    sink TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL,
+    PRIMARY KEY (first_seq, sink)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
     sink TEXT NOT NULL,
@@ -53,7 +72,16 @@ CREATE TABLE IF NOT EXISTS counters (
 ) WITHOUT ROWID;
 """
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: telegrams as SQLite rows (converted at the daemon's first start); 2: segment files."""
+SEGMENT_BYTES = 1 << 20
+"""A full segment: about 1,300 telegrams, 22 minutes of a DSMR 5 meter's outage."""
+SYNC_INTERVAL = 30.0
+
+
+def telegram_dir(path: Path) -> Path:
+    """Where a spool's segment files live: beside the SQLite file, named after it."""
+    return path.with_name(path.name + "-telegrams")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,29 +111,73 @@ class Backlog:
 
 
 class SpoolError(Exception):
-    """The spool file cannot be used (unreadable, not a spool, newer schema)."""
+    """The spool cannot be used (unreadable, not a spool, newer schema, owned by another)."""
+
+
+@dataclass(slots=True)
+class _Cursor:
+    """Where a sink stands: every spooled telegram up to ``seq`` is done, and ``done`` above it."""
+
+    seq: int = 0
+    done: set[int] = field(default_factory=set)
+    resume: tuple[int, int] | None = None
+    """(segment, offset) of the record right after ``seq``: reading on needs no search."""
+    page_end: tuple[int, int, int] | None = None
+    """(seq, segment, offset) where the last page for this sink ended."""
+
+    def needs(self, seq: int) -> bool:
+        return seq > self.seq and seq not in self.done
+
+
+Summary = dict[str, tuple[int, int]]
+"""Per sink: how many of a segment's records it was sent, and the last one's seq."""
 
 
 class Spool:
-    def __init__(self, path: Path, *, max_bytes: int, strict: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_bytes: int,
+        strict: bool = False,
+        sync_interval: float = SYNC_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.strict = strict
+        self.sync_interval = sync_interval
+        self._clock = clock
+        self.log = SegmentLog(
+            telegram_dir(path), segment_bytes=max(1, min(SEGMENT_BYTES, max_bytes // 16))
+        )
         self._db: sqlite3.Connection | None = None
-        self._bytes = 0
+        self._writer = False
+        self._lock_fd: int | None = None
+        self._cursors: dict[str, _Cursor] = {}
+        self._summaries: dict[int, Summary] = {}
+        self._unsaved: set[int] = set()
+        """Full segments whose summary is not in SQLite yet."""
+        self._unsynced = False
+        self._directory_changed = False
+        self._last_sync = 0.0
         self._seen_version: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def open(self, *, count_bytes: bool = True) -> None:
-        """Open (creating it if need be); ``count_bytes=False`` leaves ``count_bytes()`` to later.
+    def open(self, *, count_bytes: bool = True, shared: bool = False) -> None:
+        """Open (a daemon, ``shared=False``: creating, converting and locking it) or read beside
+        a running daemon (``shared=True``: the tools; telegrams are only read).
 
-        Counting visits every stored telegram: with a large backlog on an SD card that is
-        seconds of reading, which the daemon does after READY instead (before its first commit).
+        ``count_bytes`` is kept for callers that size the spool after opening; the size is now
+        the segment files' lengths, known at once.
         """
+        del count_bytes
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not shared:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db = db
             db.execute("PRAGMA busy_timeout = 10000")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute(f"PRAGMA synchronous = {'FULL' if self.strict else 'NORMAL'}")
@@ -114,20 +186,56 @@ class Spool:
                 raise SpoolError(
                     f"{self.path}: written by a newer dsmr-logger (schema {version}); upgrade"
                 )
+            if shared and version < SCHEMA_VERSION and self._has_table("telegrams"):
+                raise SpoolError(
+                    f"{self.path}: written by an older dsmr-logger; start the daemon once to "
+                    "convert it"
+                )
+            if not shared:
+                self._lock()
             db.executescript(_SCHEMA)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._writer = not shared
+            self.log.open(writer=not shared, first_seq=self._recorded_seq() + 1)
+            self._load()
+            if not shared:
+                self._convert_rows()
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._forget_finished()
         except sqlite3.DatabaseError as exc:
+            self.close()
             raise SpoolError(f"{self.path}: {exc}") from exc
         except OSError as exc:
+            self.close()
             raise SpoolError(f"{self.path}: {exc.strerror or exc}") from exc
-        self._db = db
-        if count_bytes:
-            self.count_bytes()
+        except SpoolError:
+            self.close()
+            raise
+
+    def _lock(self) -> None:
+        directory = self.log.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolError(
+                f"{self.path}: in use by another dsmr-logger daemon (stop it first)"
+            ) from None
+        self._lock_fd = fd
 
     def close(self) -> None:
+        if self._writer and self._db is not None:
+            with contextlib.suppress(OSError):
+                self._sync(force=True)
+        self.log.close()
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self._writer = False
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -137,35 +245,135 @@ class Spool:
 
     @property
     def stored_bytes(self) -> int:
-        return self._bytes
+        """Bytes of segment files: what the size cap compares with ``max_bytes``."""
+        return self.log.total_bytes
+
+    def count_bytes(self) -> int:
+        return self.log.total_bytes
+
+    def _has_table(self, name: str) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self.db.execute(query, (name,)).fetchone() is not None
+
+    def _recorded_seq(self) -> int:
+        """The highest seq SQLite knows of (a new log must number above it)."""
+        parts = [
+            "SELECT MAX(telegram_id) AS m FROM dead_letters",
+            "SELECT MAX(seq) FROM cursors",
+            "SELECT MAX(seq) FROM done",
+            "SELECT MAX(last_seq) FROM segments",
+        ]
+        if self._has_table("telegrams"):
+            parts.append("SELECT MAX(id) FROM telegrams")
+        row = self.db.execute(f"SELECT MAX(m) FROM ({' UNION ALL '.join(parts)})")
+        return row.fetchone()[0] or 0
+
+    def _load(self) -> None:
+        db = self.db
+        self._cursors = {}
+        for sink, seq in db.execute("SELECT sink, seq FROM cursors"):
+            self._cursors[sink] = _Cursor(seq)
+        for sink, seq in db.execute("SELECT sink, seq FROM done ORDER BY sink, seq"):
+            self._cursor(sink).done.add(seq)
+        self._summaries = {}
+        for first, sink, records, last in db.execute("SELECT * FROM segments"):
+            self._summaries.setdefault(first, {})[sink] = (records, last)
+        present = {s.first_seq for s in self.log.segments}
+        for segment in self.log.segments[:-1]:
+            if segment.first_seq not in self._summaries:
+                self._summaries[segment.first_seq] = self._summarize(segment)
+                if self._writer:
+                    self._unsaved.add(segment.first_seq)
+        if self.log.segments:
+            active = self.log.active
+            self._summaries[active.first_seq] = self._summarize(active)
+        for first in set(self._summaries) - present:
+            del self._summaries[first]
+
+    def _summarize(self, segment: Segment) -> Summary:
+        summary: Summary = {}
+        end = None
+        for entry in read_entries(segment):
+            end = entry.end
+            for sink in entry.sinks:
+                records, _ = summary.get(sink, (0, 0))
+                summary[sink] = (records + 1, entry.seq)
+        if end is not None and end < segment.size and segment is not self.log.active:
+            self.log.damaged.append((segment.path, end))
+        return summary
+
+    def _cursor(self, sink: str) -> _Cursor:
+        cursor = self._cursors.get(sink)
+        if cursor is None:
+            cursor = self._cursors[sink] = _Cursor()
+        return cursor
+
+    def _convert_rows(self) -> None:
+        """A spool written by schema 1 kept telegrams as rows: move them to the log, oldest first.
+
+        Safe to interrupt: rows are deleted only after the log holds them, and a rerun skips
+        what it already appended.
+        """
+        if not self._has_table("telegrams"):
+            return
+        rows = self.db.execute(
+            "SELECT t.id, t.received_at, t.data, group_concat(p.sink, char(10)) "
+            "FROM telegrams t JOIN pending p ON p.telegram_id = t.id GROUP BY t.id ORDER BY t.id"
+        )
+        batch: list[tuple[StoredTelegram, list[str]]] = []
+        for seq, received_at, data, sinks in rows:
+            batch.append((StoredTelegram(seq, bytes(data), received_at), sorted(sinks.split("\n"))))
+            if len(batch) >= 1000:
+                self.commit(batch)
+                batch = []
+        if batch:
+            self.commit(batch)
+        with self._transaction() as db:
+            db.execute("DROP TABLE IF EXISTS pending")
+            db.execute("DROP TABLE telegrams")
 
     # --- what the daemon needs at start -----------------------------------------------------
 
     def last_seq(self) -> int:
-        row = self.db.execute(
-            "SELECT MAX(m) FROM (SELECT MAX(id) AS m FROM telegrams "
-            "UNION ALL SELECT MAX(telegram_id) FROM dead_letters)"
-        ).fetchone()
-        return row[0] or 0
+        return max(self.log.last_seq, self._recorded_seq())
 
     def backlog_upto(self, sink: str) -> int:
-        row = self.db.execute("SELECT MAX(telegram_id) FROM pending WHERE sink = ?", (sink,))
-        return row.fetchone()[0] or 0
+        """The newest spooled telegram; ``page`` skips those not for ``sink``."""
+        return self.log.last_seq
 
     def backlogs(self) -> dict[str, Backlog]:
-        """Each sink's backlog: its size and when its head was read (from ``pending`` alone,
-        plus one lookup per sink, so a start never reads the whole spool)."""
-        db = self.db
-        heads = db.execute(
-            "SELECT sink, COUNT(*), MIN(telegram_id) FROM pending GROUP BY sink"
-        ).fetchall()
-        return {
-            sink: Backlog(
-                count,
-                db.execute("SELECT received_at FROM telegrams WHERE id = ?", (head,)).fetchone()[0],
-            )
-            for sink, count, head in heads
-        }
+        """Each sink's backlog: its size and when its head was read.
+
+        Counted from the segments' summaries, reading only the segment each cursor is in, so a
+        start never reads the whole spool.
+        """
+        sinks = {sink for summary in self._summaries.values() for sink in summary}
+        result = {}
+        for sink in sorted(sinks):
+            cursor = self._cursor(sink)
+            count = -len(cursor.done)
+            for segment in self.log.segments:
+                records, last = self._summaries.get(segment.first_seq, {}).get(sink, (0, 0))
+                if last <= cursor.seq:
+                    continue
+                if segment.first_seq > cursor.seq:
+                    count += records
+                else:
+                    count += sum(
+                        1 for e in read_entries(segment) if e.seq > cursor.seq and sink in e.sinks
+                    )
+            if count > 0:
+                head = next(self._pending(sink, cursor.seq, cursor.resume), None)
+                result[sink] = Backlog(count, head.received_at if head else None)
+        return result
+
+    def _pending(
+        self, sink: str, after: int, resume: tuple[int, int] | None
+    ) -> Iterator[StoredTelegram]:
+        cursor = self._cursor(sink)
+        for entry in self.log.entries_after(after, resume):
+            if sink in entry.sinks and cursor.needs(entry.seq):
+                yield StoredTelegram(entry.seq, entry.telegram, entry.received_at)
 
     # --- the write path ---------------------------------------------------------------------
 
@@ -175,93 +383,182 @@ class Spool:
         acks: Sequence[tuple[str, int]] = (),
         protect: Collection[int] = (),
     ) -> dict[str, list[int]]:
-        """Store new telegrams (for the sinks named) and drop acknowledged ones, atomically.
+        """Append new telegrams (for the sinks named) and record acknowledged ones.
 
         Returns, per sink, the telegrams (seq) dropped to keep within ``max_bytes``; those in
-        ``protect`` (being sent right now) are spared, so every dropped one is really lost.
+        ``protect`` (being sent right now) are spared, so every dropped one is really lost. On
+        an error nothing changed that a retry of the same call would not redo correctly.
         """
         dropped: dict[str, list[int]] = {}
         if not new and not acks:
             return dropped
-        incoming = sum(len(t.telegram) for t, _ in new)
+        self._require_writer()
+        records = [
+            (t.seq, encode(t.seq, t.received_at, sorted(sinks), t.telegram), sinks)
+            for t, sinks in new
+            if t.seq > self.log.last_seq
+        ]
+        incoming = sum(len(record) for _, record, _ in records)
         kept = []
-        for telegram, sinks in new:  # oldest first: a batch larger than the whole spool
-            if incoming > self.max_bytes and telegram.seq not in protect:
-                incoming -= len(telegram.telegram)
+        for seq, record, sinks in records:  # oldest first: a batch larger than the whole spool
+            if incoming > self.max_bytes and seq not in protect:
+                incoming -= len(record)
                 for sink in sinks:
-                    dropped.setdefault(sink, []).append(telegram.seq)
+                    dropped.setdefault(sink, []).append(seq)
             else:
-                kept.append((telegram, sinks))
-        new = kept
-        with self._transaction() as db:
-            if acks:
-                self._forget(acks)
-            excess = self._bytes + incoming - self.max_bytes
-            if new and excess > 0:
-                for sink, seqs in self._drop_oldest(excess, protect).items():
-                    dropped.setdefault(sink, []).extend(seqs)
-            if new:
-                db.executemany(
-                    "INSERT INTO telegrams (id, received_at, data) VALUES (?, ?, ?)",
-                    [(t.seq, t.received_at, t.telegram) for t, _ in new],
-                )
-                db.executemany(
-                    "INSERT INTO pending (sink, telegram_id) VALUES (?, ?)",
-                    [(sink, t.seq) for t, sinks in new for sink in sinks],
-                )
-                self._bytes += incoming
-            for sink, seqs in dropped.items():
-                self._count_dropped(sink, len(seqs))
+                kept.append((seq, record, sinks))
+        sealed = self.log.append([(seq, record) for seq, record, _ in kept])
+        if kept:
+            self._unsynced = True
+        self._unsaved.update(s.first_seq for s in sealed)
+        self._directory_changed |= bool(sealed)
+        for seq, _, sinks in kept:
+            summary = self._summaries.setdefault(self.log.segment_of(seq).first_seq, {})
+            for sink in sinks:
+                summary[sink] = (summary.get(sink, (0, 0))[0] + 1, seq)
+        saved = self._snapshot()
+        try:
+            changed = {sink for sink, seq in acks if self._mark_done(sink, seq)}
+            for sink in changed:
+                self._advance(sink)
+            self._cap(protect, dropped, changed)
+            finished = self._finished()
+            with self._transaction():
+                self._save(changed, finished)
+                for sink, seqs in dropped.items():
+                    self._count_dropped(sink, len(seqs))
+        except BaseException:
+            self._cursors = saved
+            raise
+        self._remove(finished)
+        self._sync()
         return dropped
 
-    def _forget(self, acks: Iterable[tuple[str, int]]) -> None:
-        db = self.db
-        acks = list(acks)
-        db.executemany("DELETE FROM pending WHERE sink = ? AND telegram_id = ?", acks)
-        ids = sorted({seq for _, seq in acks})
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            freed = db.execute(
-                f"DELETE FROM telegrams WHERE id IN ({marks}) AND NOT EXISTS "
-                "(SELECT 1 FROM pending WHERE telegram_id = telegrams.id) "
-                "RETURNING length(data)",
-                chunk,
-            ).fetchall()
-            self._bytes -= sum(n for (n,) in freed)
+    def _require_writer(self) -> None:
+        if not self._writer:
+            raise SpoolError(f"{self.path}: opened to read beside the daemon, not to write")
 
-    def _drop_oldest(self, excess: int, protect: Collection[int]) -> dict[str, list[int]]:
-        """Delete the oldest telegrams until ``excess`` bytes are freed, sparing ``protect``."""
-        db = self.db
-        dropped: dict[str, list[int]] = {}
-        after = 0
-        while excess > 0:
-            rows = db.execute(
-                "SELECT id, length(data) FROM telegrams WHERE id > ? ORDER BY id LIMIT 256",
-                (after,),
-            ).fetchall()
-            if not rows:
-                break
-            victims = []
-            for seq, size in rows:
-                after = seq
-                if seq in protect:
-                    continue
-                victims.append(seq)
-                excess -= size
-                self._bytes -= size
-                if excess <= 0:
+    def _snapshot(self) -> dict[str, _Cursor]:
+        return {
+            sink: _Cursor(c.seq, set(c.done), c.resume, c.page_end)
+            for sink, c in self._cursors.items()
+        }
+
+    def _mark_done(self, sink: str, seq: int) -> bool:
+        cursor = self._cursor(sink)
+        if not cursor.needs(seq):
+            return False
+        cursor.done.add(seq)
+        return True
+
+    def _advance(self, sink: str) -> None:
+        """Move the cursor over what is done (and what was never for this sink)."""
+        cursor = self._cursor(sink)
+        if not cursor.done:
+            return
+        for entry in self.log.entries_after(cursor.seq, cursor.resume):
+            if sink in entry.sinks:
+                if entry.seq not in cursor.done:
                     break
-            if not victims:
-                continue
-            marks = ",".join("?" * len(victims))
-            for sink, seq in db.execute(
-                f"SELECT sink, telegram_id FROM pending WHERE telegram_id IN ({marks})", victims
-            ).fetchall():
-                dropped.setdefault(sink, []).append(seq)
-            db.execute(f"DELETE FROM pending WHERE telegram_id IN ({marks})", victims)
-            db.execute(f"DELETE FROM telegrams WHERE id IN ({marks})", victims)
-        return dropped
+                cursor.done.discard(entry.seq)
+            cursor.seq = entry.seq
+            cursor.resume = (entry.segment, entry.end)
+            if not cursor.done:
+                break
+        cursor.done = {seq for seq in cursor.done if seq > cursor.seq}
+
+    def _cap(
+        self, protect: Collection[int], dropped: dict[str, list[int]], changed: set[str]
+    ) -> None:
+        """Drop the oldest telegrams (whole segments) while the files exceed ``max_bytes``."""
+        excess = self.log.total_bytes - self.max_bytes
+        if excess <= 0:
+            return
+        excess -= sum(s.size for s in self._finished())
+        for segment in list(self.log.segments[:-1]):
+            if excess <= 0:
+                break
+            spared = False
+            for entry in read_entries(segment):
+                for sink in entry.sinks:
+                    cursor = self._cursor(sink)
+                    if not cursor.needs(entry.seq):
+                        continue
+                    if entry.seq in protect:
+                        spared = True
+                        continue
+                    cursor.done.add(entry.seq)
+                    dropped.setdefault(sink, []).append(entry.seq)
+                    changed.add(sink)
+            if not spared:
+                excess -= segment.size
+        for sink in changed:
+            self._advance(sink)
+
+    def _finished(self) -> list[Segment]:
+        """Full segments every sink is done with."""
+        return [
+            segment
+            for segment in self.log.segments[:-1]
+            if all(
+                self._cursor(sink).seq >= last
+                for sink, (_, last) in self._summaries.get(segment.first_seq, {}).items()
+            )
+        ]
+
+    def _save(self, changed: Iterable[str], finished: Sequence[Segment]) -> None:
+        """Write cursors, out-of-order dones and segment summaries (inside a transaction)."""
+        db = self.db
+        for sink in changed:
+            cursor = self._cursor(sink)
+            db.execute(
+                "INSERT INTO cursors (sink, seq) VALUES (?, ?) "
+                "ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                (sink, cursor.seq),
+            )
+            db.execute("DELETE FROM done WHERE sink = ?", (sink,))
+            db.executemany(
+                "INSERT INTO done (sink, seq) VALUES (?, ?)",
+                [(sink, seq) for seq in sorted(cursor.done)],
+            )
+        for first in sorted(self._unsaved):
+            db.executemany(
+                "INSERT OR REPLACE INTO segments (first_seq, sink, records, last_seq) "
+                "VALUES (?, ?, ?, ?)",
+                [(first, s, n, last) for s, (n, last) in self._summaries.get(first, {}).items()],
+            )
+        db.executemany(
+            "DELETE FROM segments WHERE first_seq = ?", [(s.first_seq,) for s in finished]
+        )
+
+    def _remove(self, finished: Sequence[Segment]) -> None:
+        """Delete finished segment files (after SQLite forgot them: a crash keeps, never loses)."""
+        self._unsaved.clear()
+        for segment in finished:
+            self.log.remove(segment)
+            self._summaries.pop(segment.first_seq, None)
+            self._directory_changed = True
+        if finished:
+            for cursor in self._cursors.values():
+                cursor.page_end = None
+
+    def _forget_finished(self) -> None:
+        """At open: delete what a crash left behind after its cursors were saved."""
+        finished = self._finished()
+        if finished or self._unsaved:
+            with self._transaction():
+                self._save((), finished)
+            self._remove(finished)
+
+    def _sync(self, *, force: bool = False) -> None:
+        """fsync what was appended: every commit when strict, else every ``sync_interval``."""
+        if not (self._unsynced or self._directory_changed):
+            return
+        now = self._clock()
+        if force or self.strict or now - self._last_sync >= self.sync_interval:
+            self.log.sync(directory=self._directory_changed)
+            self._unsynced = self._directory_changed = False
+            self._last_sync = now
 
     def _count_dropped(self, sink: str, amount: int) -> None:
         """Remember, for ``spool list``, how many telegrams a sink lost to the size cap."""
@@ -274,13 +571,22 @@ class Spool:
     # --- reading the backlog ----------------------------------------------------------------
 
     def page(self, sink: str, after: int, upto: int, limit: int) -> list[StoredTelegram]:
-        rows = self.db.execute(
-            "SELECT t.id, t.data, t.received_at FROM pending p JOIN telegrams t "
-            "ON t.id = p.telegram_id WHERE p.sink = ? AND p.telegram_id > ? "
-            "AND p.telegram_id <= ? ORDER BY p.telegram_id LIMIT ?",
-            (sink, after, upto, limit),
-        )
-        return [StoredTelegram(seq, bytes(data), received_at) for seq, data, received_at in rows]
+        """Up to ``limit`` telegrams ``sink`` still needs with ``after < seq <= upto``."""
+        cursor = self._cursor(sink)
+        after = max(after, cursor.seq)
+        resume = cursor.resume if after == cursor.seq else None
+        if cursor.page_end is not None and cursor.page_end[0] == after:
+            resume = cursor.page_end[1:]
+        page: list[StoredTelegram] = []
+        for entry in self.log.entries_after(after, resume):
+            if entry.seq > upto:
+                break
+            if sink in entry.sinks and cursor.needs(entry.seq):
+                page.append(StoredTelegram(entry.seq, entry.telegram, entry.received_at))
+                if len(page) >= limit:
+                    cursor.page_end = (entry.seq, entry.segment, entry.end)
+                    break
+        return page
 
     # --- dead letters -----------------------------------------------------------------------
 
@@ -293,24 +599,38 @@ class Spool:
         body: str,
         reason: str,
         at: float | None = None,
+        spooled: bool = False,
     ) -> None:
-        """Keep a telegram the server will never accept, with its answer, and unqueue it."""
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO dead_letters (sink, telegram_id, received_at, data, status, body, "
-                "reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    sink,
-                    telegram.seq,
-                    telegram.received_at,
-                    telegram.telegram,
-                    status,
-                    body,
-                    reason,
-                    time.time() if at is None else at,
-                ),
-            )
-            self._forget([(sink, telegram.seq)])
+        """Keep a telegram the server will never accept, with its answer; a ``spooled`` one is
+        done for ``sink`` in the same transaction."""
+        saved = self._snapshot()
+        try:
+            changed = set()
+            if spooled:
+                self._require_writer()
+                if self._mark_done(sink, telegram.seq):
+                    changed.add(sink)
+                    self._advance(sink)
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO dead_letters (sink, telegram_id, received_at, data, status, "
+                    "body, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        sink,
+                        telegram.seq,
+                        telegram.received_at,
+                        telegram.telegram,
+                        status,
+                        body,
+                        reason,
+                        time.time() if at is None else at,
+                    ),
+                )
+                self._save(changed, ())
+        except BaseException:
+            self._cursors = saved
+            raise
+        self._unsaved.clear()
 
     def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
         query = (
@@ -372,23 +692,37 @@ class Spool:
     def purge(self, sink: str | None, *, backlog: bool, dead_letters: bool) -> tuple[int, int]:
         """Delete a sink's (or every sink's) backlog and/or dead letters; returns both counts."""
         where, args = ("WHERE sink = ?", (sink,)) if sink is not None else ("", ())
-        with self._transaction() as db:
-            queued = gone = 0
-            if backlog:
-                queued = db.execute(f"DELETE FROM pending {where}", args).rowcount
-                db.execute(
-                    "DELETE FROM telegrams WHERE NOT EXISTS "
-                    "(SELECT 1 FROM pending WHERE telegram_id = telegrams.id)"
-                )
-                db.execute(f"DELETE FROM requeued {where}", args)
-            if dead_letters:
-                gone = db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
-        self.count_bytes()
+        queued = gone = 0
+        finished: list[Segment] = []
+        saved = self._snapshot()
+        try:
+            with self._transaction() as db:
+                if backlog:
+                    self._require_writer()
+                    backlogs = self.backlogs()
+                    targets = [sink] if sink is not None else sorted(backlogs)
+                    if sink is None and self.log.seal() is not None:
+                        self._unsaved.add(self.log.segments[-2].first_seq)
+                    for name in targets:
+                        queued += backlogs[name].count if name in backlogs else 0
+                        cursor = self._cursor(name)
+                        cursor.seq, cursor.done = max(cursor.seq, self.log.last_seq), set()
+                        cursor.resume = cursor.page_end = None
+                    finished = self._finished()
+                    self._save(targets, finished)
+                    db.execute(f"DELETE FROM requeued {where}", args)
+                if dead_letters:
+                    gone = db.execute(f"DELETE FROM dead_letters {where}", args).rowcount
+        except BaseException:
+            self._cursors = saved
+            raise
+        self._remove(finished)
+        self._sync(force=True)
         return queued, gone
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write; on failure nothing changed, the byte count included."""
+        """One atomic write to SQLite; on failure nothing in it changed."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -397,14 +731,7 @@ class Spool:
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
-            self.count_bytes()
             raise
-
-    def count_bytes(self) -> int:
-        """Total the stored telegrams' bytes (what the size cap compares with ``max_bytes``)."""
-        query = "SELECT COALESCE(SUM(length(data)), 0) FROM telegrams"
-        self._bytes = self.db.execute(query).fetchone()[0]
-        return self._bytes
 
     def counters(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}

@@ -296,7 +296,7 @@ async def _send_all(
             if answer.verdict is not Verdict.DELIVERED:
                 if spool is None:
                     spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes)
-                    spool.open()
+                    spool.open(shared=True)
                 spool.dead_letter(
                     sink.name,
                     stored,

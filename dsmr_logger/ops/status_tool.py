@@ -70,7 +70,7 @@ def offline_document(config: Config, reason: str) -> dict[str, Any]:
         doc["sinks"] = []
         return doc
     spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes)
-    spool.open()
+    spool.open(shared=True)
     try:
         backlogs = spool.backlogs()
         letters = spool.dead_letters()
