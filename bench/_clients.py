@@ -11,9 +11,12 @@ process clock, exactly as the daemon is.
 - ``raw``: a prototype, not a baseline: the same request bytes written on one keep-alive
   ``asyncio`` stream with a prebuilt header and a minimal response parser (status line,
   ``Content-Length``), to measure what a leaner HTTP path would save.
+- ``saturating``: ``--connections`` raw clients at once, to measure a server's capacity (a server
+  with a worker limit is never idle, so its rate is all it can do).
 
-Usage: ``python bench/_clients.py requests|aiohttp|raw --url URL --count N [--interval S]
-[--offset K]``; prints one JSON object (posts, stored, cpu_s, wall_s).
+Usage: ``python bench/_clients.py requests|aiohttp|raw|saturating --url URL --count N
+[--interval S] [--offset K] [--connections C]``; prints one JSON object (posts, stored, cpu_s,
+wall_s).
 """
 
 from __future__ import annotations
@@ -109,6 +112,23 @@ async def with_aiohttp(url: str, telegrams: list[str], interval: float) -> dict[
 
 async def with_raw(url: str, telegrams: list[str], interval: float) -> dict[str, float]:
     meter = Meter()
+    await _raw_posts(url, telegrams, interval, meter)
+    return meter.result(len(telegrams))
+
+
+async def saturating(url: str, telegrams: list[str], connections: int) -> dict[str, float]:
+    """``connections`` raw keep-alive clients at once: the server never waits for a client, so
+    the rate is the server's capacity (CPU and wall time are for the whole run)."""
+    meter = Meter()
+    started = time.process_time(), time.perf_counter()
+    shares = [telegrams[i::connections] for i in range(connections)]
+    await asyncio.gather(*(_raw_posts(url, share, 0.0, Meter()) for share in shares))
+    meter.cpu = time.process_time() - started[0]
+    meter.wall = time.perf_counter() - started[1]
+    return meter.result(len(telegrams))
+
+
+async def _raw_posts(url: str, telegrams: list[str], interval: float, meter: Meter) -> None:
     parts = urllib.parse.urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     reader, writer = await asyncio.open_connection(host, port)
@@ -132,16 +152,16 @@ async def with_raw(url: str, telegrams: list[str], interval: float) -> dict[str,
         await reader.readexactly(length)
         meter.stop(status in (200, 201))
     writer.close()
-    return meter.result(len(telegrams))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("client", choices=("requests", "aiohttp", "raw"))
+    parser.add_argument("client", choices=("requests", "aiohttp", "raw", "saturating"))
     parser.add_argument("--url", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--offset", type=int, default=0, help="skip this many day telegrams")
     parser.add_argument("--interval", type=float, default=0.0, help="seconds between posts")
+    parser.add_argument("--connections", type=int, default=4, help="for saturating")
     args = parser.parse_args()
     telegrams = [
         t.decode() for t in islice(day_telegrams(args.offset + args.count), args.offset, None)
@@ -150,8 +170,10 @@ def main() -> None:
         result = with_requests(args.url, telegrams, args.interval)
     elif args.client == "aiohttp":
         result = asyncio.run(with_aiohttp(args.url, telegrams, args.interval))
-    else:
+    elif args.client == "raw":
         result = asyncio.run(with_raw(args.url, telegrams, args.interval))
+    else:
+        result = asyncio.run(saturating(args.url, telegrams, args.connections))
     print(json.dumps(result))
 
 

@@ -53,7 +53,8 @@ DAY_START = datetime(2026, 1, 15).astimezone()
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from dsmr_reader_server import DsmrReaderProcess  # noqa: E402
 
-from dsmr_logger.delivery.spool import Spool, StoredTelegram  # noqa: E402
+from dsmr_logger.delivery.segments import SUFFIX  # noqa: E402
+from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir  # noqa: E402
 from dsmr_logger.meter.simulate import (  # noqa: E402
     default_capture,
     frames_in,
@@ -190,16 +191,28 @@ def build_spool(path: Path, count: int, *, sink: str = SINK, batch: int = 2000) 
     return time.monotonic() - started
 
 
+def spool_files(path: Path) -> list[Path]:
+    """Every file of a spool: SQLite (with its WAL) and the telegrams' segment files."""
+    files = [p for p in path.parent.glob(path.name + "*") if p.is_file()]
+    return files + sorted(telegram_dir(path).glob("*" + SUFFIX))
+
+
+def spool_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in spool_files(path))
+
+
 def spool_rows(path: Path) -> dict[str, int]:
-    """Rows left in a spool file (daemon stopped): telegrams, pending, dead letters."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    """What a spool still holds (daemon stopped): backlog, dead letters, requeued."""
+    spool = Spool(path, max_bytes=1 << 40)
+    spool.open(shared=True)
     try:
         return {
-            table: db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-            for table in ("telegrams", "pending", "dead_letters", "requeued")
+            "backlog": sum(b.count for b in spool.backlogs().values()),
+            "dead_letters": len(spool.dead_letters()),
+            "requeued": spool.requeued_count(),
         }
     finally:
-        db.close()
+        spool.close()
 
 
 # --- processes ---------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ pipe (as to journald), so log lines are not charged to it. Per telegram:
   dirtying task; a folio dirtied again before writeback is not charged again, and filesystem
   journal writes are charged to no one. No ``sync`` is called in the window (it would clean pages
   and inflate the count);
-- fsync + fdatasync calls, and the bytes SQLite hands to ``pwrite64`` per file (WAL, database), in
-  the same window, from strace's timestamps.
+- fsync + fdatasync calls, and the bytes handed to ``pwrite64`` per file (the telegrams' segment
+  files; SQLite's WAL and database), in the same window, from strace's timestamps.
 
 Situations: sink healthy (10 Hz); sink refusing connections while the meter plays — at 1 Hz with
 the default ``flush_interval`` 5 s in real time, and 10x accelerated (10 Hz with
@@ -65,6 +65,8 @@ from _harness import (
     write_config,
 )
 
+from dsmr_logger.delivery.segments import SUFFIX
+
 OUTAGE_GOAL = 1.5 * TELEGRAM_SIZE
 _CALL = re.compile(
     r"^(?:\d+ +)?(?P<at>\d+\.\d+) (?P<name>fsync|fdatasync|pwrite64)"
@@ -97,7 +99,15 @@ def parse_strace(path: Path, start: float, end: float) -> Traced:
             traced.fsyncs += 1
             continue
         name = Path(match["path"] or "?").name
-        kind = "wal" if name.endswith("-wal") else "db" if name.endswith(".sqlite3") else name
+        kind = (
+            "wal"
+            if name.endswith("-wal")
+            else "db"
+            if name.endswith(".sqlite3")
+            else "segments"
+            if name.endswith(SUFFIX)
+            else name
+        )
         traced.pwrite_bytes[kind] = traced.pwrite_bytes.get(kind, 0) + max(0, int(match["ret"]))
         if kind == "wal":
             if at - last_wal > 0.02:
@@ -304,8 +314,10 @@ def main() -> None:
             goal, met = f"≤ {OUTAGE_GOAL:.0f} B", per <= OUTAGE_GOAL
         else:
             goal, met = "(reported)", None
+        segments = run.traced.pwrite_bytes.get("segments", 0)
         wal = run.traced.pwrite_bytes.get("wal", 0)
         db = run.traced.pwrite_bytes.get("db", 0)
+        n = max(1, run.telegrams)
         bursts = run.traced.wal_bursts
         rows.append(
             [
@@ -315,7 +327,7 @@ def main() -> None:
                 f"{per / TELEGRAM_SIZE:.2f}",
                 f"{per / baseline.per_telegram:.2f}" if run is not baseline else "1",
                 f"{run.fsyncs_per_telegram():.2f}",
-                f"{wal / max(1, run.telegrams):,.0f} / {db / max(1, run.telegrams):,.0f}",
+                f"{segments / n:,.0f} / {wal / n:,.0f} / {db / n:,.0f}",
                 f"{run.telegrams / bursts:.1f}" if bursts else "—",
                 goal,
                 "" if met is None else verdict(met),
@@ -332,7 +344,7 @@ def main() -> None:
                 "x telegram (778 B)",
                 "ratio to baseline",
                 "fsyncs / telegram",
-                "pwrite B / telegram: WAL / db",
+                "pwrite B / telegram: segments / WAL / db",
                 "telegrams per WAL write burst",
                 "goal",
                 "",

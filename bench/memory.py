@@ -49,6 +49,7 @@ from _harness import (
     machine,
     memory_kb,
     real_disk_dir,
+    spool_size,
     table,
     verdict,
     write_config,
@@ -205,7 +206,7 @@ def with_backlog(children: Children, refusing: Server, backlog: int, hold: float
     late_pss = pss_kb(daemon.pid)
     daemon.stop()
     simulator.process.terminate()
-    spool_mib = sum(p.stat().st_size for p in work.glob("spool.sqlite3*")) / 2**20
+    spool_mib = spool_size(work / "spool.sqlite3") / 2**20
     return {
         "backlog": backlog,
         "spool_file_mib": spool_mib,

@@ -41,6 +41,8 @@ from _harness import (
     io_counters,
     machine,
     real_disk_dir,
+    spool_files,
+    spool_size,
     table,
     verdict,
     write_config,
@@ -54,7 +56,7 @@ BACKLOG = 100_000
 
 def evict(spool: Path) -> None:
     """Drop the spool's files (only them) from the page cache."""
-    for path in spool.parent.glob(spool.name + "*"):
+    for path in spool_files(spool):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fdatasync(fd)
@@ -100,10 +102,9 @@ def spool_queries(spool: Path, cold: bool) -> dict[str, tuple[float, float]]:
     for name, call in (
         ("Spool.open (count_bytes=False, as the daemon)", lambda: store.open(count_bytes=False)),
         ("last_seq", store.last_seq),
-        ("backlogs (COUNT, MIN over pending; one row per sink)", store.backlogs),
+        ("backlogs (segment summaries; reads the cursor's segment)", store.backlogs),
         ("backlog_upto", lambda: store.backlog_upto(SINK)),
         ("requeued", lambda: store.requeued([SINK])),
-        ("count_bytes (after READY, before the first commit)", store.count_bytes),
     ):
         read = io_counters(me)["read_bytes"]
         started = time.perf_counter()
@@ -130,7 +131,7 @@ def main() -> None:
     full = real_disk_dir("dsmr-bench-start-")
     print(f"spooling {BACKLOG:,} telegrams ...", flush=True)
     build_spool(full / "spool.sqlite3", BACKLOG)
-    size = sum(p.stat().st_size for p in full.glob("spool.sqlite3*")) / 2**20
+    size = spool_size(full / "spool.sqlite3") / 2**20
     times: dict[str, list[tuple[float, int]]] = {"empty": [], "backlog": [], "backlog cold": []}
     with Children() as children:
         server = children.server(mode="refuse")

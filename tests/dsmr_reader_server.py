@@ -443,6 +443,10 @@ class DsmrReaderServer:
         self.host = host
         self.port = port
         self.delay = delay
+        self.workers: int | None = None
+        """At most this many requests processed at once (like DSMR-reader's web workers); None:
+        no limit. With ``delay`` it makes a server whose capacity a client can be measured by."""
+        self._worker_slots: asyncio.Semaphore | None = None
         self.retry_after = retry_after
         self.poison = poison
         self.poison_answer = poison_answer
@@ -600,7 +604,8 @@ class DsmrReaderServer:
             return web.Response(status=405, headers={"Allow": "POST"})
         auth = self._auth(request)
         telegram = await self._form_telegram(request)
-        await self._delay_or_hang(request)
+        async with self._worker():
+            await self._delay_or_hang(request)
         status, body, reason = self._decide(auth, telegram)
         headers: dict[str, str] = {}
         content_type = "text/html"
@@ -616,6 +621,14 @@ class DsmrReaderServer:
         return web.Response(
             status=status, text=body, headers=headers, content_type=content_type, charset="utf-8"
         )
+
+    def _worker(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A worker slot for one request's processing (see ``workers``)."""
+        if self.workers is None:
+            return contextlib.nullcontext()
+        if self._worker_slots is None:
+            self._worker_slots = asyncio.Semaphore(self.workers)
+        return self._worker_slots
 
     async def _delay_or_hang(self, request: web.Request) -> None:
         """Apply ``delay``; in ``hang`` wait for release, then drop the request or go on."""
@@ -882,6 +895,7 @@ class DsmrReaderServer:
             "readings": len(self.readings),
             "hanging": self.hanging,
             "delay": self.delay,
+            "workers": self.workers,
             "retry_after": self.retry_after,
             "hang_outcome": self.hang_outcome,
             "statuses": [served.status for served in self.answers],
@@ -904,6 +918,8 @@ class DsmrReaderServer:
         for key in ("poison_answer", "delay", "retry_after", "hang_outcome"):
             if key in changes:
                 setattr(self, key, changes[key])
+        if "workers" in changes:
+            self.workers, self._worker_slots = changes["workers"], None
         response = web.json_response(self.state())
         if "mode" in changes:
             try:
