@@ -383,3 +383,53 @@ def test_sigkill_during_commits_leaves_a_consistent_spool(tmp_path: Path) -> Non
             file.unlink()
         for extra in ("-wal", "-shm"):
             Path(str(path) + extra).unlink(missing_ok=True)
+
+
+def test_appended_telegrams_reach_the_card_within_the_sync_interval(tmp_path: Path) -> None:
+    """Batched durability: an fsync is due once appended telegrams waited ``sync_interval``,
+    even if no further commit comes (the daemon's flusher asks ``sync_due``)."""
+    now = [1000.0]
+    spool = Spool(tmp_path / "s.sqlite3", max_bytes=10**6, sync_interval=30.0, clock=lambda: now[0])
+    spool.open()
+    spool.commit([(telegram(1), ["a"])])  # the first commit after opening syncs at once
+    spool.commit([(telegram(2), ["a"])])
+    assert not spool.sync_due()
+    now[0] += 29.0
+    assert not spool.sync_due()
+    now[0] += 1.0
+    assert spool.sync_due()
+    spool.sync()
+    assert not spool.sync_due()
+    spool.commit(acks=[("a", 1)])  # a confirmation appends nothing: nothing to sync
+    now[0] += 60.0
+    assert not spool.sync_due()
+    spool.close()
+
+
+def test_a_damaged_length_field_ends_the_segment_without_reading_gigabytes(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    spool = Spool(path, max_bytes=10**6)
+    spool.open()
+    spool.commit([(telegram(i), ["a"]) for i in range(1, 4)])
+    spool.close()
+    (segment,) = segment_files(path)
+    data = bytearray(segment.read_bytes())
+    third = len(data) - (len(data) - 8) // 3  # where record 3 starts (equal sizes)
+    data[third + 4 : third + 8] = (0xFFFFFFF0).to_bytes(4, "little")  # its length: ~4 GiB
+    segment.write_bytes(bytes(data))
+    again = Spool(path, max_bytes=10**6)
+    again.open()
+    assert seqs(again, "a") == [1, 2]
+    again.close()
+
+
+def test_a_dead_letter_for_a_telegram_not_yet_spooled_leaves_no_trace(spool: Spool) -> None:
+    """A commit that failed leaves its telegrams out of the log; a dead letter for one of them
+    must not mark anything done (the retry spools it without that sink)."""
+    spool.commit([(telegram(1), ["a"])])
+    spool.dead_letter("a", telegram(2), status=400, body="", reason="refused", spooled=True)
+    spool.commit([(telegram(2), ["b"])])
+    assert spool.backlogs()["a"].count == 1
+    assert seqs(spool, "a") == [1]
+    assert seqs(spool, "b") == [2]
+    assert len(spool.dead_letters("a")) == 1

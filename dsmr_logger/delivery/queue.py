@@ -407,7 +407,10 @@ class Queues:
             for record in batch:
                 record.spooled = False
             self._unflushed.extendleft(reversed(batch))
-            self._acks[:0] = acks
+            # A sink that confirmed one of the batch meanwhile queued an ack for it; the retry
+            # spools it without that sink, so that ack must not reach the spool.
+            unspooled = {record.seq for record in batch}
+            self._acks = acks + [(s, seq) for s, seq in self._acks if seq not in unspooled]
             return
         for queue in self.sinks.values():
             queue.evict(self.hot_limit)
@@ -472,6 +475,8 @@ class Queues:
             await asyncio.sleep(period)
             if self._unflushed or self._acks:
                 await self.flush()
+            if self.spool.sync_due():
+                await self.in_spool(self.spool.sync)
             if tick % REQUEUE_TICKS == 0:
                 await self.adopt_requeued()
 

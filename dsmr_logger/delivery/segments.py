@@ -17,7 +17,7 @@ import contextlib
 import os
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,14 +62,15 @@ def read_entries(segment: Segment, offset: int = len(MAGIC)) -> Iterator[Entry]:
     except FileNotFoundError:
         return
     with file:
+        size = os.fstat(file.fileno()).st_size
         file.seek(offset)
         while True:
             head = file.read(_HEADER.size)
             if len(head) < _HEADER.size:
                 return
             crc, length, seq, received_at, names_length = _HEADER.unpack(head)
-            if names_length > length:
-                return
+            if names_length > length or offset + _HEADER.size + length > size:
+                return  # a damaged length must not make us read (or allocate) gigabytes
             payload = file.read(length)
             if len(payload) < length or zlib.crc32(payload, zlib.crc32(head[4:])) != crc:
                 return
@@ -107,7 +108,8 @@ class SegmentLog:
         self.segments = []
         paths = sorted(self.directory.glob("*" + SUFFIX)) if self.directory.is_dir() else []
         for path in paths:
-            with contextlib.suppress(ValueError):
+            # A reader beside the daemon may see a file the daemon deletes meanwhile.
+            with contextlib.suppress(ValueError, FileNotFoundError):
                 self.segments.append(Segment(int(path.stem), path, path.stat().st_size))
         self.segments.sort(key=lambda s: s.first_seq)
         self.last_seq = 0
@@ -139,6 +141,12 @@ class SegmentLog:
             path.unlink(missing_ok=True)
             raise
         if self._fd is not None:
+            try:
+                os.fsync(self._fd)  # the segment it seals: nothing else will ever fsync it
+            except OSError:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
             os.close(self._fd)
         self._fd = fd
         self.segments.append(Segment(first_seq, path, len(MAGIC)))
@@ -170,9 +178,10 @@ class SegmentLog:
         Records at or below ``last_seq`` are already here (a retried commit) and are skipped. On
         failure the log is cut back to where it was, so a retry appends nothing twice.
         """
-        assert self._fd is not None, "the log is not open for writing"
+        if self._fd is None:  # an earlier failure closed it: reopen, or fail as I/O does
+            self._open_active()
         sealed: list[Segment] = []
-        start = (len(self.segments), self.active.size, self.last_seq)
+        start = self.mark()
         pending = bytearray()
         try:
             for seq, record in records:
@@ -200,6 +209,14 @@ class SegmentLog:
             written = os.pwrite(self._fd, view, active.size)
             active.size += written
             view = view[written:]
+
+    def mark(self) -> tuple[int, int, int]:
+        """Where the log ends now, for ``rollback``."""
+        return (len(self.segments), self.active.size, self.last_seq)
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        """Cut the log back to ``mark`` (a commit whose state could not be saved)."""
+        self._rollback(*mark)
 
     def _rollback(self, segments: int, size: int, last_seq: int) -> None:
         with contextlib.suppress(OSError):
@@ -243,7 +260,12 @@ class SegmentLog:
     def total_bytes(self) -> int:
         return sum(s.size for s in self.segments)
 
-    def entries_after(self, seq: int, hint: tuple[int, int] | None = None) -> Iterator[Entry]:
+    def entries_after(
+        self,
+        seq: int,
+        hint: tuple[int, int] | None = None,
+        skip: Callable[[Segment], bool] | None = None,
+    ) -> Iterator[Entry]:
         """Every record with a seq above ``seq``, oldest first.
 
         ``hint`` is ``(first_seq, offset)`` of a segment position known to come right after
@@ -255,6 +277,9 @@ class SegmentLog:
         if hint is not None and hint[0] in firsts:
             index, offset = firsts.index(hint[0]), hint[1]
         for segment in self.segments[index:]:
+            if skip is not None and skip(segment):
+                offset = len(MAGIC)
+                continue
             for entry in read_entries(segment, offset):
                 if entry.seq > seq:
                     yield entry

@@ -40,6 +40,11 @@ CREATE TABLE IF NOT EXISTS done (
     seq INTEGER NOT NULL,
     PRIMARY KEY (sink, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spared (
+    sink TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (sink, seq)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS segments (
     first_seq INTEGER NOT NULL,
     sink TEXT NOT NULL,
@@ -116,17 +121,21 @@ class SpoolError(Exception):
 
 @dataclass(slots=True)
 class _Cursor:
-    """Where a sink stands: every spooled telegram up to ``seq`` is done, and ``done`` above it."""
+    """Where a sink stands: every spooled telegram up to ``seq`` is done but ``spared``, and
+    ``done`` above it."""
 
     seq: int = 0
     done: set[int] = field(default_factory=set)
+    spared: set[int] = field(default_factory=set)
+    """At or below ``seq`` and still needed: the size cap went past them while they were being
+    sent. Moving the cursor past a dropped segment keeps ``done`` small through a long outage."""
     resume: tuple[int, int] | None = None
     """(segment, offset) of the record right after ``seq``: reading on needs no search."""
     page_end: tuple[int, int, int] | None = None
     """(seq, segment, offset) where the last page for this sink ended."""
 
     def needs(self, seq: int) -> bool:
-        return seq > self.seq and seq not in self.done
+        return seq in self.spared if seq <= self.seq else seq not in self.done
 
 
 Summary = dict[str, tuple[int, int]]
@@ -195,7 +204,7 @@ class Spool:
                 self._lock()
             db.executescript(_SCHEMA)
             self._writer = not shared
-            self.log.open(writer=not shared, first_seq=self._recorded_seq() + 1)
+            self.log.open(writer=not shared, first_seq=self._first_seq())
             self._load()
             if not shared:
                 self._convert_rows()
@@ -268,6 +277,17 @@ class Spool:
         row = self.db.execute(f"SELECT MAX(m) FROM ({' UNION ALL '.join(parts)})")
         return row.fetchone()[0] or 0
 
+    def _first_seq(self) -> int:
+        """What a new log's first segment is named: above every seq SQLite knows, or, when
+        schema-1 rows are still to be converted, the oldest of them (a segment's name must not
+        exceed the seqs in it)."""
+        first = self._recorded_seq() + 1
+        if self._has_table("telegrams"):
+            oldest = self.db.execute("SELECT MIN(id) FROM telegrams").fetchone()[0]
+            if oldest is not None:
+                first = min(first, oldest)
+        return first
+
     def _load(self) -> None:
         db = self.db
         self._cursors = {}
@@ -275,6 +295,8 @@ class Spool:
             self._cursors[sink] = _Cursor(seq)
         for sink, seq in db.execute("SELECT sink, seq FROM done ORDER BY sink, seq"):
             self._cursor(sink).done.add(seq)
+        for sink, seq in db.execute("SELECT sink, seq FROM spared"):
+            self._cursor(sink).spared.add(seq)
         self._summaries = {}
         for first, sink, records, last in db.execute("SELECT * FROM segments"):
             self._summaries.setdefault(first, {})[sink] = (records, last)
@@ -351,29 +373,45 @@ class Spool:
         result = {}
         for sink in sorted(sinks):
             cursor = self._cursor(sink)
-            count = -len(cursor.done)
+            count = len(cursor.spared)
             for segment in self.log.segments:
                 records, last = self._summaries.get(segment.first_seq, {}).get(sink, (0, 0))
                 if last <= cursor.seq:
                     continue
                 if segment.first_seq > cursor.seq:
-                    count += records
+                    count += records - sum(
+                        1 for seq in cursor.done if segment.first_seq <= seq <= last
+                    )
                 else:
                     count += sum(
-                        1 for e in read_entries(segment) if e.seq > cursor.seq and sink in e.sinks
+                        1
+                        for e in read_entries(segment)
+                        if sink in e.sinks and e.seq > cursor.seq and e.seq not in cursor.done
                     )
             if count > 0:
-                head = next(self._pending(sink, cursor.seq, cursor.resume), None)
-                result[sink] = Backlog(count, head.received_at if head else None)
+                after = min(cursor.spared) - 1 if cursor.spared else cursor.seq
+                head = next(self._pending(sink, after, None if cursor.spared else cursor.resume))
+                result[sink] = Backlog(count, head.received_at)
         return result
 
     def _pending(
         self, sink: str, after: int, resume: tuple[int, int] | None
     ) -> Iterator[StoredTelegram]:
         cursor = self._cursor(sink)
-        for entry in self.log.entries_after(after, resume):
+        for entry in self.log.entries_after(after, resume, self._without(sink, after)):
             if sink in entry.sinks and cursor.needs(entry.seq):
                 yield StoredTelegram(entry.seq, entry.telegram, entry.received_at)
+
+    def _without(self, sink: str, after: int) -> Callable[[Segment], bool]:
+        """Segments with no record for ``sink`` above ``after`` (by their summaries)."""
+
+        def skip(segment: Segment) -> bool:
+            summary = self._summaries.get(segment.first_seq)
+            if summary is None or segment is self.log.segments[-1]:
+                return False  # unknown, or still growing (a reader beside the daemon)
+            return summary.get(sink, (0, 0))[1] <= after
+
+        return skip
 
     # --- the write path ---------------------------------------------------------------------
 
@@ -398,6 +436,9 @@ class Spool:
             for t, sinks in new
             if t.seq > self.log.last_seq
         ]
+        mark = self.log.mark()
+        summaries = {first: dict(summary) for first, summary in self._summaries.items()}
+        unsaved = set(self._unsaved)
         incoming = sum(len(record) for _, record, _ in records)
         kept = []
         for seq, record, sinks in records:  # oldest first: a batch larger than the whole spool
@@ -421,7 +462,7 @@ class Spool:
             changed = {sink for sink, seq in acks if self._mark_done(sink, seq)}
             for sink in changed:
                 self._advance(sink)
-            self._cap(protect, dropped, changed)
+            self._cap(protect, dropped, changed, self._finished())
             finished = self._finished()
             with self._transaction():
                 self._save(changed, finished)
@@ -429,6 +470,9 @@ class Spool:
                     self._count_dropped(sink, len(seqs))
         except BaseException:
             self._cursors = saved
+            # Nothing of this commit may stay: a retry names the sinks still waiting then.
+            self.log.rollback(mark)
+            self._summaries, self._unsaved = summaries, unsaved
             raise
         self._remove(finished)
         self._sync()
@@ -440,12 +484,15 @@ class Spool:
 
     def _snapshot(self) -> dict[str, _Cursor]:
         return {
-            sink: _Cursor(c.seq, set(c.done), c.resume, c.page_end)
+            sink: _Cursor(c.seq, set(c.done), set(c.spared), c.resume, c.page_end)
             for sink, c in self._cursors.items()
         }
 
     def _mark_done(self, sink: str, seq: int) -> bool:
         cursor = self._cursor(sink)
+        if seq in cursor.spared:
+            cursor.spared.discard(seq)
+            return True
         if not cursor.needs(seq):
             return False
         cursor.done.add(seq)
@@ -456,7 +503,8 @@ class Spool:
         cursor = self._cursor(sink)
         if not cursor.done:
             return
-        for entry in self.log.entries_after(cursor.seq, cursor.resume):
+        skip = self._without(sink, cursor.seq)
+        for entry in self.log.entries_after(cursor.seq, cursor.resume, skip):
             if sink in entry.sinks:
                 if entry.seq not in cursor.done:
                     break
@@ -468,16 +516,23 @@ class Spool:
         cursor.done = {seq for seq in cursor.done if seq > cursor.seq}
 
     def _cap(
-        self, protect: Collection[int], dropped: dict[str, list[int]], changed: set[str]
+        self,
+        protect: Collection[int],
+        dropped: dict[str, list[int]],
+        changed: set[str],
+        finished: Sequence[Segment],
     ) -> None:
-        """Drop the oldest telegrams (whole segments) while the files exceed ``max_bytes``."""
-        excess = self.log.total_bytes - self.max_bytes
-        if excess <= 0:
-            return
-        excess -= sum(s.size for s in self._finished())
+        """Drop the oldest telegrams (whole segments) while the files exceed ``max_bytes``.
+
+        What is being sent (``protect``) is spared, and its segment kept; every cursor moves
+        past each segment gone through, so the dropped ones need no record of their own.
+        """
+        excess = self.log.total_bytes - self.max_bytes - sum(s.size for s in finished)
         for segment in list(self.log.segments[:-1]):
             if excess <= 0:
                 break
+            if segment in finished:
+                continue
             spared = False
             for entry in read_entries(segment):
                 for sink in entry.sinks:
@@ -485,15 +540,19 @@ class Spool:
                     if not cursor.needs(entry.seq):
                         continue
                     if entry.seq in protect:
+                        cursor.spared.add(entry.seq)
                         spared = True
-                        continue
-                    cursor.done.add(entry.seq)
-                    dropped.setdefault(sink, []).append(entry.seq)
-                    changed.add(sink)
+                    else:
+                        cursor.spared.discard(entry.seq)  # no longer being sent: it goes too
+                        dropped.setdefault(sink, []).append(entry.seq)
+            for sink, (_, last) in self._summaries.get(segment.first_seq, {}).items():
+                cursor = self._cursor(sink)
+                if last > cursor.seq:
+                    cursor.seq, cursor.resume, cursor.page_end = last, None, None
+                cursor.done = {seq for seq in cursor.done if seq > cursor.seq}
+                changed.add(sink)
             if not spared:
                 excess -= segment.size
-        for sink in changed:
-            self._advance(sink)
 
     def _finished(self) -> list[Segment]:
         """Full segments every sink is done with."""
@@ -501,10 +560,14 @@ class Spool:
             segment
             for segment in self.log.segments[:-1]
             if all(
-                self._cursor(sink).seq >= last
+                self._done_with(self._cursor(sink), segment.first_seq, last)
                 for sink, (_, last) in self._summaries.get(segment.first_seq, {}).items()
             )
         ]
+
+    @staticmethod
+    def _done_with(cursor: _Cursor, first: int, last: int) -> bool:
+        return cursor.seq >= last and not any(first <= seq <= last for seq in cursor.spared)
 
     def _save(self, changed: Iterable[str], finished: Sequence[Segment]) -> None:
         """Write cursors, out-of-order dones and segment summaries (inside a transaction)."""
@@ -516,11 +579,12 @@ class Spool:
                 "ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
                 (sink, cursor.seq),
             )
-            db.execute("DELETE FROM done WHERE sink = ?", (sink,))
-            db.executemany(
-                "INSERT INTO done (sink, seq) VALUES (?, ?)",
-                [(sink, seq) for seq in sorted(cursor.done)],
-            )
+            for table, seqs in (("done", cursor.done), ("spared", cursor.spared)):
+                db.execute(f"DELETE FROM {table} WHERE sink = ?", (sink,))
+                db.executemany(
+                    f"INSERT INTO {table} (sink, seq) VALUES (?, ?)",
+                    [(sink, seq) for seq in sorted(seqs)],
+                )
         for first in sorted(self._unsaved):
             db.executemany(
                 "INSERT OR REPLACE INTO segments (first_seq, sink, records, last_seq) "
@@ -550,6 +614,14 @@ class Spool:
                 self._save((), finished)
             self._remove(finished)
 
+    def sync_due(self) -> bool:
+        """Appended telegrams have waited ``sync_interval`` for an fsync (the flusher asks, so
+        they reach the card even when no further commit comes)."""
+        return self._unsynced and self._clock() - self._last_sync >= self.sync_interval
+
+    def sync(self) -> None:
+        self._sync(force=True)
+
     def _sync(self, *, force: bool = False) -> None:
         """fsync what was appended: every commit when strict, else every ``sync_interval``."""
         if not (self._unsynced or self._directory_changed):
@@ -573,12 +645,13 @@ class Spool:
     def page(self, sink: str, after: int, upto: int, limit: int) -> list[StoredTelegram]:
         """Up to ``limit`` telegrams ``sink`` still needs with ``after < seq <= upto``."""
         cursor = self._cursor(sink)
-        after = max(after, cursor.seq)
+        if not any(seq > after for seq in cursor.spared):
+            after = max(after, cursor.seq)
         resume = cursor.resume if after == cursor.seq else None
         if cursor.page_end is not None and cursor.page_end[0] == after:
             resume = cursor.page_end[1:]
         page: list[StoredTelegram] = []
-        for entry in self.log.entries_after(after, resume):
+        for entry in self.log.entries_after(after, resume, self._without(sink, after)):
             if entry.seq > upto:
                 break
             if sink in entry.sinks and cursor.needs(entry.seq):
@@ -604,13 +677,17 @@ class Spool:
         """Keep a telegram the server will never accept, with its answer; a ``spooled`` one is
         done for ``sink`` in the same transaction."""
         saved = self._snapshot()
+        finished: list[Segment] = []
         try:
             changed = set()
             if spooled:
                 self._require_writer()
-                if self._mark_done(sink, telegram.seq):
+                # Not yet in the log (its commit failed): nothing to mark; a retry will spool it
+                # without this sink.
+                if telegram.seq <= self.log.last_seq and self._mark_done(sink, telegram.seq):
                     changed.add(sink)
                     self._advance(sink)
+                    finished = self._finished()
             with self._transaction() as db:
                 db.execute(
                     "INSERT INTO dead_letters (sink, telegram_id, received_at, data, status, "
@@ -626,11 +703,11 @@ class Spool:
                         time.time() if at is None else at,
                     ),
                 )
-                self._save(changed, ())
+                self._save(changed, finished)
         except BaseException:
             self._cursors = saved
             raise
-        self._unsaved.clear()
+        self._remove(finished)
 
     def dead_letters(self, sink: str | None = None) -> list[DeadLetter]:
         query = (
@@ -706,7 +783,8 @@ class Spool:
                     for name in targets:
                         queued += backlogs[name].count if name in backlogs else 0
                         cursor = self._cursor(name)
-                        cursor.seq, cursor.done = max(cursor.seq, self.log.last_seq), set()
+                        cursor.seq = max(cursor.seq, self.log.last_seq)
+                        cursor.done, cursor.spared = set(), set()
                         cursor.resume = cursor.page_end = None
                     finished = self._finished()
                     self._save(targets, finished)
