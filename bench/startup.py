@@ -100,7 +100,7 @@ def spool_queries(spool: Path, cold: bool) -> dict[str, tuple[float, float]]:
     me = os.getpid()
     steps: dict[str, tuple[float, float]] = {}
     for name, call in (
-        ("Spool.open (count_bytes=False, as the daemon)", lambda: store.open(count_bytes=False)),
+        ("Spool.open (as the daemon)", store.open),
         ("last_seq", store.last_seq),
         ("backlogs (segment summaries; reads the cursor's segment)", store.backlogs),
         ("backlog_upto", lambda: store.backlog_upto(SINK)),

@@ -174,14 +174,9 @@ class Spool:
 
     # --- lifecycle ------------------------------------------------------------------------
 
-    def open(self, *, count_bytes: bool = True, shared: bool = False) -> None:
+    def open(self, *, shared: bool = False) -> None:
         """Open (a daemon, ``shared=False``: creating, converting and locking it) or read beside
-        a running daemon (``shared=True``: the tools; telegrams are only read).
-
-        ``count_bytes`` is kept for callers that size the spool after opening; the size is now
-        the segment files' lengths, known at once.
-        """
-        del count_bytes
+        a running daemon (``shared=True``: the tools; telegrams are only read)."""
         try:
             if not shared:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -255,9 +250,6 @@ class Spool:
     @property
     def stored_bytes(self) -> int:
         """Bytes of segment files: what the size cap compares with ``max_bytes``."""
-        return self.log.total_bytes
-
-    def count_bytes(self) -> int:
         return self.log.total_bytes
 
     def _has_table(self, name: str) -> bool:
