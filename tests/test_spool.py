@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from spool_v1 import SCHEMA_1
 
 from dsmr_logger.delivery.segments import SUFFIX, read_entries
 from dsmr_logger.delivery.spool import Spool, SpoolError, StoredTelegram, telegram_dir
@@ -35,6 +36,16 @@ def segment_files(path: Path) -> list[Path]:
 
 def seqs(spool: Spool, sink: str) -> list[int]:
     return [t.seq for t in spool.page(sink, 0, 2**62, 10**6)]
+
+
+def one_segment(path: Path, count: int) -> Path:
+    """A closed spool holding telegrams 1..count for sink "a"; its one segment file."""
+    spool = Spool(path, max_bytes=10**6)
+    spool.open()
+    spool.commit([(telegram(i), ["a"]) for i in range(1, count + 1)])
+    spool.close()
+    (segment,) = segment_files(path)
+    return segment
 
 
 @pytest.fixture
@@ -222,11 +233,7 @@ def test_seq_continues_after_restart(tmp_path: Path) -> None:
 
 def test_a_torn_last_record_is_cut_and_the_rest_kept(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
-    spool = Spool(path, max_bytes=10**6)
-    spool.open()
-    spool.commit([(telegram(i), ["a"]) for i in range(1, 6)])
-    spool.close()
-    (segment,) = segment_files(path)
+    segment = one_segment(path, 5)
     whole = segment.stat().st_size
     with segment.open("r+b") as file:  # a power cut halfway through the next append
         file.seek(whole)
@@ -242,11 +249,7 @@ def test_a_torn_last_record_is_cut_and_the_rest_kept(tmp_path: Path) -> None:
 
 def test_a_bit_flip_ends_the_segment_there(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
-    spool = Spool(path, max_bytes=10**6)
-    spool.open()
-    spool.commit([(telegram(i), ["a"]) for i in range(1, 6)])
-    spool.close()
-    (segment,) = segment_files(path)
+    segment = one_segment(path, 5)
     data = bytearray(segment.read_bytes())
     data[-60] ^= 0x40  # inside the last telegram
     segment.write_bytes(bytes(data))
@@ -277,26 +280,10 @@ def test_one_daemon_owns_a_spool_and_the_tools_read_beside_it(tmp_path: Path) ->
     successor.close()
 
 
-_SCHEMA_1 = """
-CREATE TABLE telegrams (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, data BLOB NOT NULL);
-CREATE TABLE pending (sink TEXT NOT NULL, telegram_id INTEGER NOT NULL,
-    PRIMARY KEY (sink, telegram_id)) WITHOUT ROWID;
-CREATE INDEX pending_by_telegram ON pending (telegram_id);
-CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, sink TEXT NOT NULL,
-    telegram_id INTEGER NOT NULL, received_at REAL NOT NULL, data BLOB NOT NULL, status INTEGER,
-    body TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE requeued (id INTEGER PRIMARY KEY, sink TEXT NOT NULL, received_at REAL NOT NULL,
-    data BLOB NOT NULL);
-CREATE TABLE counters (sink TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
-    PRIMARY KEY (sink, name)) WITHOUT ROWID;
-PRAGMA user_version = 1;
-"""
-
-
 def test_a_spool_from_before_segments_is_converted_without_loss(tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(_SCHEMA_1)
+    db.executescript(SCHEMA_1)
     for i in range(1, 8):
         t = telegram(i)
         db.execute("INSERT INTO telegrams VALUES (?, ?, ?)", (i, t.received_at, t.telegram))
@@ -410,11 +397,7 @@ def test_appended_telegrams_reach_the_card_within_the_sync_interval(tmp_path: Pa
 
 def test_a_damaged_length_field_ends_the_segment_without_reading_gigabytes(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
-    spool = Spool(path, max_bytes=10**6)
-    spool.open()
-    spool.commit([(telegram(i), ["a"]) for i in range(1, 4)])
-    spool.close()
-    (segment,) = segment_files(path)
+    segment = one_segment(path, 3)
     data = bytearray(segment.read_bytes())
     third = len(data) - (len(data) - 8) // 3  # where record 3 starts (equal sizes)
     data[third + 4 : third + 8] = (0xFFFFFFF0).to_bytes(4, "little")  # its length: ~4 GiB

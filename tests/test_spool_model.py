@@ -17,6 +17,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from spool_v1 import SCHEMA_1
 
 from dsmr_logger.delivery.segments import SUFFIX
 from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir
@@ -230,22 +231,6 @@ def test_the_spool_keeps_what_the_model_keeps(tmp_path: Path, seed: int) -> None
         model.spool.close()
 
 
-_SCHEMA_1 = """
-CREATE TABLE telegrams (id INTEGER PRIMARY KEY, received_at REAL NOT NULL, data BLOB NOT NULL);
-CREATE TABLE pending (sink TEXT NOT NULL, telegram_id INTEGER NOT NULL,
-    PRIMARY KEY (sink, telegram_id)) WITHOUT ROWID;
-CREATE INDEX pending_by_telegram ON pending (telegram_id);
-CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, sink TEXT NOT NULL,
-    telegram_id INTEGER NOT NULL, received_at REAL NOT NULL, data BLOB NOT NULL, status INTEGER,
-    body TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE requeued (id INTEGER PRIMARY KEY, sink TEXT NOT NULL, received_at REAL NOT NULL,
-    data BLOB NOT NULL);
-CREATE TABLE counters (sink TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
-    PRIMARY KEY (sink, name)) WITHOUT ROWID;
-PRAGMA user_version = 1;
-"""
-
-
 @pytest.mark.parametrize("seed", SEEDS[:8])
 def test_a_schema_1_spool_converts_into_the_model_and_lives_on(tmp_path: Path, seed: int) -> None:
     """Rows over several segments (ids with gaps, some already delivered to all) convert
@@ -253,7 +238,7 @@ def test_a_schema_1_spool_converts_into_the_model_and_lives_on(tmp_path: Path, s
     rng = random.Random(seed)
     path = tmp_path / "spool.sqlite3"
     db = sqlite3.connect(path)
-    db.executescript(_SCHEMA_1)
+    db.executescript(SCHEMA_1)
     pending: dict[str, set[int]] = {s: set() for s in SINKS}
     telegrams = {}
     seq = rng.randint(1, 50)

@@ -113,9 +113,9 @@ async def test_dead_letter_listed_shown_and_requeued_into_a_running_daemon(
     assert delivered == [*TELEGRAMS[:2], *TELEGRAMS[3:6], POISON]
 
 
-async def test_purge_asks_first_and_deletes_the_backlog(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@contextlib.asynccontextmanager
+async def holding_a_backlog(tmp_path: Path, count: int) -> AsyncIterator[tuple[Path, Daemon]]:
+    """A running daemon whose sink refuses, with ``count`` telegrams of the capture waiting."""
     port = VirtualSerialPort()
     async with DsmrReaderServer(api_key=KEY) as server:
         server.mode = "refuse"
@@ -123,10 +123,19 @@ async def test_purge_asks_first_and_deletes_the_backlog(
         try:
             async with running(config) as daemon:
                 await wait_until(lambda: daemon.reader.status.connected, "the meter port")
-                await MeterSimulator(port, TELEGRAMS[:4], interval=0, as_recorded=True).run(4)
-                await wait_until(lambda: daemon.queues.undelivered()["home"] == 4, "a backlog")
+                play = MeterSimulator(port, TELEGRAMS[:count], interval=0, as_recorded=True)
+                await play.run(count)
+                await wait_until(lambda: daemon.queues.undelivered()["home"] == count, "a backlog")
+                yield config, daemon
         finally:
             port.close()
+
+
+async def test_purge_asks_first_and_deletes_the_backlog(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with holding_a_backlog(tmp_path, 4) as (config, _):
+        pass
     status, out = cli(config, "list", capsys=capsys)
     assert "backlog home: 4 telegrams" in out
 
@@ -144,24 +153,14 @@ async def test_purge_asks_first_and_deletes_the_backlog(
 async def test_purge_refuses_while_the_daemon_runs_and_list_reads_beside_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    port = VirtualSerialPort()
-    async with DsmrReaderServer(api_key=KEY) as server:
-        server.mode = "refuse"
-        config = write_config(tmp_path, port.path, server.url)
-        try:
-            async with running(config) as daemon:
-                await wait_until(lambda: daemon.reader.status.connected, "the meter port")
-                await MeterSimulator(port, TELEGRAMS[:3], interval=0, as_recorded=True).run(3)
-                await wait_until(lambda: daemon.queues.undelivered()["home"] == 3, "a backlog")
-                await daemon.queues.flush(everything=True)
-                status, out = cli(config, "list", capsys=capsys)
-                assert (status, "backlog home: 3 telegrams" in out) == (0, True)
-                assert main(["spool", "--config", str(config), "purge", "--yes"]) == 1
-                error = capsys.readouterr().err
-                assert "in use by another dsmr-logger daemon (stop it first)" in error
-                assert daemon.queues.undelivered()["home"] == 3
-        finally:
-            port.close()
+    async with holding_a_backlog(tmp_path, 3) as (config, daemon):
+        await daemon.queues.flush(everything=True)
+        status, out = cli(config, "list", capsys=capsys)
+        assert (status, "backlog home: 3 telegrams" in out) == (0, True)
+        assert main(["spool", "--config", str(config), "purge", "--yes"]) == 1
+        error = capsys.readouterr().err
+        assert "in use by another dsmr-logger daemon (stop it first)" in error
+        assert daemon.queues.undelivered()["home"] == 3
 
 
 def test_missing_spool_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
