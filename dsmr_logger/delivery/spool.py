@@ -382,8 +382,9 @@ class Spool:
                     )
             if count > 0:
                 after = min(cursor.spared) - 1 if cursor.spared else cursor.seq
-                head = next(self._pending(sink, after, None if cursor.spared else cursor.resume))
-                result[sink] = Backlog(count, head.received_at)
+                resume = None if cursor.spared else cursor.resume
+                head = next(self._pending(sink, after, resume), None)  # None: a damaged file
+                result[sink] = Backlog(count, head.received_at if head else None)
         return result
 
     def _pending(
