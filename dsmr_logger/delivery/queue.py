@@ -151,7 +151,11 @@ class SinkQueue:
     def protected(self) -> list[int]:
         """What may be on its way to the server now: the head and ``lookahead`` behind it."""
         if self._current is None:
-            return []
+            # Between a confirmation and the next head (a flush ACK_BATCH triggers): what the
+            # worker's window sent ahead may be stored already.
+            if self.cold_cursor < self.cold_upto:
+                return [t.seq for t in itertools.islice(self._page, self.lookahead)]
+            return [r.seq for r in itertools.islice(self.hot, self.lookahead)]
         behind = self._behind_head(self.lookahead)
         return [self._current.seq, *(item.seq for item in behind)]
 
@@ -185,16 +189,25 @@ class SinkQueue:
             self.cold_cursor = item.seq
             self.cold_count = max(0, self.cold_count - 1)
             return item
-        return self.hot[0] if self.hot else None
+        if not self.hot:
+            return None
+        # Reading the backlog later (records evicted behind this one) must start after it: the
+        # spool still hands out a telegram it spared for this sink until its ack is committed.
+        self.cold_cursor = max(self.cold_cursor, self.hot[0].seq)
+        return self.hot[0]
 
     async def _load_page(self) -> None:
+        upto = self.cold_upto
         page = await self._queues.in_spool(
-            self._queues.spool.page, self.name, self.cold_cursor, self.cold_upto, PAGE_SIZE
+            self._queues.spool.page, self.name, self.cold_cursor, upto, PAGE_SIZE
         )
         self._page.extend(page)
         if not page:
-            self.cold_cursor = self.cold_upto
-            self.cold_count = 0
+            # Nothing left up to where this read looked; a commit meanwhile may have evicted
+            # newer records to the backlog (cold_upto moved on): those are still to be read.
+            self.cold_cursor = max(self.cold_cursor, upto)
+            if self.cold_cursor >= self.cold_upto:
+                self.cold_count = 0
 
     def drop(self, seqs: list[int]) -> None:
         """The spool dropped these (size cap; never one in flight): forget them here too."""
@@ -372,17 +385,22 @@ class Queues:
             item.waiting.discard(sink)
             spooled = item.spooled
         stored = StoredTelegram(item.seq, item.telegram, item.received_at)
-        await self.in_spool(
-            functools.partial(
-                self.spool.dead_letter,
-                sink,
-                stored,
-                status=status,
-                body=body,
-                reason=reason,
-                spooled=spooled,
+        try:
+            await self.in_spool(
+                functools.partial(
+                    self.spool.dead_letter,
+                    sink,
+                    stored,
+                    status=status,
+                    body=body,
+                    reason=reason,
+                    spooled=spooled,
+                )
             )
-        )
+        except (sqlite3.Error, OSError) as exc:
+            # Not kept aside (a spooled one is still pending and comes back after a restart);
+            # the sink's task must not die of it.
+            self._spool_failed(exc)
 
     # --- the spool's side -------------------------------------------------------------------
 
@@ -434,14 +452,7 @@ class Queues:
                 self.spool.commit, new, acks, protect
             )
         except (sqlite3.Error, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            if error != self.spool_error:
-                self._log.error(
-                    "cannot write the spool; undelivered telegrams stay in memory meanwhile",
-                    path=str(self.spool.path),
-                    error=error,
-                )
-            self.spool_error = error
+            self._spool_failed(exc)
             return False
         if self.spool_error is not None:
             self._log.info("spool writable again", path=str(self.spool.path))
@@ -456,6 +467,16 @@ class Queues:
                 max_bytes=self.spool.max_bytes,
             )
         return True
+
+    def _spool_failed(self, exc: Exception) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        if error != self.spool_error:
+            self._log.error(
+                "cannot write the spool; undelivered telegrams stay in memory meanwhile",
+                path=str(self.spool.path),
+                error=error,
+            )
+        self.spool_error = error
 
     async def _flush_early(self) -> None:
         """A burst outgrew the memory window before ``flush_interval``: spool it now."""
@@ -476,7 +497,10 @@ class Queues:
             if self._unflushed or self._acks:
                 await self.flush()
             if self.spool.sync_due():
-                await self.in_spool(self.spool.sync)
+                try:
+                    await self.in_spool(self.spool.sync)
+                except OSError as exc:  # retried at the next tick; a dead flusher stops spooling
+                    self._spool_failed(exc)
             if tick % REQUEUE_TICKS == 0:
                 await self.adopt_requeued()
 

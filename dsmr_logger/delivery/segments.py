@@ -251,8 +251,8 @@ class SegmentLog:
     def remove(self, segment: Segment) -> None:
         """Delete a sealed segment whose every record is done."""
         assert segment is not self.active, "the segment appended to is never removed"
-        self.segments.remove(segment)
         segment.path.unlink(missing_ok=True)
+        self.segments.remove(segment)
 
     # --- reading ---------------------------------------------------------------------------
 

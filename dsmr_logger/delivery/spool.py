@@ -468,7 +468,13 @@ class Spool:
             self._summaries, self._unsaved = summaries, unsaved
             raise
         self._remove(finished)
-        self._sync()
+        try:
+            self._sync()
+        except OSError:
+            if self.strict:
+                raise  # not on the card: the caller keeps the batch; a retry appends nothing
+            # Committed all the same (the queue must not take it for a failed commit): the
+            # fsync is retried by ``sync`` (the flusher) and at close.
         return dropped
 
     def _require_writer(self) -> None:
@@ -592,7 +598,10 @@ class Spool:
         """Delete finished segment files (after SQLite forgot them: a crash keeps, never loses)."""
         self._unsaved.clear()
         for segment in finished:
-            self.log.remove(segment)
+            try:
+                self.log.remove(segment)
+            except OSError:
+                continue  # still finished: the next commit (or open) deletes it
             self._summaries.pop(segment.first_seq, None)
             self._directory_changed = True
         if finished:
