@@ -42,17 +42,7 @@ from dsmr_logger.meter.simulate import default_capture, frames_in  # noqa: E402
 # --- the baselines: the implementations replaced ---------------------------------------------
 
 
-def _baseline_table() -> tuple[int, ...]:
-    table = []
-    for byte in range(256):
-        value = byte
-        for _ in range(8):
-            value = (value >> 1) ^ 0xA001 if value & 1 else value >> 1
-        table.append(value)
-    return tuple(table)
-
-
-_BASELINE_TABLE = _baseline_table()
+_BASELINE_TABLE = crc._TABLE  # the byte table, still kept for an odd last byte
 
 
 def baseline_crc16(data: bytes | bytearray | memoryview) -> int:
