@@ -197,7 +197,7 @@ class SegmentLog:
                 self.last_seq = seq
             self._write(pending)
         except OSError:
-            self._rollback(*start)
+            self.rollback(start)
             raise
         return sealed
 
@@ -215,10 +215,9 @@ class SegmentLog:
         return (len(self.segments), self.active.size, self.last_seq)
 
     def rollback(self, mark: tuple[int, int, int]) -> None:
-        """Cut the log back to ``mark`` (a commit whose state could not be saved)."""
-        self._rollback(*mark)
-
-    def _rollback(self, segments: int, size: int, last_seq: int) -> None:
+        """Cut the log back to ``mark`` (a failed append, or a commit whose state could not be
+        saved)."""
+        segments, size, last_seq = mark
         with contextlib.suppress(OSError):
             while len(self.segments) > segments:
                 dropped = self.segments.pop()
@@ -286,5 +285,8 @@ class SegmentLog:
             offset = len(MAGIC)
 
     def segment_of(self, entry_seq: int) -> Segment:
-        firsts = [s.first_seq for s in self.segments]
-        return self.segments[max(0, bisect.bisect_right(firsts, entry_seq) - 1)]
+        """The segment a record is in; searched from the newest, where appends land."""
+        for segment in reversed(self.segments):
+            if segment.first_seq <= entry_seq:
+                return segment
+        return self.segments[0]
