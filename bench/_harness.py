@@ -53,8 +53,12 @@ DAY_START = datetime(2026, 1, 15).astimezone()
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from dsmr_reader_server import DsmrReaderProcess  # noqa: E402
 
-from dsmr_logger.delivery.segments import SUFFIX  # noqa: E402
-from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir  # noqa: E402
+from dsmr_logger.delivery.spool import (  # noqa: E402
+    SUFFIX,
+    Spool,
+    StoredTelegram,
+    telegram_dir,
+)
 from dsmr_logger.meter.simulate import (  # noqa: E402
     default_capture,
     frames_in,

@@ -65,7 +65,7 @@ from _harness import (
     write_config,
 )
 
-from dsmr_logger.delivery.segments import SUFFIX
+from dsmr_logger.delivery.spool import SUFFIX
 
 OUTAGE_GOAL = 1.5 * TELEGRAM_SIZE
 _CALL = re.compile(

@@ -25,9 +25,9 @@ from dsmr_reader_server import PARSE_FAILURE, DsmrReaderServer
 from dsmr_logger.config import Config, DsmrReaderSinkConfig, MeterConfig, SpoolConfig
 from dsmr_logger.daemon import Daemon
 from dsmr_logger.delivery.queue import HOT_LIMIT, Queues
-from dsmr_logger.delivery.segments import MAGIC, SUFFIX, SegmentLog, read_entries
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
 from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir
+from dsmr_logger.delivery.spool.segments import MAGIC, SUFFIX, SegmentLog, read_entries
 from dsmr_logger.delivery.worker import SUSPECT_LIMIT, SinkWorker
 from dsmr_logger.meter.framing import Frame, FrameAssembler
 from dsmr_logger.meter.simulate import (

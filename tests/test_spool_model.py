@@ -11,7 +11,6 @@ sink is done.
 
 from __future__ import annotations
 
-import os
 import random
 import sqlite3
 from pathlib import Path
@@ -19,8 +18,7 @@ from pathlib import Path
 import pytest
 from spool_v1 import SCHEMA_1
 
-from dsmr_logger.delivery.segments import SUFFIX
-from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir
+from dsmr_logger.delivery.spool import SUFFIX, Spool, StoredTelegram, telegram_dir
 
 SINKS = ("a", "b", "c")
 SEGMENT = 600
@@ -148,11 +146,7 @@ class Model:
     def reopen(self, *, kill: bool, tear: bool) -> None:
         if kill:  # SIGKILL: no final fsync or cleanup, the descriptors just go away (the files
             # are as a killed process leaves them; test_spool.py kills a real writer too)
-            spool = self.spool
-            spool.log.close()
-            assert spool._db is not None and spool._lock_fd is not None
-            spool._db.close()
-            os.close(spool._lock_fd)
+            self.spool.abandon()
         else:
             self.spool.close()
         if tear:  # a power cut halfway through the next append

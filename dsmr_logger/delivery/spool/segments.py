@@ -1,13 +1,14 @@
-"""The spooled telegrams themselves: append-only segment files, a checksum per record.
+"""The spooled telegrams themselves: append-only segment files of checksummed records.
 
 Why not rows in SQLite: a row insert rewrites whole 4 KiB pages (table, index, WAL, and again at
 the checkpoint), which measured 9 x a telegram's size in bytes written per telegram at one commit
-every few seconds. An append dirties each page of a file once. A segment is a sequence of records
-``[crc32 | length | seq | received_at | names length | sink names | telegram]``; reading stops at
-the first record that is incomplete or fails its checksum (a torn write), and the writer cuts the
-file back to there. Records are appended in ``seq`` order, so a segment is named by its first seq
-and the files sort as the queue does. Which sink still needs what is kept elsewhere (the spool's
-cursors); this module only appends, reads, rotates and deletes.
+every few seconds. An append dirties each page of a file once. Records are appended in ``seq``
+order, so a segment is named by its first seq and the files sort as the queue does. Reading
+skips a damaged record (``records.py``) and reports it as a ``Gap``; which sink still needs what
+is kept elsewhere (the cursors). This module only appends, reads, rotates, rewrites and deletes.
+
+Invariant: the records of the log are in strictly increasing seq order, file after file, and a
+file never holds a seq below its name; a retried append writes nothing twice.
 """
 
 from __future__ import annotations
@@ -15,69 +16,24 @@ from __future__ import annotations
 import bisect
 import contextlib
 import os
-import struct
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"DSMRLOG1"
-_HEADER = struct.Struct("<IIqdH")
-"""crc32 of everything after it, payload length, seq, received_at, sink names length."""
+from dsmr_logger.delivery.spool.records import MAGIC
+from dsmr_logger.delivery.spool.scan import Entry, Gap, Segment, read_entries, scan
+
+__all__ = ["MAGIC", "SUFFIX", "Entry", "Gap", "Segment", "SegmentLog", "read_entries", "scan"]
+
 SUFFIX = ".seg"
+NEW = ".new"
+"""A rewritten segment before it replaces the original (``finish_rewrite``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One record read back, and where in its segment the next one starts."""
-
-    seq: int
-    received_at: float
-    sinks: tuple[str, ...]
-    telegram: bytes
-    segment: int
-    """The first seq of the segment it is in (its name)."""
-    end: int
-    """Where in that segment the next record starts."""
-
-
-@dataclass(slots=True)
-class Segment:
-    first_seq: int
-    path: Path
-    size: int
-
-
-def encode(seq: int, received_at: float, sinks: Sequence[str], telegram: bytes) -> bytes:
-    names = "\n".join(sinks).encode()
-    rest = _HEADER.pack(0, len(names) + len(telegram), seq, received_at, len(names))[4:]
-    body = rest + names + telegram
-    return struct.pack("<I", zlib.crc32(body)) + body
-
-
-def read_entries(segment: Segment, offset: int = len(MAGIC)) -> Iterator[Entry]:
-    """The records of one segment from ``offset`` on, up to the first damaged one."""
-    try:
-        file = segment.path.open("rb")
-    except FileNotFoundError:
-        return
-    with file:
-        size = os.fstat(file.fileno()).st_size
-        file.seek(offset)
-        while True:
-            head = file.read(_HEADER.size)
-            if len(head) < _HEADER.size:
-                return
-            crc, length, seq, received_at, names_length = _HEADER.unpack(head)
-            if names_length > length or offset + _HEADER.size + length > size:
-                return  # a damaged length must not make us read (or allocate) gigabytes
-            payload = file.read(length)
-            if len(payload) < length or zlib.crc32(payload, zlib.crc32(head[4:])) != crc:
-                return
-            offset += _HEADER.size + length
-            names = payload[:names_length].decode()
-            sinks = tuple(names.split("\n")) if names else ()
-            yield Entry(seq, received_at, sinks, payload[names_length:], segment.first_seq, offset)
+def _above(item: Entry | Gap, seq: int) -> bool:
+    """A record above ``seq``, or a gap that may hold one."""
+    if isinstance(item, Entry):
+        return item.seq > seq
+    return item.before is None or item.before > seq + 1
 
 
 def _segment_name(first_seq: int) -> str:
@@ -92,17 +48,16 @@ class SegmentLog:
         self.segment_bytes = segment_bytes
         self.segments: list[Segment] = []
         self.last_seq = 0
-        self.damaged: list[tuple[Path, int]] = []
-        """Segments whose records stop before the file ends: (file, readable bytes)."""
+        self.damaged: set[int] = set()
+        """Segments (first seq) a read found a gap in since the owner last looked."""
         self._fd: int | None = None
+        self._active_inode: int | None = None
 
     # --- opening --------------------------------------------------------------------------
 
     def open(self, *, writer: bool, first_seq: int) -> None:
-        """Find the segments; a writer also cuts a torn tail and opens the last for appends.
-
-        ``first_seq`` names a new segment when there is none.
-        """
+        """Find the segments; a writer also opens the last for appends (``first_seq`` names a
+        new one when there is none). Damage is noted in ``damaged``, not repaired here."""
         if writer:
             self.directory.mkdir(parents=True, exist_ok=True)
         self.segments = []
@@ -113,51 +68,45 @@ class SegmentLog:
                 self.segments.append(Segment(int(path.stem), path, path.stat().st_size))
         self.segments.sort(key=lambda s: s.first_seq)
         self.last_seq = 0
+        self.damaged = set()
         if self.segments:
             last = self.segments[-1]
-            good = len(MAGIC)
-            for entry in read_entries(last):
-                self.last_seq, good = entry.seq, entry.end
-            if good < last.size:
-                if writer:
-                    os.truncate(last.path, good)
-                self.damaged.append((last.path, good))
-                last.size = good
-            if not self.last_seq:
-                self.last_seq = last.first_seq - 1
+            self.last_seq = last.first_seq - 1
+            for item in self._noting(scan(last)):
+                self.last_seq = max(self.last_seq, item.seq if isinstance(item, Entry) else 0)
+                if isinstance(item, Gap):
+                    self.last_seq = max([self.last_seq, *(h.seq for h in item.lost)])
         if writer:
             if not self.segments:
                 self._create(max(first_seq, 1))
             else:
                 self._open_active()
 
+    def stray_rewrites(self) -> list[Path]:
+        return sorted(self.directory.glob("*" + SUFFIX + NEW)) if self.directory.is_dir() else []
+
     def _create(self, first_seq: int) -> None:
         path = self.directory / _segment_name(first_seq)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.write(fd, MAGIC)
+            if self._fd is not None:
+                os.fsync(self._fd)  # the segment it seals: nothing else will ever fsync it
         except OSError:
             os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)  # the segment it seals: nothing else will ever fsync it
-            except OSError:
-                os.close(fd)
-                path.unlink(missing_ok=True)
-                raise
-            os.close(self._fd)
-        self._fd = fd
+        self.close()
+        self._fd, self._active_inode = fd, os.fstat(fd).st_ino
         self.segments.append(Segment(first_seq, path, len(MAGIC)))
 
     def _open_active(self) -> None:
         active = self.segments[-1]
-        if active.size < len(MAGIC):  # cut before its magic was whole
-            os.truncate(active.path, 0)
-            active.size = 0
+        self.close()
         self._fd = os.open(active.path, os.O_WRONLY)
-        if active.size == 0:
+        self._active_inode = os.fstat(self._fd).st_ino
+        if active.size < len(MAGIC):  # cut before its magic was whole
+            os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, MAGIC, 0)
             active.size = len(MAGIC)
 
@@ -165,6 +114,13 @@ class SegmentLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+    def present(self) -> bool:
+        """The file appended to is still there (not deleted, nor replaced, behind our back)."""
+        try:
+            return os.stat(self.active.path).st_ino == self._active_inode
+        except OSError:
+            return False
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -225,7 +181,7 @@ class SegmentLog:
             self.close()
             os.truncate(self.active.path, size)
             self.active.size = size
-            self._fd = os.open(self.active.path, os.O_WRONLY)
+            self._open_active()
         self.last_seq = last_seq
 
     def sync(self, *, directory: bool = False) -> None:
@@ -253,11 +209,52 @@ class SegmentLog:
         segment.path.unlink(missing_ok=True)
         self.segments.remove(segment)
 
+    def prepare_rewrite(self, segment: Segment, records: Sequence[bytes]) -> int:
+        """Write what ``segment`` will hold after ``finish_rewrite`` beside it (synced); returns
+        its size. Until then the segment itself is untouched."""
+        path = segment.path.with_name(segment.path.name + NEW)
+        data = b"".join((MAGIC, *records))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return len(data)
+
+    def finish_rewrite(self, segment: Segment, size: int) -> None:
+        """Put the rewritten file in place (or, with none prepared, cut ``segment`` to
+        ``size``); idempotent, so a crash in between is finished at the next open."""
+        new = segment.path.with_name(segment.path.name + NEW)
+        if new.exists():
+            os.replace(new, segment.path)
+        elif segment.path.exists() and segment.path.stat().st_size > size:
+            os.truncate(segment.path, size)
+        segment.size = size
+        self.sync(directory=True)
+        if self.segments and segment is self.active and self._fd is not None:
+            self._open_active()
+
     # --- reading ---------------------------------------------------------------------------
 
     @property
     def total_bytes(self) -> int:
         return sum(s.size for s in self.segments)
+
+    def _noting(self, items: Iterator[Entry | Gap]) -> Iterator[Entry | Gap]:
+        for item in items:
+            if isinstance(item, Gap):
+                self.damaged.add(item.segment)
+            yield item
+
+    def read(self, segment: Segment, offset: int = len(MAGIC)) -> Iterator[Entry]:
+        """``read_entries``, noting any gap in ``damaged``."""
+        for item in self._noting(scan(segment, offset)):
+            if isinstance(item, Entry):
+                yield item
 
     def entries_after(
         self,
@@ -265,11 +262,22 @@ class SegmentLog:
         hint: tuple[int, int] | None = None,
         skip: Callable[[Segment], bool] | None = None,
     ) -> Iterator[Entry]:
-        """Every record with a seq above ``seq``, oldest first.
+        """Every readable record with a seq above ``seq``, oldest first.
 
         ``hint`` is ``(first_seq, offset)`` of a segment position known to come right after
         ``seq`` (where an earlier read stopped); without it the segment is read from its start.
         """
+        for item in self.items_after(seq, hint, skip):
+            if isinstance(item, Entry):
+                yield item
+
+    def items_after(
+        self,
+        seq: int,
+        hint: tuple[int, int] | None = None,
+        skip: Callable[[Segment], bool] | None = None,
+    ) -> Iterator[Entry | Gap]:
+        """``entries_after``, with the gaps among them (a reader must not pass one unseen)."""
         firsts = [s.first_seq for s in self.segments]
         index = max(0, bisect.bisect_right(firsts, seq) - 1)
         offset = len(MAGIC)
@@ -279,9 +287,9 @@ class SegmentLog:
             if skip is not None and skip(segment):
                 offset = len(MAGIC)
                 continue
-            for entry in read_entries(segment, offset):
-                if entry.seq > seq:
-                    yield entry
+            for item in self._noting(scan(segment, offset)):
+                if _above(item, seq):
+                    yield item
             offset = len(MAGIC)
 
     def segment_of(self, entry_seq: int) -> Segment:
@@ -290,3 +298,9 @@ class SegmentLog:
             if segment.first_seq <= entry_seq:
                 return segment
         return self.segments[0]
+
+    def find(self, first_seq: int) -> Segment | None:
+        for segment in self.segments:
+            if segment.first_seq == first_seq:
+                return segment
+        return None

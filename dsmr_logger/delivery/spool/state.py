@@ -1,0 +1,261 @@
+"""The SQLite file beside the segments: its schema, its versions, its lock, and its damage.
+
+SQLite (stdlib, WAL) keeps the small state that changes in place: cursors, segment summaries,
+dead letters, counters. One daemon owns a spool (an ``flock`` on a file in the segment
+directory); the tools read beside it. Reading must work on a full disk: a WAL database needs its
+``-shm`` file, which SQLite cannot create there ("disk I/O error", measured on a full tmpfs), so
+a reader falls back to a private, read-only view when no daemon holds the spool.
+
+A damaged file (``PRAGMA quick_check`` fails, or it is no longer a database while its segment
+directory says it was a spool) is moved aside, never deleted, and a new one is started: the
+segments still hold every telegram with its sinks, so only dead letters, counters and what was
+already confirmed (sent again: at least once) are lost, and the daemon says so.
+
+Invariant: every change is one transaction (``transaction``): after a crash the state is as
+before or after it, never between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS done (
+    sink TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (sink, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS spared (
+    sink TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (sink, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS segments (
+    first_seq INTEGER NOT NULL, sink TEXT NOT NULL, records INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL, size INTEGER, PRIMARY KEY (first_seq, sink)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY, sink TEXT NOT NULL, telegram_id INTEGER NOT NULL,
+    received_at REAL NOT NULL, data BLOB NOT NULL, status INTEGER, body TEXT NOT NULL,
+    reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS requeued (
+    id INTEGER PRIMARY KEY, sink TEXT NOT NULL, received_at REAL NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (
+    sink TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
+    PRIMARY KEY (sink, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS rewrites (first_seq INTEGER PRIMARY KEY, size INTEGER NOT NULL);
+"""
+
+SCHEMA_VERSION = 3
+"""1: telegrams as SQLite rows; 2: segment files (format 1); 3: format 2 records, sealed
+segments' sizes, rewrites of damaged segments. Older ones are converted at the daemon's start."""
+
+
+class SpoolError(Exception):
+    """The spool cannot be used (unreadable, not a spool, newer schema, owned by another)."""
+
+
+class SpoolBusy(SpoolError):
+    """Another daemon owns this spool."""
+
+
+class _Damaged(sqlite3.DatabaseError):
+    """``PRAGMA quick_check`` found damage."""
+
+
+def _damaged(exc: sqlite3.DatabaseError) -> bool:
+    """Damage (not a full disk, a lock or a permission): the file is no database (any more)."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return isinstance(exc, _Damaged) or name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+
+
+class StateDb:
+    def __init__(self, path: Path, lock_dir: Path, *, strict: bool) -> None:
+        self.path = path
+        self.lock_dir = lock_dir
+        self.strict = strict
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self.inode: int | None = None
+        self.set_aside: Path | None = None
+        """Where a damaged SQLite file was moved at this open."""
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise SpoolError("spool is not open")
+        return self._db
+
+    def open(self, *, writer: bool) -> int:
+        """Connect (a writer: lock, check, create or upgrade); returns the schema version found."""
+        if writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            was_a_spool = self.lock_dir.is_dir()
+            self._lock()
+            try:
+                return self._connect_writer()
+            except sqlite3.DatabaseError as exc:
+                if not (was_a_spool and _damaged(exc)):
+                    raise
+                self._set_aside()
+                return self._connect_writer()
+        try:
+            self._connect(f"file:{self.path}?mode=rw")
+        except sqlite3.OperationalError:
+            self._connect_read_only()
+        return self.version()
+
+    def _connect(self, uri: str) -> sqlite3.Connection:
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        self._db = db
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return db
+
+    def _connect_writer(self) -> int:
+        self.close_db()
+        db = self._connect(f"file:{self.path}?mode=rwc")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute(f"PRAGMA synchronous = {'FULL' if self.strict else 'NORMAL'}")
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise _Damaged("database disk image is malformed")
+        version = self.version()
+        if version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"{self.path}: written by a newer dsmr-logger (schema {version}); upgrade"
+            )
+        if version == 2:
+            with contextlib.suppress(sqlite3.OperationalError):  # added by schema 3
+                db.execute("ALTER TABLE segments ADD COLUMN size INTEGER")
+        db.executescript(SCHEMA)
+        self.inode = self.path.stat().st_ino
+        return version
+
+    def _connect_read_only(self) -> None:
+        """On a full disk: when no daemon holds the spool, read without ``-shm``: as an
+        immutable file when its WAL is empty, else with SQLite's heap-memory WAL index."""
+        self.close_db()
+        if self._held_by_daemon():
+            self._connect(f"file:{self.path}?mode=ro")
+            return
+        wal = Path(f"{self.path}-wal")
+        if not wal.exists() or wal.stat().st_size == 0:
+            self._connect(f"file:{self.path}?mode=ro&immutable=1")
+            return
+        db = sqlite3.connect(
+            f"file:{self.path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+        )
+        self._db = db
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+
+    def version(self) -> int:
+        version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
+        return version
+
+    def set_version(self) -> None:
+        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def has_column(self, table: str, column: str) -> bool:
+        return any(row[1] == column for row in self.db.execute(f"PRAGMA table_info({table})"))
+
+    def has_table(self, name: str) -> bool:
+        query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"
+        return self.db.execute(query, (name,)).fetchone() is not None
+
+    def _set_aside(self) -> None:
+        """Move a damaged SQLite file (and its WAL) aside; the next connect starts afresh."""
+        self.close_db()
+        target = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                os.replace(source, Path(f"{target}{suffix}"))
+        self.set_aside = target
+
+    def _lock(self) -> None:
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusy(
+                f"{self.path}: in use by another dsmr-logger daemon (stop it first)"
+            ) from None
+        self._lock_fd = fd
+
+    def _held_by_daemon(self) -> bool:
+        try:
+            fd = os.open(self.lock_dir / "lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def present(self) -> bool:
+        """The file is still the one opened (not deleted or replaced behind our back)."""
+        try:
+            return self.path.stat().st_ino == self.inode
+        except OSError:
+            return False
+
+    def close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def close(self) -> None:
+        self.close_db()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def abandon(self) -> None:
+        """Let go as a killed process would (for crash tests): no checkpoint, no cleanup."""
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write; on failure nothing in it changed."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def add_counters(self, name: str, amounts: Mapping[str, int]) -> None:
+        """Add to a per-sink counter (inside a transaction)."""
+        self.db.executemany(
+            "INSERT INTO counters (sink, name, value) VALUES (?, ?, ?) "
+            "ON CONFLICT (sink, name) DO UPDATE SET value = value + excluded.value",
+            [(sink, name, amount) for sink, amount in amounts.items() if amount],
+        )
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        result: dict[str, dict[str, int]] = {}
+        for sink, name, value in self.db.execute("SELECT sink, name, value FROM counters"):
+            result.setdefault(sink, {})[name] = value
+        return result
+
+    def recorded_seq(self) -> int:
+        """The highest seq SQLite knows of (a new log must number above it)."""
+        parts = [
+            "SELECT MAX(telegram_id) AS m FROM dead_letters",
+            "SELECT MAX(seq) FROM cursors",
+            "SELECT MAX(seq) FROM done",
+            "SELECT MAX(last_seq) FROM segments",
+        ]
+        if self.has_table("telegrams"):
+            parts.append("SELECT MAX(id) FROM telegrams")
+        row = self.db.execute(f"SELECT MAX(m) FROM ({' UNION ALL '.join(parts)})")
+        return row.fetchone()[0] or 0
