@@ -96,16 +96,20 @@ class Damage:
         self._summaries.replace(segment, entries, sealed=sealed)
         if sealed:
             self._summaries.sizes[segment.first_seq] = size
+        cursors = self._cursors.snapshot()
         try:
             with self._state.transaction() as db:
                 self._state.add_counters("lost", lost)
                 self._summaries.save(db, ())
+                self._cursors.save(db, self._forget_gone(segment, entries))
+                self._state.keep_numbering(self._log.last_seq)
                 db.execute(
                     "INSERT OR REPLACE INTO rewrites (first_seq, size) VALUES (?, ?)",
                     (segment.first_seq, size),
                 )
         except BaseException:
             self._summaries.restore(saved)
+            self._cursors.restore(cursors)
             segment.path.with_name(segment.path.name + ".new").unlink(missing_ok=True)
             raise
         self._summaries.unsaved.clear()
@@ -121,20 +125,43 @@ class Damage:
         lost = self.account(segment, items)
         saved = self._summaries.snapshot()
         self._summaries.replace(segment, entries, sealed=False)
+        cursors = self._cursors.snapshot()
         try:
             with self._state.transaction() as db:
                 self._state.add_counters("lost", lost)
+                self._cursors.save(db, self._forget_gone(segment, entries))
+                self._state.keep_numbering(self._log.last_seq)
                 db.execute(
                     "INSERT OR REPLACE INTO rewrites (first_seq, size) VALUES (?, ?)",
                     (segment.first_seq, keep),
                 )
         except BaseException:
             self._summaries.restore(saved)
+            self._cursors.restore(cursors)
             raise
         size = segment.size
         self._finish(segment, keep)
         self._report(segment, items, lost, size, keep)
         return lost
+
+    def _forget_gone(self, segment: Segment, entries: Sequence[Entry]) -> list[str]:
+        """Confirmations (and spared ones) of records the repair removes: gone with them, so a
+        count from the summaries stays right. Returns the sinks changed."""
+        later = [s.first_seq for s in self._log.segments if s.first_seq > segment.first_seq]
+        end = min(later) if later else self._log.last_seq + 1
+        readable = {entry.seq for entry in entries}
+        changed = []
+        for sink, cursor in self._cursors.by_sink.items():
+            gone = {
+                seq
+                for seq in cursor.done | cursor.spared
+                if segment.first_seq <= seq < end and seq not in readable
+            }
+            if gone:
+                cursor.done -= gone
+                cursor.spared -= gone
+                changed.append(sink)
+        return changed
 
     def _finish(self, segment: Segment, size: int) -> None:
         self._log.finish_rewrite(segment, size)

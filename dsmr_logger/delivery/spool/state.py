@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS counters (
     sink TEXT NOT NULL, name TEXT NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (sink, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS rewrites (first_seq INTEGER PRIMARY KEY, size INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS numbering (id INTEGER PRIMARY KEY CHECK (id = 1), last_seq INTEGER);
 """
 
 SCHEMA_VERSION = 3
@@ -241,6 +242,15 @@ class StateDb:
             [(sink, name, amount) for sink, amount in amounts.items() if amount],
         )
 
+    def keep_numbering(self, last_seq: int) -> None:
+        """Remember the highest seq used (inside a transaction): a repair that removes the
+        newest records must not let their numbers be used again."""
+        self.db.execute(
+            "INSERT INTO numbering (id, last_seq) VALUES (1, ?) "
+            "ON CONFLICT (id) DO UPDATE SET last_seq = MAX(last_seq, excluded.last_seq)",
+            (last_seq,),
+        )
+
     def counters(self) -> dict[str, dict[str, int]]:
         result: dict[str, dict[str, int]] = {}
         for sink, name, value in self.db.execute("SELECT sink, name, value FROM counters"):
@@ -255,6 +265,8 @@ class StateDb:
             "SELECT MAX(seq) FROM done",
             "SELECT MAX(last_seq) FROM segments",
         ]
+        if self.has_table("numbering"):
+            parts.append("SELECT last_seq FROM numbering")
         if self.has_table("telegrams"):
             parts.append("SELECT MAX(id) FROM telegrams")
         row = self.db.execute(f"SELECT MAX(m) FROM ({' UNION ALL '.join(parts)})")
