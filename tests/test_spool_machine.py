@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dsmr_logger.delivery.spool import Spool, StoredTelegram, encode, telegram_dir
-from dsmr_logger.delivery.spool.records import MARKER, parse_head
+from dsmr_logger.delivery.spool.records import MARKER
 from dsmr_logger.delivery.spool.scan import Entry, Gap, scan
 from dsmr_logger.delivery.spool.segments import SUFFIX
 
