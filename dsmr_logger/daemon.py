@@ -199,7 +199,7 @@ class Daemon:
                 SinkSnapshot(
                     name=worker.sink.name,
                     delivered=worker.stats.delivered,
-                    backlog=len(queue),
+                    backlog=self.queues.backlog(worker.sink.name),
                     oldest_age=None if oldest is None else max(0.0, now - oldest),
                     retries=worker.stats.retries,
                     dead_letters=worker.stats.dead_letters,
@@ -223,6 +223,7 @@ class Daemon:
             last_frame_at=status.last_frame_at,
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),
+            spool=self.queues.spool_snapshot(),
         )
 
     def status_line(self) -> str:

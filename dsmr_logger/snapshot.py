@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,19 @@ class SinkSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolSnapshot:
+    """Whether the spool can be written, and what waits in memory meanwhile."""
+
+    writable: bool
+    error: str | None
+    failing_since: float | None
+    in_memory: int
+    """Telegrams held only in memory (not yet spooled, some sink still waiting)."""
+    lost: Mapping[str, int] = field(default_factory=dict)
+    """Telegrams lost to a damaged spool, per sink."""
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Everything a summary line, the demo or a status page shows, taken at one instant."""
 
@@ -36,3 +50,4 @@ class Snapshot:
     last_frame_at: float | None
     last_telegram: bytes | None
     sinks: tuple[SinkSnapshot, ...]
+    spool: SpoolSnapshot | None = None

@@ -1,60 +1,50 @@
 """Per-sink ordered queues over one shared spool.
 
 Every accepted telegram becomes a ``Record`` that each of its sinks must either confirm or
-dead-letter. A sink's queue is its spooled backlog first (read from disk a page at a time, so a
-100,000-telegram backlog costs no RAM), then the "hot" records still in memory, oldest first.
+dead-letter. A sink's queue is its spooled backlog first ("cold": read from disk a page at a
+time, so a 100,000-telegram backlog costs no RAM), then the "hot" records in memory, oldest first.
 
 Durability (see the README): in the default ``batched`` mode a record is written to the spool only
 if some sink still needs it ``flush_interval`` seconds after it arrived, in one transaction with
 the others; a healthy sink therefore costs no disk writes. In ``strict`` mode every record is
 committed before any sink sees it, and every confirmation is committed before the next send.
+
+When the spool cannot be written (a full card, its files deleted, it could not even be opened at
+start), reading and delivering go on from memory: records wait, encoded once, for the spool to
+come back (retried every ``flush_interval / 2``, at the cost of one ``statvfs`` while the disk is
+full), strict durability is suspended rather than stalling a healthy sink, and past
+``MEMORY_BYTES`` the oldest waiting records are dropped and counted. All of it is backlog, and
+``spool_snapshot`` says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
+import contextlib
 import itertools
 import sqlite3
+import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import structlog
 
-from dsmr_logger.delivery.spool import Backlog, Spool, StoredTelegram
+from dsmr_logger.delivery.spool import Backlog, Spool, SpoolError, StoredTelegram
+from dsmr_logger.delivery.spool.committer import ACK_BATCH, HOT_LIMIT, Committer
+from dsmr_logger.delivery.spool.keeper import SpoolKeeper
+from dsmr_logger.delivery.spool.window import MEMORY_BYTES, Item, Record, Window
 from dsmr_logger.meter.framing import Frame
+from dsmr_logger.snapshot import SpoolSnapshot
+
+__all__ = ["ACK_BATCH", "HOT_LIMIT", "MEMORY_BYTES", "Item", "Queues", "Record", "SinkQueue"]
 
 T = TypeVar("T")
 
-HOT_LIMIT = 2000
-"""Records a sink keeps in memory before older (already spooled) ones are read back from disk.
-
-A soft bound: a burst is spooled early once this many records wait unflushed, so a sink's memory
-holds at most 2 x HOT_LIMIT + 1 records while commits stay batched (one transaction per burst)."""
 PAGE_SIZE = 256
-ACK_BATCH = 32
-"""Confirmations of spooled telegrams committed together: bounds resends after a crash mid-drain."""
-SPOOL_RETRY = 1.0
-REQUEUE_TICKS = 4
-
-
-@dataclass(slots=True, eq=False)
-class Record:
-    """An accepted telegram still needed by at least one sink."""
-
-    seq: int
-    telegram: bytes
-    received_at: float
-    accepted_at: float
-    waiting: set[str]
-    spooled: bool = False
-
-
-Item = Record | StoredTelegram
-"""What a sink is handed: a hot record, or a telegram read back from the spool."""
+READ_RETRY = 1.0
+"""Seconds a sink waits to read its backlog again while the spool is being reopened."""
 
 
 @dataclass(slots=True)
@@ -62,13 +52,52 @@ class QueueStats:
     accepted: int = 0
     throttled: int = 0
     dropped: int = 0
-    """Lost to the spool's size cap (oldest first), with a warning each time."""
+    """Lost to the spool's size cap (oldest first), or to a full memory window while the spool
+    could not be written, with a warning each time."""
+
+
+class CommitGate:
+    """Whether a commit runs: no sink takes a new head meanwhile, since a commit spares only
+    what was in flight when it began and may drop what would become the next head."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._settled = asyncio.Event()
+        self._settled.set()
+
+    @property
+    def committing(self) -> bool:
+        return self._running > 0
+
+    async def settled(self) -> None:
+        await self._settled.wait()
+
+    @contextlib.asynccontextmanager
+    async def holding(self) -> AsyncIterator[None]:
+        self._running += 1
+        self._settled.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._settled.set()
+
+
+PageReader = Callable[[str, int, int, int], Awaitable[list[StoredTelegram]]]
+"""``(sink, after, upto, limit)`` → the next spooled telegrams that sink still needs."""
 
 
 class SinkQueue:
-    """One sink's view: strictly oldest first; an item leaves only by ``done``."""
+    """One sink's view: strictly oldest first; an item leaves only by ``done``.
 
-    def __init__(self, name: str, queues: Queues, min_interval: float) -> None:
+    Invariant: the cold part (spooled, ``cold_cursor < seq <= cold_upto``) is handed out before
+    any hot record, and a record is handed out again only if it was never confirmed.
+    """
+
+    def __init__(
+        self, name: str, min_interval: float, *, read_page: PageReader, gate: CommitGate
+    ) -> None:
         self.name = name
         self.stats = QueueStats()
         self.min_interval = min_interval
@@ -76,7 +105,9 @@ class SinkQueue:
         self.cold_upto = 0
         self.cold_cursor = 0
         self.cold_count = 0
-        self._queues = queues
+        self.cold_oldest: float | None = None
+        self._read_page = read_page
+        self._gate = gate
         self._page: deque[StoredTelegram] = deque()
         self._current: Item | None = None
         self._arrived = asyncio.Event()
@@ -89,13 +120,17 @@ class SinkQueue:
         in_flight_cold = isinstance(self._current, StoredTelegram)
         return self.cold_count + len(self.hot) + in_flight_cold
 
+    @property
+    def current(self) -> Item | None:
+        return self._current
+
     def oldest_received_at(self) -> float | None:
         if self._current is not None:
             return self._current.received_at
         if self._page:
             return self._page[0].received_at
         if self.cold_count:
-            return self._queues.cold_oldest.get(self.name)
+            return self.cold_oldest
         return self.hot[0].received_at if self.hot else None
 
     def wants(self, received_at: float) -> bool:
@@ -115,15 +150,11 @@ class SinkQueue:
         self._arrived.set()
 
     async def head(self) -> Item:
-        """The oldest undelivered telegram; waits while there is none.
-
-        A new head is never taken while a commit runs: the commit spares only what was in
-        flight when it began, and may drop what would otherwise become the head meanwhile.
-        """
+        """The oldest undelivered telegram; waits while there is none (or a commit runs)."""
         while self._current is None:
             await self._ready()
-            if self._queues.committing:
-                await self._queues.settled()
+            if self._gate.committing:
+                await self._gate.settled()
                 continue
             self._current = self._take_ready()
         return self._current
@@ -198,9 +229,11 @@ class SinkQueue:
 
     async def _load_page(self) -> None:
         upto = self.cold_upto
-        page = await self._queues.in_spool(
-            self._queues.spool.page, self.name, self.cold_cursor, upto, PAGE_SIZE
-        )
+        try:
+            page = await self._read_page(self.name, self.cold_cursor, upto, PAGE_SIZE)
+        except (SpoolError, sqlite3.Error, OSError):
+            await asyncio.sleep(READ_RETRY)  # the spool is being reopened: its backlog waits
+            return
         self._page.extend(page)
         if not page:
             # Nothing left up to where this read looked; a commit meanwhile may have evicted
@@ -218,6 +251,12 @@ class SinkQueue:
         self.cold_count = max(0, self.cold_count - cold)
         self.stats.dropped += len(gone)
 
+    def forget(self, record: Record) -> None:
+        """A record dropped from memory (the window is full and the spool cannot take it)."""
+        with contextlib.suppress(ValueError):
+            self.hot.remove(record)
+        self.stats.dropped += 1
+
     def evict(self, limit: int) -> None:
         """Keep at most ``limit`` hot records; older spooled ones are read back from disk later."""
         while len(self.hot) > limit:
@@ -232,9 +271,32 @@ class SinkQueue:
             self.cold_upto = max(self.cold_upto, record.seq)
             self.cold_count += 1
 
+    def restore_cold(self, upto: int, backlog: Backlog | None) -> int:
+        """The spool (re)opened: its backlog for this sink is read from the start; returns how
+        many telegrams the cold part held before."""
+        before = self.cold_count + len(self._page)
+        self._page.clear()
+        self.cold_cursor, self.cold_upto = 0, upto
+        self.cold_count = backlog.count if backlog else 0
+        self.cold_oldest = backlog.oldest_received_at if backlog else None
+        return before
+
+    def spooled_in_memory(self, *, keep: bool) -> list[Record]:
+        """Hot records the spool holds too; unless ``keep``, taken out (the cold part covers
+        them again once the spool is read from the start)."""
+        spooled = [r for r in self.hot if r.spooled]
+        if not keep:
+            self.hot = deque(r for r in self.hot if not r.spooled or r is self._current)
+        return spooled
+
 
 class Queues:
-    """Accepts frames from the reader, feeds each sink's queue, and keeps the spool in step."""
+    """Accepts frames from the reader, feeds each sink's queue, and keeps the spool in step
+    (``spool.committer``), whatever the spool's condition (``spool.keeper``).
+
+    Invariant: a telegram accepted for a sink leaves that sink's queue only by its
+    confirmation or dead letter, or dropped and counted (the spool's cap, the memory window).
+    """
 
     def __init__(
         self,
@@ -244,279 +306,91 @@ class Queues:
         flush_interval: float,
         strict: bool,
         hot_limit: int = HOT_LIMIT,
+        memory_bytes: int = MEMORY_BYTES,
         log: Any = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         """``sinks`` maps each sink name to its ``min_interval`` throttle."""
+        log = log or structlog.get_logger("dsmr_logger.delivery")
         self.spool = spool
-        self.flush_interval = flush_interval
         self.strict = strict
-        self.hot_limit = hot_limit
-        self.sinks = {name: SinkQueue(name, self, gap) for name, gap in sinks.items()}
-        self.cold_oldest: dict[str, float | None] = {}
-        self._log = log or structlog.get_logger("dsmr_logger.delivery")
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
-        self._seq = 0
-        self._unflushed: deque[Record] = deque()
-        self._acks: list[tuple[str, int]] = []
-        self._strict_waiting: list[Record] = []
-        self._strict_wakeup = asyncio.Event()
-        self._early_flush: asyncio.Task[None] | None = None
-        self._flushing = asyncio.Lock()
-        """One flush at a time: the spool appends in seq order, so a failed batch must be
-        retried before a newer one is written."""
-        self._commits = 0
-        self._settled = asyncio.Event()
-        self._settled.set()
-        self.spool_error: str | None = None
+        self.gate = CommitGate()
+        self.window = Window(log, limit=memory_bytes, wall=wall_clock)
+        self.sinks: dict[str, SinkQueue] = {}
+        self.keeper = SpoolKeeper(spool, self.sinks, self.window, log=log, wall=wall_clock)
+        for name, gap in sinks.items():
+            self.sinks[name] = SinkQueue(name, gap, read_page=self.keeper.read_page, gate=self.gate)
+        self.committer = Committer(
+            self.keeper,
+            self.window,
+            self.sinks,
+            self.gate,
+            flush_interval=flush_interval,
+            strict=strict,
+            hot_limit=hot_limit,
+            log=log,
+        )
+        self.flush = self.committer.flush
+        self.run_flusher = self.committer.run_flusher
+        self.run_strict_committer = self.committer.run_strict_committer
+        self.adopt_requeued = self.committer.adopt_requeued
 
     @property
     def committing(self) -> bool:
-        return self._commits > 0
+        return self.gate.committing
 
-    async def settled(self) -> None:
-        """Wait until no commit runs (so none can drop what a sink takes next)."""
-        await self._settled.wait()
+    @property
+    def spool_error(self) -> str | None:
+        return self.keeper.trouble.error
 
     async def in_spool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self._executor, functools.partial(fn, *args))
-        # Shielded: a cancelled caller (shutdown) must not cancel a commit that holds telegrams.
-        return await asyncio.shield(job)
+        return await self.keeper.call(fn, *args)
 
     async def open(self) -> dict[str, Backlog]:
-        """Open the spool and restore each sink's backlog; returns backlogs of unknown sinks."""
-        await self.in_spool(self.spool.open)
-        for path, readable in self.spool.log.damaged:
-            self._log.warning(
-                "spool file ends in a torn or damaged record; kept what was whole before it",
-                file=path.name,
-                bytes_kept=readable,
-            )
-        self._seq = await self.in_spool(self.spool.last_seq)
-        backlogs = await self.in_spool(self.spool.backlogs)
-        for name, queue in self.sinks.items():
-            queue.cold_upto = await self.in_spool(self.spool.backlog_upto, name)
-            backlog = backlogs.get(name)
-            queue.cold_count = backlog.count if backlog else 0
-            self.cold_oldest[name] = backlog.oldest_received_at if backlog else None
-            if backlog:
-                self._log.info("restored backlog", sink=name, telegrams=backlog.count)
-        await self.adopt_requeued()
-        return {name: b for name, b in backlogs.items() if name not in self.sinks}
+        """Open the spool and restore each sink's backlog; returns backlogs of unknown sinks.
 
-    # --- the reader's side ------------------------------------------------------------------
+        A spool that cannot be opened now (a full disk) is opened again by the flusher; one
+        another daemon owns, or a newer version wrote, stops the start (``SpoolError``).
+        """
+        orphans = await self.keeper.open()
+        if orphans is None:
+            return {}
+        await self.committer.adopt_requeued()
+        return orphans
 
     def accept(self, frame: Frame) -> None:
         """Take a frame from the reader (never blocks, never drops silently)."""
         wanted = {name for name, q in self.sinks.items() if q.wants(frame.received_at)}
         if wanted:
-            self._enqueue(frame.telegram, frame.received_at, wanted)
-
-    def _enqueue(self, telegram: bytes, received_at: float, sinks: set[str]) -> None:
-        loop = asyncio.get_running_loop()
-        self._seq += 1
-        record = Record(self._seq, telegram, received_at, loop.time(), sinks)
-        if self.strict:
-            self._strict_waiting.append(record)
-            self._strict_wakeup.set()
-            return
-        self._unflushed.append(record)
-        for name in sinks:
-            self.sinks[name].push(record)
-        if len(self._unflushed) > self.hot_limit and self._early_flush is None:
-            self._early_flush = loop.create_task(self._flush_early())
-
-    async def adopt_requeued(self) -> int:
-        """Queue dead letters a user requeued (``dsmr-logger spool requeue``), even while running.
-
-        They are enqueued like new telegrams before their rows are removed, so a crash in
-        between can only send one twice, never lose it.
-        """
-        waiting = await self.in_spool(self.spool.requeued, list(self.sinks))
-        for _, sink, stored in waiting:
-            self._enqueue(stored.telegram, stored.received_at, {sink})
-        if waiting:
-            await self.in_spool(self.spool.forget_requeued, [row for row, _, _ in waiting])
-            self._log.info("requeued telegrams queued again", telegrams=len(waiting))
-        return len(waiting)
-
-    async def run_strict_committer(self) -> None:
-        """Strict mode: commit waiting records (grouped) before any sink may send them."""
-        while True:
-            await self._strict_wakeup.wait()
-            self._strict_wakeup.clear()
-            batch, self._strict_waiting = self._strict_waiting, []
-            for record in batch:
-                record.spooled = True
-            async with self._flushing:
-                committed = await self._commit(batch, [])
-            if not committed:
-                for record in batch:
-                    record.spooled = False
-                self._strict_waiting[:0] = batch
-                await asyncio.sleep(SPOOL_RETRY)
-                self._strict_wakeup.set()
-                continue
-            for record in batch:
-                for name in record.waiting:
-                    self.sinks[name].push(record)
-
-    # --- the sinks' side --------------------------------------------------------------------
+            now = asyncio.get_running_loop().time()
+            self.committer.enqueue(self.window.new(frame.telegram, frame.received_at, now, wanted))
 
     async def confirm(self, sink: str, item: Item) -> None:
         """The sink stored the head telegram: it leaves that sink's queue."""
         self.sinks[sink].done()
-        if isinstance(item, Record):
-            item.waiting.discard(sink)
-            if not item.spooled:
-                return
-        self._acks.append((sink, item.seq))
-        if self.strict or len(self._acks) >= ACK_BATCH:
-            await self.flush()
+        await self.committer.confirmed(sink, item)
 
     async def dead_letter(
         self, sink: str, item: Item, *, status: int | None, body: str, reason: str
     ) -> None:
         """The server will never take this telegram: keep it aside (listable, requeueable)."""
         self.sinks[sink].done()
-        spooled = True
-        if isinstance(item, Record):
-            item.waiting.discard(sink)
-            spooled = item.spooled
-        stored = StoredTelegram(item.seq, item.telegram, item.received_at)
-        try:
-            await self.in_spool(
-                functools.partial(
-                    self.spool.dead_letter,
-                    sink,
-                    stored,
-                    status=status,
-                    body=body,
-                    reason=reason,
-                    spooled=spooled,
-                )
-            )
-        except (sqlite3.Error, OSError) as exc:
-            # Not kept aside (a spooled one is still pending and comes back after a restart);
-            # the sink's task must not die of it.
-            self._spool_failed(exc)
-
-    # --- the spool's side -------------------------------------------------------------------
-
-    async def flush(self, *, everything: bool = False) -> None:
-        """Commit what is still undelivered after ``flush_interval`` (or all of it), and acks."""
-        async with self._flushing:
-            await self._flush(everything)
-
-    async def _flush(self, everything: bool) -> None:
-        loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.flush_interval
-        batch: list[Record] = []
-        while self._unflushed and (everything or self._unflushed[0].accepted_at <= cutoff):
-            record = self._unflushed.popleft()
-            if record.waiting:
-                record.spooled = True
-                batch.append(record)
-        acks, self._acks = self._acks, []
-        if (batch or acks) and not await self._commit(batch, acks):
-            # Keep everything in memory and try again at the next flush: nothing is lost
-            # while the process lives, and sinks keep delivering meanwhile.
-            for record in batch:
-                record.spooled = False
-            self._unflushed.extendleft(reversed(batch))
-            # A sink that confirmed one of the batch meanwhile queued an ack for it; the retry
-            # spools it without that sink, so that ack must not reach the spool.
-            unspooled = {record.seq for record in batch}
-            self._acks = acks + [(s, seq) for s, seq in self._acks if seq not in unspooled]
-            return
-        for queue in self.sinks.values():
-            queue.evict(self.hot_limit)
-
-    async def _commit(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> bool:
-        """Write a batch and acks in one transaction; False (logged once per error) on failure."""
-        self._commits += 1
-        self._settled.clear()
-        try:
-            return await self._commit_now(batch, acks)
-        finally:
-            self._commits -= 1
-            if not self._commits:
-                self._settled.set()
-
-    async def _commit_now(self, batch: Sequence[Record], acks: list[tuple[str, int]]) -> bool:
-        new = [(StoredTelegram(r.seq, r.telegram, r.received_at), sorted(r.waiting)) for r in batch]
-        protect = {seq for queue in self.sinks.values() for seq in queue.protected()}
-        try:
-            dropped: dict[str, list[int]] = await self.in_spool(
-                self.spool.commit, new, acks, protect
-            )
-        except (sqlite3.Error, OSError) as exc:
-            self._spool_failed(exc)
-            return False
-        if self.spool_error is not None:
-            self._log.info("spool writable again", path=str(self.spool.path))
-            self.spool_error = None
-        for sink, seqs in dropped.items():
-            if sink in self.sinks:
-                self.sinks[sink].drop(seqs)
-            self._log.warning(
-                "spool full: dropped oldest telegrams",
-                sink=sink,
-                dropped=len(seqs),
-                max_bytes=self.spool.max_bytes,
-            )
-        return True
-
-    def _spool_failed(self, exc: Exception) -> None:
-        error = f"{type(exc).__name__}: {exc}"
-        if error != self.spool_error:
-            self._log.error(
-                "cannot write the spool; undelivered telegrams stay in memory meanwhile",
-                path=str(self.spool.path),
-                error=error,
-            )
-        self.spool_error = error
-
-    async def _flush_early(self) -> None:
-        """A burst outgrew the memory window before ``flush_interval``: spool it now."""
-        try:
-            await self.flush(everything=True)
-        finally:
-            self._early_flush = None
-
-    async def run_flusher(self) -> None:
-        """Flush every ``flush_interval / 2``; adopt requeued telegrams every 2 x flush_interval.
-
-        An idle daemon thus wakes the spool's thread only every 10 s (by default): each look
-        for requeued telegrams is a hop to that thread and a read of the file's header.
-        """
-        period = max(self.flush_interval / 2, 0.05)
-        for tick in itertools.count(1):
-            await asyncio.sleep(period)
-            if self._unflushed or self._acks:
-                await self.flush()
-            if self.spool.sync_due():
-                try:
-                    await self.in_spool(self.spool.sync)
-                except OSError as exc:  # retried at the next tick; a dead flusher stops spooling
-                    self._spool_failed(exc)
-            if tick % REQUEUE_TICKS == 0:
-                await self.adopt_requeued()
+        answer = {"status": status, "body": body, "reason": reason}
+        await self.committer.dead_lettered(sink, item, answer)
 
     async def close(self) -> None:
         """Commit everything still undelivered (and every ack), then close the spool."""
-        leftover, self._strict_waiting = self._strict_waiting, []
-        self._unflushed.extendleft(reversed(leftover))
-        await self.flush(everything=True)
-        if self._unflushed:
-            self._log.error(
-                "stopping with telegrams that could not be written to the spool; they are lost",
-                telegrams=sum(1 for r in self._unflushed if r.waiting),
-                error=self.spool_error,
-            )
-        await self.in_spool(self.spool.close)
-        self._executor.shutdown(wait=True)
+        await self.committer.close()
+        await self.keeper.close()
+
+    def backlog(self, sink: str) -> int:
+        """Everything ``sink`` still has to deliver: spooled, in memory, or being committed."""
+        waiting = sum(1 for r in self.window.strict_waiting if sink in r.waiting)
+        return len(self.sinks[sink]) + waiting
 
     def undelivered(self) -> dict[str, int]:
-        return {name: len(q) for name, q in self.sinks.items()}
+        return {name: self.backlog(name) for name in self.sinks}
+
+    def spool_snapshot(self) -> SpoolSnapshot:
+        return self.keeper.snapshot()

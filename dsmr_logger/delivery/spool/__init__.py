@@ -29,7 +29,12 @@ from dsmr_logger.delivery.spool.letters import DeadLetter, StoredTelegram
 from dsmr_logger.delivery.spool.reads import Backlog
 from dsmr_logger.delivery.spool.records import encode
 from dsmr_logger.delivery.spool.segments import SUFFIX
-from dsmr_logger.delivery.spool.state import SCHEMA_VERSION, SpoolBusy, SpoolError
+from dsmr_logger.delivery.spool.state import (
+    SCHEMA_VERSION,
+    SpoolBusy,
+    SpoolError,
+    SpoolUnavailable,
+)
 from dsmr_logger.delivery.spool.writes import Encoded, SpoolGone
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "SpoolBusy",
     "SpoolError",
     "SpoolGone",
+    "SpoolUnavailable",
     "StoredTelegram",
     "encode",
     "telegram_dir",

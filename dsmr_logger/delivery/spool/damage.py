@@ -35,6 +35,8 @@ class Damage:
         self._cursors = cursors
         self._state = state
         self._logger = logger
+        self.noted: Counter[str] = Counter()
+        """Telegrams counted lost per sink (since the spool was created): what status shows."""
 
     def account(self, segment: Segment, items: Sequence[Entry | Gap]) -> dict[str, int]:
         """Per sink, how many records it still needed that are missing from ``items`` (a whole
@@ -113,6 +115,7 @@ class Damage:
             segment.path.with_name(segment.path.name + ".new").unlink(missing_ok=True)
             raise
         self._summaries.unsaved.clear()
+        self.noted.update(lost)
         self._finish(segment, size)
         self._report(segment, items, lost, len(data), size)
         return lost
@@ -139,6 +142,7 @@ class Damage:
             self._summaries.restore(saved)
             self._cursors.restore(cursors)
             raise
+        self.noted.update(lost)
         size = segment.size
         self._finish(segment, keep)
         self._report(segment, items, lost, size, keep)

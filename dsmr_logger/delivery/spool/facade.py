@@ -26,7 +26,7 @@ from dsmr_logger.delivery.spool.letters import DeadLetters
 from dsmr_logger.delivery.spool.opening import Opening
 from dsmr_logger.delivery.spool.reads import Reads
 from dsmr_logger.delivery.spool.segments import SegmentLog
-from dsmr_logger.delivery.spool.state import SpoolError, StateDb
+from dsmr_logger.delivery.spool.state import SpoolError, SpoolUnavailable, StateDb
 from dsmr_logger.delivery.spool.summaries import Summaries
 from dsmr_logger.delivery.spool.writes import Writes
 
@@ -54,7 +54,7 @@ class Spool:
         self.path = path
         self.max_bytes = max_bytes
         self.strict = strict
-        logger = logger or structlog.get_logger("dsmr_logger.spool")
+        self._logger = logger = logger or structlog.get_logger("dsmr_logger.spool")
         segment_bytes = max(1, min(SEGMENT_BYTES, max_bytes // 16))
         self.log = log = SegmentLog(telegram_dir(path), segment_bytes=segment_bytes)
         self.state = state = StateDb(path, log.directory, strict=strict)
@@ -102,12 +102,15 @@ class Spool:
         try:
             self._writes.writer = not shared
             self._opening.open(writer=not shared)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:  # a full disk, locked, cannot open: transient
+            self.close()
+            raise SpoolUnavailable(f"{self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # not a database, and never was a spool
             self.close()
             raise SpoolError(f"{self.path}: {exc}") from exc
         except OSError as exc:
             self.close()
-            raise SpoolError(f"{self.path}: {exc.strerror or exc}") from exc
+            raise SpoolUnavailable(f"{self.path}: {exc.strerror or exc}") from exc
         except SpoolError:
             self.close()
             raise
@@ -142,3 +145,30 @@ class Spool:
     def backlog_upto(self, sink: str) -> int:
         """The newest spooled telegram; ``page`` skips those not for ``sink``."""
         return self.log.last_seq
+
+    @property
+    def lost(self) -> dict[str, int]:
+        """Telegrams counted lost to damage, per sink (read without touching the files)."""
+        return {sink: count for sink, count in self.damage.noted.items() if count}
+
+    def segments_present(self) -> bool:
+        """The segment being appended to is still there (only the state may have gone)."""
+        return self.log.present()
+
+    def set_aside_remains(self) -> Path | None:
+        """After ``SpoolGone``: move what is left aside (abandoned first) to start afresh."""
+        return self.state.set_aside_remains()
+
+    def peek_last_seq(self) -> int:
+        """The numbering to go on from when the spool cannot be opened to write: read beside,
+        as the tools do, else the newest segment's name; 0 if nothing can be read."""
+        reader = Spool(self.path, max_bytes=self.max_bytes, logger=self._logger)
+        try:
+            reader.open(shared=True)
+        except SpoolError:
+            names = [s.stem for s in self.log.directory.glob("*.seg") if s.stem.isdigit()]
+            return max((int(name) for name in names), default=0)
+        try:
+            return reader.last_seq()
+        finally:
+            reader.close()

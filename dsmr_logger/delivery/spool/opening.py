@@ -50,6 +50,8 @@ class Opening:
                 "stay in the moved file",
                 moved_to=str(state.set_aside),
             )
+        spool.damage.noted.clear()
+        spool.damage.noted.update({s: c.get("lost", 0) for s, c in state.counters().items()})
         log.open(writer=writer, first_seq=self._first_seq())
         if writer:
             spool.damage.finish_interrupted()
@@ -110,6 +112,7 @@ class Opening:
         with spool.state.transaction() as db:
             spool.state.add_counters("lost", lost)
             db.executemany("DELETE FROM segments WHERE first_seq = ?", [(f,) for f in missing])
+        spool.damage.noted.update(lost)
         self._logger.error(
             "spool segment directory missing: its telegrams are lost; started a new one"
             if directory_missing

@@ -60,6 +60,10 @@ class SpoolBusy(SpoolError):
     """Another daemon owns this spool."""
 
 
+class SpoolUnavailable(SpoolError):
+    """The spool cannot be opened now (a full or read-only disk, an I/O error): try again."""
+
+
 class _Damaged(sqlite3.DatabaseError):
     """``PRAGMA quick_check`` found damage."""
 
@@ -205,6 +209,18 @@ class StateDb:
             return self.path.stat().st_ino == self.inode
         except OSError:
             return False
+
+    def set_aside_remains(self) -> Path | None:
+        """What is left of a spool whose files were deleted while open (its state without its
+        telegrams, or the reverse) is moved aside, to start afresh beside it."""
+        stamp = f".gone-{int(time.time())}"
+        moved = None
+        sources = [Path(f"{self.path}{suffix}") for suffix in ("", "-wal", "-shm")]
+        for source in [*sources, self.lock_dir]:
+            if source.exists():
+                os.replace(source, source.with_name(source.name + stamp))
+                moved = self.path.with_name(self.path.name + stamp)
+        return moved
 
     def close_db(self) -> None:
         if self._db is not None:

@@ -11,6 +11,8 @@ Invariant: a commit (appends, confirmations, cap) is all or nothing.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
@@ -27,6 +29,10 @@ from dsmr_logger.delivery.spool.summaries import Summaries
 
 Encoded = tuple[int, bytes, Collection[str]]
 """A record encoded once by the caller (``encode``): its seq, bytes, and the sinks it names."""
+
+
+ROOM_MARGIN = 256 * 1024
+"""Free bytes a commit wants beyond its records: SQLite's WAL frames and a new segment."""
 
 
 class SpoolGone(SpoolError):
@@ -57,8 +63,23 @@ class Writes:
         self._clock = clock
         self._logger = logger
         self.writer = False
+        self.full = False
+        """The last commit failed for want of room."""
         self._unsynced = self._directory_changed = False
         self._last_sync = 0.0
+
+    def _wait_for_room(self, size: int) -> None:
+        """After a full disk, fail at once (no write, no rollback) until there is room again:
+        a retry every few seconds then costs one ``statvfs``."""
+        if not self.full or not size:
+            return
+        try:
+            fs = os.statvfs(self.log.directory)
+        except OSError:
+            return
+        free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+        if free < size + ROOM_MARGIN:
+            raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)")
 
     def require_writer(self) -> None:
         if not self.writer:
@@ -101,7 +122,12 @@ class Writes:
         mark = self.log.mark()
         summaries = self.summaries.snapshot()
         kept = self.cap.trim_batch(records, protect, dropped)
-        sealed = self.log.append([(seq, record) for seq, record, _ in kept])
+        self._wait_for_room(sum(len(record) for _, record, _ in kept))
+        try:
+            sealed = self.log.append([(seq, record) for seq, record, _ in kept])
+        except OSError as exc:
+            self.full = exc.errno == errno.ENOSPC
+            raise
         self._unsynced |= bool(kept)
         for segment in sealed:
             self.summaries.seal(segment)
@@ -123,12 +149,16 @@ class Writes:
                 self.state.add_counters("lost", lost)
                 for name, amounts in (counted or {}).items():
                     self.state.add_counters(name, amounts)
-        except BaseException:
+        except BaseException as exc:
             self.cursors.restore(cursors)
             # Nothing of this commit may stay: a retry names the sinks still waiting then.
             self.log.rollback(mark)
             self.summaries.restore(summaries)
+            self.full = getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL"
             raise
+        self.full = False
+        self.damage.noted.update(lost)
+        self.damage.noted.update((counted or {}).get("lost", {}))
         self.summaries.unsaved.clear()
         self._remove(finished)
         self.repair()
@@ -213,6 +243,7 @@ class Writes:
     ) -> None:
         """Keep a telegram the server will never accept, with its answer; a ``spooled`` one is
         done for ``sink`` in the same transaction."""
+        self.check_present()
         saved = self.cursors.snapshot()
         finished: list[Segment] = []
         try:
