@@ -31,7 +31,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -363,6 +363,34 @@ class NeurioStats:
     rejected: dict[str, int] = field(default_factory=dict)
 
 
+class PollSchedule:
+    """When to ask the sensor next, in loop time.
+
+    While it answers: every ``interval`` on a fixed grid (a slow answer does not shift the ones
+    after it; one later than a whole interval is followed at once). After a failure: a pause of
+    50-100 % (jitter) of a delay that starts at ``interval`` and doubles up to ``retry_max``,
+    never shorter than ``interval``; the first answer resets it.
+    """
+
+    def __init__(
+        self, interval: float, retry_max: float, jitter: Callable[[], float], now: float
+    ) -> None:
+        self.interval, self.retry_max, self._jitter = interval, max(retry_max, interval), jitter
+        self.delay = interval
+        self.due = now
+
+    def answered(self, now: float) -> float:
+        self.delay = self.interval
+        self.due = max(self.due + self.interval, now)
+        return self.due
+
+    def failed(self, now: float) -> float:
+        pause = max(self.delay * (0.5 + self._jitter() / 2), self.interval)
+        self.delay = min(self.delay * 2, self.retry_max)
+        self.due = now + pause
+        return self.due
+
+
 def basic_auth(username: str, password: str) -> str:
     token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
     return f"Basic {token}"
@@ -374,8 +402,8 @@ class NeurioSource:
     Invariant: ``on_frame`` gets each sample the sensor answered at most once, oldest first, as
     one CRC-valid telegram out of the ``FrameAssembler``, never with a counter below one already
     passed on; every answer not passed on is counted in ``rejected()`` by reason. It never exits
-    because of the sensor: failures back off from ``interval`` to ``RETRY_MAX`` seconds, and each
-    change of state is logged once.
+    because of the sensor: failures back off (``PollSchedule``), and each change of state is logged
+    once.
     """
 
     def __init__(
@@ -385,8 +413,8 @@ class NeurioSource:
         *,
         wall_clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         retry_max: float = RETRY_MAX,
+        stale_after: float | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
     ) -> None:
         self.config = config
@@ -398,7 +426,7 @@ class NeurioSource:
         self._on_frame = on_frame
         self._wall = wall_clock
         self._jitter = jitter
-        self._sleep = sleep
+        self._stale_after = stale_after or max(30.0, 3 * config.interval)
         self._retry_max = max(retry_max, config.interval)
         self._log = log or structlog.get_logger("dsmr_logger.meter")
         self._headers = {"Accept": "application/json"}
@@ -424,18 +452,13 @@ class NeurioSource:
         client = HttpClient(self.config.url, timeout=self.config.timeout, max_body=MAX_SAMPLE_BYTES)
         loop = asyncio.get_running_loop()
         self._last_progress = loop.time()
-        delay = self.config.interval
-        next_at = loop.time()
+        schedule = PollSchedule(self.config.interval, self._retry_max, self._jitter, loop.time())
         try:
             while True:
-                if await self.poll(client):
-                    delay = self.config.interval
-                    next_at = max(next_at + self.config.interval, loop.time())
-                else:
-                    pause = delay * (0.5 + self._jitter() / 2)
-                    delay = min(delay * 2, self._retry_max)
-                    next_at = loop.time() + max(pause, self.config.interval)
-                await self._sleep(max(0.0, next_at - loop.time()))
+                answered = await self.poll(client)
+                now = loop.time()
+                due = schedule.answered(now) if answered else schedule.failed(now)
+                await asyncio.sleep(max(0.0, due - now))
         finally:
             await client.close()
 
@@ -545,9 +568,8 @@ class NeurioSource:
 
     def _stale_check(self) -> None:
         """Answers but nothing new for a while: say so, as the P1 reader does for garbage."""
-        stale_after = max(30.0, 3 * self.config.interval)
         idle = asyncio.get_running_loop().time() - self._last_progress
-        if self.status.state is MeterState.OK and idle > stale_after:
+        if self.status.state is MeterState.OK and idle > self._stale_after:
             self.status.last_error = f"no new sample for {idle:.0f} s"
             self._set_state(MeterState.NO_VALID_FRAMES)
             self._log.warning(

@@ -22,11 +22,12 @@ then knows exactly which samples it was served).
 With ``control=True`` a second port takes ``POST /_control`` with JSON ``{"mode", "repeat",
 "regress_ws", "jump_ws", "unsynchronized", "delay", "username", "password", "reset"}`` (all
 optional; answers the state), ``GET /_control`` (state) and ``GET /_served`` (every sample
-answered with 200, in order). Modes: ``ok``; ``refuse`` (the port is closed: connection refused,
-as a sensor that is off); ``hang`` (accepts, never answers); ``error`` (500); ``not_json`` (a 200
-HTML page, as a wrong device at that address). ``repeat: n``: the next n answers repeat the last
-sample; ``regress_ws``/``jump_ws``: the next new sample's grid import counters are that much
-lower/higher (the one after is normal again).
+answered with 200, in order). Modes: ``ok``; ``refuse`` (the port and its idle connections are
+closed: connection refused, as a sensor that is off; an answer being sent is finished first);
+``hang`` (accepts, never answers); ``error`` (500); ``not_json`` (a 200 HTML page, as a wrong
+device at that address). ``repeat: n``: the next n answers repeat the last sample;
+``regress_ws``/``jump_ws``: the next new sample's grid import counters are that much lower/higher
+(the one after is normal again).
 """
 
 from __future__ import annotations
@@ -282,7 +283,12 @@ class FakeSensor:
         if mode == "refuse" and old != "refuse" and self._runner is not None:
             self._close_listener()
             for connection in list(self._runner.server.connections):  # type: ignore[union-attr]
-                connection.force_close()
+                # Idle ones at once; an answer being sent is finished first (aiohttp keeps no
+                # public flag for "busy": its own shutdown reads the same attribute).
+                if getattr(connection, "_request_in_progress", False):
+                    connection.close()
+                else:
+                    connection.force_close()
         elif old == "refuse" and mode != "refuse":
             self._sock = socket.create_server((self.host, self.port))
             await self._listen()
