@@ -225,17 +225,28 @@ def test_an_answer_that_is_not_a_sample_says_why(
         ({"eImp_Ws": "159687481246"}, "NET.eImp_Ws is '159687481246', not a number"),
         ({"eImp_Ws": True}, "not a number"),
         ({"eExp_Ws": -5}, "NET.eExp_Ws is negative"),
-        ({"v_V": -1.5}, "NET.v_V is negative"),
         ({"p_W": None}, "the NET channel has no p_W"),
+        ({"p_W": "-600"}, "PHASE_A_NET.p_W is '-600', not a number"),
+        ({"v_V": -1.5}, "PHASE_A_NET.v_V is negative"),
     ],
 )
-def test_a_grid_channel_with_a_bad_value_is_refused(change: dict[str, Any], detail: str) -> None:
+def test_a_written_channel_with_a_bad_value_is_refused(change: dict[str, Any], detail: str) -> None:
     document = json.loads(json.dumps(SOLAR))
-    document["channels"][-1].update(change)
+    where = 2 if detail.startswith("PHASE_A_NET") else -1
+    document["channels"][where].update(change)
     with pytest.raises(SampleError) as caught:
         telegram_of(document)
     assert caught.value.reason is Rejected.MALFORMED
     assert detail in str(caught.value)
+
+
+def test_an_odd_value_in_a_channel_that_is_not_written_harms_nothing() -> None:
+    document = json.loads(json.dumps(SOLAR))
+    document["channels"][5]["eImp_Ws"] = "n/a"  # GENERATION: not written into the telegram
+    document["channels"][0]["v_V"] = None  # PHASE_A_CONSUMPTION
+    reading = parse(telegram_of(document), zone=AMSTERDAM)
+    assert value(reading, "1-0:1.8.1") == Decimal("44357.634")
+    assert value(reading, "1-0:32.7.0") == Decimal("121.4")  # from PHASE_A_NET
 
 
 def test_the_header_names_the_sensor_and_survives_an_odd_id() -> None:
