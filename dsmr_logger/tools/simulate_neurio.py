@@ -40,10 +40,11 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from types import MappingProxyType
 from typing import Any
 
 from aiohttp import web
@@ -86,27 +87,35 @@ class _Phase:
     volts: Decimal
 
 
-_SHAPES: dict[str, tuple[_Phase, ...]] = {
-    "eu3": (
-        _Phase("A", 230, 0, Decimal("230.1")),
-        _Phase("B", 480, 0, Decimal("231.4")),
-        _Phase("C", 150, 0, Decimal("229.8")),
-    ),
-    "split": (_Phase("A", 520, 0, Decimal("120.3")), _Phase("B", 310, 0, Decimal("121.1"))),
-    "solar": (
-        _Phase("A", 400, 1000, Decimal("121.419")),
-        _Phase("B", 411, 1000, Decimal("120.874")),
-    ),
-}
-_START_COUNTERS = {
-    "NET": (159_687_481_246, 61_234_567_890),
-    "CONSUMPTION": (210_532_119_004, 0),
-    "GENERATION": (112_078_205_644, 0),
-}
+_SHAPES: Mapping[str, tuple[_Phase, ...]] = MappingProxyType(
+    {
+        "eu3": (
+            _Phase("A", 230, 0, Decimal("230.1")),
+            _Phase("B", 480, 0, Decimal("231.4")),
+            _Phase("C", 150, 0, Decimal("229.8")),
+        ),
+        "split": (_Phase("A", 520, 0, Decimal("120.3")), _Phase("B", 310, 0, Decimal("121.1"))),
+        "solar": (
+            _Phase("A", 400, 1000, Decimal("121.419")),
+            _Phase("B", 411, 1000, Decimal("120.874")),
+        ),
+    }
+)
+_START_COUNTERS: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "NET": (159_687_481_246, 61_234_567_890),
+        "CONSUMPTION": (210_532_119_004, 0),
+        "GENERATION": (112_078_205_644, 0),
+    }
+)
 
 
 class SensorModel:
-    """The channels of one sensor and how they advance: a pure model, no clock and no I/O."""
+    """The channels of one sensor and how they advance: a pure model, no clock and no I/O.
+
+    Invariant: each ``advance`` moves every counter by exactly its new power x the seconds
+    (imports by positive power, exports by negative), so counters never go back.
+    """
 
     def __init__(self, shape: str, sensor_id: str = DEFAULT_SENSOR_ID) -> None:
         if shape not in SHAPES:
@@ -190,7 +199,11 @@ def iso_z(second: int) -> str:
 
 
 class FakeSensor:
-    """The model served over HTTP on ``host`` (see the module docstring for the knobs)."""
+    """The model served over HTTP on ``host`` (see the module docstring for the knobs).
+
+    Invariant: ``served`` holds every sample answered with 200, in the order answered; a sample
+    is served again only by ``repeat`` (or, with ``tick="clock"``, within its second).
+    """
 
     def __init__(
         self,
