@@ -153,9 +153,11 @@ async def test_v2_takes_each_distinct_telegram_once_in_order(
     assert all(f.crc is not None for f in frames)
     status = source.status
     assert status.state is MeterState.OK
-    assert status.repeats == device.served - 60 >= 120
+    # The poll in flight when the source was stopped may have been served and not read.
+    assert device.served - 61 <= status.repeats <= device.served - 60
+    assert status.repeats >= 120
     assert source.counters.frames == 60
-    assert status.polls == device.polls
+    assert device.polls <= status.polls <= device.polls + 1
     assert status.port == f"https://127.0.0.1:{device.https_port}/api/telegram"
     assert device.silent_answers == 4
     print(
@@ -177,7 +179,7 @@ async def test_a_silent_meter_is_shown_and_polled_on(
             **device_config(device, ca_file, token=device.token_for("local/x"), **FAST)
         )
         async with running(config) as (source, frames):
-            await wait_until(lambda: len(frames) == 1, "the first telegram")
+            await wait_until(lambda: len(frames) >= 1, "the first telegram")
             device.silent = True
             await wait_until(lambda: source.status.state is MeterState.SILENT, "state silent")
             assert source.status.connected, "the device answers: the link is up"

@@ -1,7 +1,7 @@
 """Telegrams that arrive as whole payloads (an HTTP answer, an MQTT message), not as a byte stream.
 
 Every payload goes through the same ``FrameAssembler`` as bytes from a serial port, so two
-telegrams in one payload, garbage around one, or a cut one behave exactly as on a wire. Two things
+telegrams in one payload, garbage around one, or a cut one behave exactly as on a wire. Three things
 differ from a wire, and are handled here:
 
 - A device that is polled serves its latest telegram until the meter sends the next, so most polls
