@@ -362,7 +362,7 @@ def _pair(args: argparse.Namespace) -> int:
     from dsmr_logger.tools.pair import pair_command, paired_ca_file
 
     try:
-        ca_file = args.ca_file or paired_ca_file(args.config, args.host)
+        ca_file = paired_ca_file(args.config, args.host, args.ca_file)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"dsmr-logger: config error: {problem}", file=sys.stderr)

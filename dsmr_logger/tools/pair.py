@@ -254,13 +254,15 @@ def write_config(path: Path, values: dict[str, str]) -> None:
         raise
 
 
-def paired_ca_file(config: Path | None, host: str) -> Path | None:
-    """The CA file to pair with: ``meter.ca_file`` of the configuration, if it has one.
+def paired_ca_file(config: Path | None, host: str, given: Path | None) -> Path | None:
+    """The CA file to pair with: ``--ca-file``, else ``meter.ca_file`` of the configuration.
 
     Raises ConfigError for a bad ``host`` or ``ca_file`` (each named), so usage errors exit 2.
     """
     meter: dict[str, object] = {"type": "homewizard", "host": host}
-    if config is not None and config.exists():
+    if given is not None:
+        meter["ca_file"] = str(given)
+    elif config is not None and config.exists():
         try:
             section = tomllib.loads(config.read_text(encoding="utf-8")).get("meter", {})
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -276,12 +278,14 @@ def pair_command(
     config: Path | None,
     ca_file: Path | None,
     *,
-    out: TextIO = sys.stdout,
-    err: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
     wait: float = 120.0,
     every: float = 1.0,
 ) -> int:
     """The CLI's ``pair homewizard``: 0 paired, 1 failed, 2 usage (a file it cannot use)."""
+    out = out or sys.stdout
+    err = err or sys.stderr
     if config is not None and config.exists() and not os.access(config, os.W_OK):
         print(f"dsmr-logger: {config}: cannot write it (run as its owner, e.g. sudo)", file=err)
         return 2
