@@ -158,11 +158,11 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     switched_on = []
     section, keys = "", set()
     for line in example.splitlines():
-        if line.startswith("[") or line.startswith("# [[sink]]"):
+        if line.startswith("[") or line in ("# [[sink]]", "# [meter]"):
             section, keys = line, set()
         uncommented = line[2:] if line.startswith("# ") else line
         key, eq, value = uncommented.partition(" = ")
-        if not (eq and key.isidentifier()) or section.startswith("# [[sink]]"):
+        if not (eq and key.isidentifier()) or section.startswith("# ["):
             switched_on.append(line)
             continue
         if line.startswith("# ") and key not in keys:  # the first of alternatives
@@ -173,3 +173,47 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     loaded = config.load(write(tmp_path, "\n".join(switched_on)))
     assert loaded.meter.decryption_key is not None
     assert loaded.http.listen == "127.0.0.1:8484"
+
+
+def _alternative_meters(example: str) -> list[list[str]]:
+    """The example's commented-out ``# [meter]`` blocks (Wi-Fi dongles), each uncommented."""
+    blocks: list[list[str]] = []
+    for line in example.splitlines():
+        if line == "# [meter]":
+            blocks.append(["[meter]"])
+        elif blocks and blocks[-1][0] == "[meter]" and line.startswith("# "):
+            key, eq, _ = line[2:].partition(" = ")
+            if eq and key.isidentifier():
+                blocks[-1].append(line[2:])
+        elif blocks and not line.startswith("#") and line.strip():
+            blocks.append(["(end)"])
+    return [block for block in blocks if block[0] == "[meter]"]
+
+
+def test_each_alternative_meter_of_the_example_loads_with_every_key_switched_on(
+    tmp_path: Path,
+) -> None:
+    """Each ``# [meter]`` block, uncommented in place of the P1 one, is a valid configuration
+    (its ``ca_file`` pointed at a file that exists). An HTTP endpoint takes a token or a
+    username and password, not both: each way is loaded."""
+    from conftest import REPO_ROOT
+
+    example = (REPO_ROOT / "deploy" / "config.example.toml").read_text()
+    blocks = _alternative_meters(example)
+    assert len(blocks) == 2
+    ca = tmp_path / "ca.pem"
+    ca.write_text("(a CA certificate)")
+    kinds = set()
+    for block in blocks:
+        lines = [f'ca_file = "{ca}"' if line.startswith("ca_file = ") else line for line in block]
+        variants = [lines]
+        if 'type = "http"' in lines:
+            variants = [
+                [line for line in lines if not line.startswith("token = ")],
+                [line for line in lines if not line.startswith(("username = ", "password = "))],
+            ]
+        for variant in variants:
+            loaded = config.load(write(tmp_path, "\n".join(variant) + "\n"))
+            kinds.add(loaded.meter.type)
+            assert loaded.meter.ca_file == ca
+    assert kinds == {"homewizard", "http"}

@@ -26,16 +26,19 @@ def test_readme_key_table_is_the_schemas() -> None:
 
 
 def _example_sections() -> list[tuple[str, str, list[str]]]:
-    """(header, sink type or '', lines) for each live section of the example, in order."""
+    """(header, type or '', lines) for each section of the example, in order: the live ones
+    and the alternative ``# [meter]`` blocks."""
     sections: list[tuple[str, str, list[str]]] = []
     for line in EXAMPLE.splitlines():
         if re.fullmatch(r"\[\[?\w+\]\]?", line):
             sections.append((line, "", []))
+        elif line == "# [meter]":  # an alternative meter (a Wi-Fi dongle), commented out
+            sections.append(("[meter]", "", []))
         elif sections:
             sections[-1][2].append(line)
     result = []
     for header, _, lines in sections:
-        kinds = [m.group(1) for m in map(re.compile(r'type = "(.+)"').fullmatch, lines) if m]
+        kinds = [m.group(2) for m in map(re.compile(r'(# )?type = "(.+)"').fullmatch, lines) if m]
         kind = kinds[0] if kinds else ""
         result.append((header, kind, lines))
     return result
