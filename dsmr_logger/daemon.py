@@ -263,6 +263,7 @@ class Daemon:
             rejected=snap.rejected,
             bytes=snap.bytes_in,
             reconnects=snap.reconnects,
+            **({"polls": snap.polls, "repeats": snap.repeats} if snap.polls else {}),
         )
         for sink in snap.sinks:
             self._log.info(
