@@ -240,8 +240,9 @@ async def test_a_revoked_token_is_one_clear_error_and_after_the_fix_nothing_is_l
 
         config.write_text(config.read_text().replace(old, new))
         async with daemon(tmp_path, config) as run:
+            # The held telegram, served again after the restart, must not be taken again (the
+            # final comparison would show it twice).
             await wait_until(lambda: device.served >= served + 8, "the held one after restart")
-            assert len(server.received) == taken_before, "the held telegram is not taken twice"
             device.hold = False
             await wait_until(lambda: len(server.received) >= 120, "the rest", 30.0)
             assert await run.stop() == 0
