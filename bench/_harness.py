@@ -53,18 +53,9 @@ DAY_START = datetime(2026, 1, 15).astimezone()
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from dsmr_reader_server import DsmrReaderProcess  # noqa: E402
 
-from dsmr_logger.delivery.spool import (  # noqa: E402
-    SUFFIX,
-    Spool,
-    StoredTelegram,
-    telegram_dir,
-)
-from dsmr_logger.meter.simulate import (  # noqa: E402
-    default_capture,
-    frames_in,
-    meter_timestamp,
-    restamp,
-)
+from dsmr_logger.delivery.spool import SUFFIX, Spool, StoredTelegram, telegram_dir  # noqa: E402
+from dsmr_logger.telegram.build import meter_timestamp, restamp  # noqa: E402
+from dsmr_logger.telegram.capture import default_capture, frames_in  # noqa: E402
 
 # --- reading another process ------------------------------------------------------------------
 

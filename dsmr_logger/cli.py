@@ -1,11 +1,10 @@
-"""Command line: ``dsmr-logger run | check-config | simulate | demo``."""
+"""Command line: ``dsmr-logger run | check-config | simulate | simulate-neurio | demo | pair``."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
-import gzip
 import os
 import signal
 import sys
@@ -33,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_CONFIG
-    return args.handler(args)
+    status: int = args.handler(args)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
         "--as-recorded", action="store_true", help="send the telegrams unchanged (no restamping)"
     )
     sim.set_defaults(handler=_simulate)
+
+    neurio = commands.add_parser(
+        "simulate-neurio", help="serve a fake Neurio sensor's /current-sample on 127.0.0.1"
+    )
+    neurio.add_argument("--shape", choices=("eu3", "split", "solar"), default="solar")
+    neurio.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    neurio.add_argument("--username", help="ask for this HTTP Basic auth login (with --password)")
+    neurio.add_argument("--password", help="the login's password")
+    neurio.add_argument("--unsynchronized", action="store_true", help="no clock: NOT_SYNCHRONIZED")
+    neurio.add_argument(
+        "--tick",
+        choices=("clock", "request"),
+        default="clock",
+        help="a new sample per second (clock) or per request (request, for tests)",
+    )
+    neurio.add_argument("--control", action="store_true", help="a control port for tests")
+    neurio.set_defaults(handler=_simulate_neurio)
 
     parse = commands.add_parser("parse", help="show what telegrams say and their API v2 fields")
     parse.add_argument("file", help="capture, archive day file or telegram; - for stdin")
@@ -112,7 +129,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dsmr-reader", metavar="URL", help="also deliver to this DSMR-reader")
     demo.add_argument("--api-key", help="DSMR-reader API key (with --dsmr-reader)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--neurio", action="store_true", help="a simulated Neurio sensor instead")
     demo.set_defaults(handler=_demo)
+
+    pair = commands.add_parser("pair", help="get a token from a Wi-Fi P1 dongle (HomeWizard)")
+    devices = pair.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    homewizard = devices.add_parser(
+        "homewizard", help="HomeWizard P1 Meter (API v2): press its button when asked"
+    )
+    homewizard.add_argument(
+        "--host", required=True, help="its IP address or name (:port may follow)"
+    )
+    homewizard.add_argument("--config", type=Path, help="write the token into this file's [meter]")
+    homewizard.add_argument(
+        "--ca-file", type=Path, help="CA to check it against (default: shipped)"
+    )
+    homewizard.add_argument(
+        "--wait", type=float, default=120.0, help="seconds to wait for the press"
+    )
+    homewizard.set_defaults(handler=_pair)
     return parser
 
 
@@ -166,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(config.log)
     from dsmr_logger.daemon import Daemon, StartupError
-    from dsmr_logger.ops.notify import Notifier
+    from dsmr_logger.runtime.notify import Notifier
 
     try:
         return asyncio.run(_run_until_signalled(Daemon(config, notifier=Notifier())))
@@ -187,7 +222,8 @@ def _parse(args: argparse.Namespace) -> int:
     import time
     import zoneinfo
 
-    from dsmr_logger.ops.parse_tool import parse_command
+    from dsmr_logger.telegram.capture import read_capture
+    from dsmr_logger.tools.parse import parse_command
 
     try:
         zone = zoneinfo.ZoneInfo(args.timezone)
@@ -205,7 +241,7 @@ def _parse(args: argparse.Namespace) -> int:
 def _backfill(args: argparse.Namespace) -> int:
     import zoneinfo
 
-    from dsmr_logger.ops.backfill import BackfillError, backfill, parse_moment
+    from dsmr_logger.tools.backfill import BackfillError, backfill, parse_moment
 
     config = _config_or_exit(args.config)
     if config is None:
@@ -233,7 +269,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dsmr_logger.ops.status_tool import status
+    from dsmr_logger.tools.status import status
 
     config = _config_or_exit(args.config)
     if config is None:
@@ -247,7 +283,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _spool(args: argparse.Namespace) -> int:
     from dsmr_logger.delivery.spool import Spool
-    from dsmr_logger.ops import spool_tool
+    from dsmr_logger.tools import spool as spool_tool
 
     config = _config_or_exit(args.config)
     if config is None:
@@ -286,17 +322,9 @@ def _spool(args: argparse.Namespace) -> int:
         spool.close()
 
 
-def read_capture(path: Path | None) -> bytes:
-    from dsmr_logger.meter.simulate import default_capture
-
-    if path is None:
-        return default_capture()
-    data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
-
-
 def _simulate(args: argparse.Namespace) -> int:
-    from dsmr_logger.meter.simulate import frames_in, simulate
+    from dsmr_logger.telegram.capture import frames_in, read_capture
+    from dsmr_logger.tools.simulate import simulate
 
     try:
         capture = read_capture(args.capture)
@@ -333,8 +361,18 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_neurio(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.simulate_neurio import simulate_command
+
+    if (args.username is None) != (args.password is None):
+        print("dsmr-logger: --username and --password go together", file=sys.stderr)
+        return EXIT_CONFIG
+    options = ("shape", "port", "username", "password", "unsynchronized", "tick", "control")
+    return simulate_command(**{name: getattr(args, name) for name in options})
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from dsmr_logger.demo import run_demo
+    from dsmr_logger.tools.demo import run_demo
 
     if bool(args.dsmr_reader) != bool(args.api_key):
         print("dsmr-logger: --dsmr-reader and --api-key go together", file=sys.stderr)
@@ -345,4 +383,17 @@ def _demo(args: argparse.Namespace) -> int:
         dsmr_reader=args.dsmr_reader,
         api_key=args.api_key,
         duration=args.duration,
+        neurio=args.neurio,
     )
+
+
+def _pair(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.pair import pair_command, paired_ca_file
+
+    try:
+        ca_file = paired_ca_file(args.config, args.host, args.ca_file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"dsmr-logger: config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    return pair_command(args.host, args.config, ca_file, wait=args.wait)

@@ -16,12 +16,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from structlog.testing import capture_logs
 
-from dsmr_logger.cli import read_capture
 from dsmr_logger.config import ArchiveSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict
 from dsmr_logger.delivery.sinks.archive import ArchiveSink, compress_day
 from dsmr_logger.delivery.spool import StoredTelegram
-from dsmr_logger.meter.simulate import default_capture, frames_in
+from dsmr_logger.telegram.capture import default_capture, frames_in, read_capture
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 TELEGRAMS = frames_in(default_capture())

@@ -16,8 +16,8 @@ from conftest import CORPUS, require_corpus
 from dsmr_reader_server import DsmrReaderProcess, DsmrReaderServer, v2_reading
 
 from dsmr_logger.config import from_mapping
-from dsmr_logger.meter.simulate import frames_in
-from dsmr_logger.ops.backfill import backfill, meter_time
+from dsmr_logger.telegram.capture import frames_in
+from dsmr_logger.tools.backfill import backfill, meter_time
 
 KEY = "backfill-test-key-012345"
 CAPTURE = "nielsbasjes-dsmr-tools/ttyUSB0-raw-iskra-am550-dsmr5-566frames.log"

@@ -35,8 +35,8 @@ from dsmr_logger.delivery.spool import Backlog, Spool, SpoolError, StoredTelegra
 from dsmr_logger.delivery.spool.committer import ACK_BATCH, HOT_LIMIT, Committer
 from dsmr_logger.delivery.spool.keeper import SpoolKeeper
 from dsmr_logger.delivery.spool.window import MEMORY_BYTES, Item, Record, Window
-from dsmr_logger.meter.framing import Frame
-from dsmr_logger.snapshot import SpoolSnapshot
+from dsmr_logger.runtime.snapshot import SpoolSnapshot
+from dsmr_logger.sources.p1.framing import Frame
 
 __all__ = ["ACK_BATCH", "HOT_LIMIT", "MEMORY_BYTES", "Item", "Queues", "Record", "SinkQueue"]
 

@@ -20,7 +20,7 @@ from dsmr_logger.delivery.spool import Backlog, Spool, SpoolError, SpoolGone, Sp
 from dsmr_logger.delivery.spool.letters import StoredTelegram
 from dsmr_logger.delivery.spool.link import SpoolLink, Trouble
 from dsmr_logger.delivery.spool.window import Record, SinkSide, Window
-from dsmr_logger.snapshot import SpoolSnapshot
+from dsmr_logger.runtime.snapshot import SpoolSnapshot
 
 T = TypeVar("T")
 

@@ -34,7 +34,7 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderV2Sink,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
-from dsmr_logger.meter.simulate import frames_in
+from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.obis import parse_timestamp
 
 REBUILD_COMMAND = "./manage.py dsmr_stats_reconstruct_missing_day_statistics"

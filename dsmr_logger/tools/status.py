@@ -25,7 +25,8 @@ def fetch_status(listen: str, timeout: float = 3.0) -> dict[str, Any]:
     host, _, port = listen.rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "", "[::]", "::") else host
     with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as answer:
-        return json.load(answer)
+        document: dict[str, Any] = json.load(answer)
+        return document
 
 
 def _ago(timestamp: float | None, now: float) -> str:
@@ -42,7 +43,14 @@ def render(doc: dict[str, Any]) -> str:
         f"meter {meter['port']}: {meter['state'].replace('_', ' ')}, last telegram "
         f"{_ago(meter['last_frame_at'], now)}, {meter['frames']} frames, {rejected} rejected, "
         f"{meter['reconnects']} reconnects"
+        + (
+            f", {meter['polls']} polls, {meter['repeats']} repeats skipped"
+            if meter.get("polls")
+            else ""
+        )
     )
+    if meter.get("last_error") and meter["state"] != "ok":
+        lines.append(f"  last error: {meter['last_error']}")
     reading = doc.get("reading")
     if reading:
         parts = [f"power {reading.get('power') or '-'}"]
