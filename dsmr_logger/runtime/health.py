@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsmr_logger.config import HttpConfig
-from dsmr_logger.runtime.snapshot import Snapshot
+from dsmr_logger.runtime.snapshot import Snapshot, SpoolSnapshot
 from dsmr_logger.telegram.glance import glance
 
 
@@ -33,7 +33,18 @@ def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
             reasons.append(
                 f"sink {sink.name} failing for {now - sink.failing_since:.0f} s: {sink.last_error}"
             )
+    if snap.spool is not None and not snap.spool.writable:
+        reasons.append(_spool_reason(snap.spool, now))
     return Health(not reasons, tuple(reasons))
+
+
+def _spool_reason(spool: SpoolSnapshot, now: float) -> str:
+    """A spool that cannot be written: nothing new survives a restart (issue 12, item 1)."""
+    since = "" if spool.failing_since is None else f" for {now - spool.failing_since:.0f} s"
+    return (
+        f"spool cannot be written{since}: {spool.error}; "
+        f"{spool.in_memory} telegrams held only in memory"
+    )
 
 
 def status_document(snap: Snapshot, now: float, limits: HttpConfig) -> dict[str, Any]:
@@ -78,4 +89,13 @@ def status_document(snap: Snapshot, now: float, limits: HttpConfig) -> dict[str,
             }
             for sink in snap.sinks
         ],
+        "spool": None
+        if snap.spool is None
+        else {
+            "writable": snap.spool.writable,
+            "error": snap.spool.error,
+            "failing_since": snap.spool.failing_since,
+            "in_memory": snap.spool.in_memory,
+            "lost": dict(snap.spool.lost),
+        },
     }

@@ -94,6 +94,12 @@ class SnapshotCollector(Collector):
             failing.add_metric([sink.name], 0 if sink.failing_since is None else 1)
         yield age
         yield failing
+        if snap.spool is not None:
+            yield GaugeMetricFamily(
+                "dsmr_logger_spool_writable",
+                "1 while the spool can be written (0: telegrams are held only in memory)",
+                value=int(snap.spool.writable),
+            )
 
 
 class StatusServer:

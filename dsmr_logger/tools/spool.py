@@ -49,10 +49,13 @@ def list_spool(spool: Spool, out: TextIO, *, now: float | None = None) -> int:
     requeued = spool.requeued_count()
     if requeued:
         print(f"requeued, waiting for the daemon: {requeued}", file=out)
-    dropped = {sink: c.get("dropped", 0) for sink, c in spool.counters().items()}
-    for sink, count in sorted(dropped.items()):
+    counters = spool.counters()
+    for sink, count in sorted((s, c.get("dropped", 0)) for s, c in counters.items()):
         if count:
             print(f"dropped {sink}: {count} (spool full, oldest first)", file=out)
+    for sink, count in sorted((s, c.get("lost", 0)) for s, c in counters.items()):
+        if count:
+            print(f"lost {sink}: {count} (damaged or deleted spool files)", file=out)
     print(f"dead letters: {len(letters) or 'none'}", file=out)
     for letter in letters:
         answer = f"HTTP {letter.status}" if letter.status is not None else "no answer"

@@ -33,6 +33,18 @@ def _ago(timestamp: float | None, now: float) -> str:
     return "never" if timestamp is None else f"{max(0.0, now - timestamp):.0f} s ago"
 
 
+def _spool_line(spool: dict[str, Any], now: float) -> str:
+    if spool["writable"]:
+        text = "spool: writable"
+    else:
+        text = (
+            f"spool: CANNOT BE WRITTEN since {_ago(spool['failing_since'], now)}: "
+            f"{spool['error']}; {spool['in_memory']} telegrams held only in memory"
+        )
+    lost = ", ".join(f"{sink} {count}" for sink, count in sorted(spool["lost"].items()))
+    return text + (f"; lost to a damaged spool: {lost}" if lost else "")
+
+
 def render(doc: dict[str, Any]) -> str:
     now = doc["time"]
     meter = doc["meter"]
@@ -68,6 +80,8 @@ def render(doc: dict[str, Any]) -> str:
         if sink["failing_since"] is not None:
             text += f"; failing since {_ago(sink['failing_since'], now)}: {sink['last_error']}"
         lines.append(text)
+    if doc.get("spool"):
+        lines.append(_spool_line(doc["spool"], now))
     return "\n".join(lines)
 
 
@@ -82,6 +96,7 @@ def offline_document(config: Config, reason: str) -> dict[str, Any]:
     try:
         backlogs = spool.backlogs()
         letters = spool.dead_letters()
+        counters = spool.counters()
         names = sorted({s.name for s in config.sinks} | set(backlogs) | {d.sink for d in letters})
         doc["sinks"] = [
             {
@@ -91,6 +106,7 @@ def offline_document(config: Config, reason: str) -> dict[str, Any]:
                 if name in backlogs
                 else None,
                 "dead_letters": sum(1 for d in letters if d.sink == name),
+                "lost": counters.get(name, {}).get("lost", 0),
             }
             for name in names
         ]
@@ -105,9 +121,10 @@ def render_offline(doc: dict[str, Any]) -> str:
     for sink in doc["sinks"]:
         oldest = sink["oldest_received_at"]
         waiting = f", oldest read {_ago(oldest, now)}" if oldest else ""
+        lost = f", lost to a damaged spool {sink['lost']}" if sink.get("lost") else ""
         lines.append(
             f"sink {sink['name']}: backlog {sink['backlog']}{waiting}, "
-            f"dead letters {sink['dead_letters']}"
+            f"dead letters {sink['dead_letters']}{lost}"
         )
     if not doc["sinks"]:
         lines.append("  (no spool file, or nothing in it)")

@@ -85,8 +85,10 @@ class SpoolKeeper:
         return True
 
     async def _adopt(self) -> dict[str, Backlog]:
-        """The spool is open: number on above it, and read each sink's backlog from it."""
+        """The spool is open (opening writes: it can be written again): number on above it,
+        and read each sink's backlog from it."""
         self.available = True
+        self.writable()
         self._window.renumber(await self.call(self.spool.last_seq), self._sinks)
         backlogs = await self.call(self.spool.backlogs)
         upto = await self.call(self.spool.backlog_upto, "")
@@ -116,8 +118,9 @@ class SpoolKeeper:
         if not await self.reopen() or whole_log:
             return
         lost = {name: max(0, before[name] - q.cold_count) for name, q in self._sinks.items()}
-        self._window.counted["lost"].update(lost)
-        self._log.error("backlog lost with the deleted spool files", lost=lost)
+        if any(lost.values()):
+            self._window.counted["lost"].update(lost)
+            self._log.error("backlog lost with the deleted spool files", lost=lost)
 
     def snapshot(self) -> SpoolSnapshot:
         return SpoolSnapshot(

@@ -104,10 +104,7 @@ class StateDb:
                     raise
                 self._set_aside()
                 return self._connect_writer()
-        try:
-            self._connect(f"file:{self.path}?mode=rw")
-        except sqlite3.OperationalError:
-            self._connect_read_only()
+        self._connect_reader()
         return self.version()
 
     def _connect(self, uri: str) -> sqlite3.Connection:
@@ -136,23 +133,26 @@ class StateDb:
         self.inode = self.path.stat().st_ino
         return version
 
-    def _connect_read_only(self) -> None:
-        """On a full disk: when no daemon holds the spool, read without ``-shm``: as an
-        immutable file when its WAL is empty, else with SQLite's heap-memory WAL index."""
-        self.close_db()
-        if self._held_by_daemon():
-            self._connect(f"file:{self.path}?mode=ro")
-            return
+    def _connect_reader(self) -> None:
+        """Beside a daemon: as SQLite does (its ``-shm`` exists). Without one: as an immutable
+        file when its WAL is empty (writing nothing, not even an empty ``-shm``), else as SQLite
+        does, or, on a full disk, with SQLite's heap-memory WAL index."""
         wal = Path(f"{self.path}-wal")
-        if not wal.exists() or wal.stat().st_size == 0:
+        if not self._held_by_daemon() and (not wal.exists() or wal.stat().st_size == 0):
             self._connect(f"file:{self.path}?mode=ro&immutable=1")
             return
-        db = sqlite3.connect(
-            f"file:{self.path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
-        )
-        self._db = db
-        db.execute("PRAGMA locking_mode = EXCLUSIVE")
-        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        try:
+            self._connect(f"file:{self.path}?mode=rw")
+        except sqlite3.OperationalError:
+            self.close_db()
+            if self._held_by_daemon():
+                raise
+            db = sqlite3.connect(
+                f"file:{self.path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+            )
+            self._db = db
+            db.execute("PRAGMA locking_mode = EXCLUSIVE")
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
 
     def version(self) -> int:
         version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
