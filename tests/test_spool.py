@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from spool_v1 import SCHEMA_1
+from spool_v1 import SCHEMA_1, write_schema_2
 
 from dsmr_logger.delivery.spool import (
     SCHEMA_VERSION,
@@ -25,6 +25,7 @@ from dsmr_logger.delivery.spool import (
     StoredTelegram,
     telegram_dir,
 )
+from dsmr_logger.delivery.spool.records import MAGIC
 from dsmr_logger.delivery.spool.segments import SUFFIX, read_entries
 
 RECORD_OVERHEAD = 40
@@ -425,3 +426,33 @@ def test_a_dead_letter_for_a_telegram_not_yet_spooled_leaves_no_trace(spool: Spo
     assert seqs(spool, "a") == [1]
     assert seqs(spool, "b") == [2]
     assert len(spool.dead_letters("a")) == 1
+
+
+def test_a_schema_2_spool_is_upgraded_in_place_and_keeps_its_backlog(tmp_path: Path) -> None:
+    """Segments of format-1 records (sink names joined by newlines) are rewritten as format 2
+    at the daemon's first start; cursors, out-of-order confirmations and the backlog stay."""
+    path = tmp_path / "spool.sqlite3"
+    sent = [(telegram(i), ["a", "b"] if i % 3 == 0 else ["a"]) for i in range(1, 71)]
+    write_schema_2(path, sent, segment_records=20, cursors={"a": 5}, done=[("a", 8)])
+    reader = Spool(path, max_bytes=10**6)  # a tool, before the daemon converted it
+    reader.open(shared=True)
+    assert reader.backlogs()["a"].count == 64
+    assert seqs(reader, "b") == list(range(3, 71, 3))
+    reader.close()
+    spool = Spool(path, max_bytes=10**6)
+    spool.open()
+    assert spool.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert [p.read_bytes()[:8] for p in segment_files(path)] == [MAGIC] * 4
+    expected_a = [i for i in range(6, 71) if i != 8]
+    assert seqs(spool, "a") == expected_a
+    assert spool.page("a", 0, 100, 2) == [telegram(6), telegram(7)]
+    assert seqs(spool, "b") == list(range(3, 71, 3))
+    assert spool.backlogs()["a"].count == len(expected_a)
+    assert spool.counters() == {}
+    spool.commit([(telegram(71), ["b"])], acks=[("a", 6), ("a", 7)])
+    spool.close()
+    again = Spool(path, max_bytes=10**6)
+    again.open()
+    assert seqs(again, "a") == expected_a[2:]
+    assert seqs(again, "b") == [*range(3, 71, 3), 71]
+    again.close()
