@@ -185,7 +185,7 @@ def test_an_interrupted_repair_is_finished_at_the_next_open_and_not_counted_agai
     def power_cut(*args: object) -> None:
         raise KeyboardInterrupt("power cut between counting and replacing the file")
 
-    monkeypatch.setattr(spool.log, "finish_rewrite", power_cut)
+    monkeypatch.setattr(spool.damage, "replace", power_cut)
     with pytest.raises(KeyboardInterrupt):
         spool.open()
     spool.abandon()

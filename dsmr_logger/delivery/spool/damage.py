@@ -15,15 +15,19 @@ interrupted replacement is finished at the next open (the row says it was counte
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from dsmr_logger.delivery.spool.cursors import Cursors
 from dsmr_logger.delivery.spool.records import MAGIC, MAGIC_V1, encode
-from dsmr_logger.delivery.spool.segments import Entry, Gap, Segment, SegmentLog, scan
+from dsmr_logger.delivery.spool.segments import SUFFIX, Entry, Gap, Segment, SegmentLog, scan
 from dsmr_logger.delivery.spool.state import StateDb
 from dsmr_logger.delivery.spool.summaries import Summaries
+
+NEW = ".new"
+"""A rewritten segment beside the original, until it replaces it."""
 
 
 class Damage:
@@ -93,7 +97,7 @@ class Damage:
         else:
             records = [data[e.start : e.end] for e in entries]
         sealed = segment is not self._log.active
-        size = self._log.prepare_rewrite(segment, records)
+        size = self._prepare(segment, records)
         saved = self._summaries.snapshot()
         self._summaries.replace(segment, entries, sealed=sealed)
         if sealed:
@@ -112,7 +116,7 @@ class Damage:
         except BaseException:
             self._summaries.restore(saved)
             self._cursors.restore(cursors)
-            segment.path.with_name(segment.path.name + ".new").unlink(missing_ok=True)
+            segment.path.with_name(segment.path.name + NEW).unlink(missing_ok=True)
             raise
         self._summaries.unsaved.clear()
         self.noted.update(lost)
@@ -167,8 +171,37 @@ class Damage:
                 changed.append(sink)
         return changed
 
+    def _prepare(self, segment: Segment, records: Sequence[bytes]) -> int:
+        """Write what ``segment`` will hold beside it (synced); returns its size. Until
+        ``replace`` the segment itself is untouched."""
+        path = segment.path.with_name(segment.path.name + NEW)
+        data = b"".join((MAGIC, *records))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        return len(data)
+
+    def replace(self, segment: Segment, size: int) -> None:
+        """Put the rewritten file in place (or, with none prepared, cut ``segment`` to
+        ``size``); idempotent, so a crash in between is finished at the next open."""
+        new = segment.path.with_name(segment.path.name + NEW)
+        if new.exists():
+            os.replace(new, segment.path)
+        elif segment.path.exists() and segment.path.stat().st_size > size:
+            os.truncate(segment.path, size)
+        segment.size = size
+        self._log.sync(directory=True)
+        if segment is self._log.active:
+            self._log.reopen_active()
+
     def _finish(self, segment: Segment, size: int) -> None:
-        self._log.finish_rewrite(segment, size)
+        self.replace(segment, size)
         self._state.db.execute("DELETE FROM rewrites WHERE first_seq = ?", (segment.first_seq,))
         self._log.damaged.discard(segment.first_seq)
         self._cursors.forget_hints(segment.first_seq)
@@ -179,9 +212,9 @@ class Damage:
         for first, size in pending.items():
             segment = self._log.find(first)
             if segment is not None:
-                self._log.finish_rewrite(segment, size)
+                self.replace(segment, size)
             self._state.db.execute("DELETE FROM rewrites WHERE first_seq = ?", (first,))
-        for stray in self._log.stray_rewrites():
+        for stray in self._log.directory.glob(f"*{SUFFIX}{NEW}"):
             stray.unlink(missing_ok=True)
 
     def account_missing(self, first: int) -> dict[str, int]:

@@ -11,6 +11,7 @@ below's errors to ``SpoolError``; what each part guarantees is written at its to
 from __future__ import annotations
 
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -84,8 +85,8 @@ class Spool:
         self.commit = writes.commit
         self.dead_letter = writes.dead_letter
         self.purge = writes.purge
-        self.sync = writes.sync
-        self.sync_due = writes.sync_due
+        self.sync = functools.partial(writes.fsyncs.sync, force=True)
+        self.sync_due = writes.fsyncs.due
         self.repair = writes.repair
         self.forget_finished = writes.forget_finished
         self.check_present = writes.check_present
@@ -118,7 +119,7 @@ class Spool:
     def close(self) -> None:
         if self._writes.writer and self.state.present() and self.log.present():
             with contextlib.suppress(OSError):
-                self._writes.sync()
+                self._writes.fsyncs.sync(force=True)
         self.log.close()
         self.state.close()
         self._writes.writer = False

@@ -25,8 +25,6 @@ from dsmr_logger.delivery.spool.scan import Entry, Gap, Segment, read_entries, s
 __all__ = ["MAGIC", "SUFFIX", "Entry", "Gap", "Segment", "SegmentLog", "read_entries", "scan"]
 
 SUFFIX = ".seg"
-NEW = ".new"
-"""A rewritten segment before it replaces the original (``finish_rewrite``)."""
 
 
 def _above(item: Entry | Gap, seq: int) -> bool:
@@ -81,9 +79,6 @@ class SegmentLog:
                 self._create(max(first_seq, 1))
             else:
                 self._open_active()
-
-    def stray_rewrites(self) -> list[Path]:
-        return sorted(self.directory.glob("*" + SUFFIX + NEW)) if self.directory.is_dir() else []
 
     def _create(self, first_seq: int) -> None:
         path = self.directory / _segment_name(first_seq)
@@ -209,33 +204,9 @@ class SegmentLog:
         segment.path.unlink(missing_ok=True)
         self.segments.remove(segment)
 
-    def prepare_rewrite(self, segment: Segment, records: Sequence[bytes]) -> int:
-        """Write what ``segment`` will hold after ``finish_rewrite`` beside it (synced); returns
-        its size. Until then the segment itself is untouched."""
-        path = segment.path.with_name(segment.path.name + NEW)
-        data = b"".join((MAGIC, *records))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        except OSError:
-            path.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
-        return len(data)
-
-    def finish_rewrite(self, segment: Segment, size: int) -> None:
-        """Put the rewritten file in place (or, with none prepared, cut ``segment`` to
-        ``size``); idempotent, so a crash in between is finished at the next open."""
-        new = segment.path.with_name(segment.path.name + NEW)
-        if new.exists():
-            os.replace(new, segment.path)
-        elif segment.path.exists() and segment.path.stat().st_size > size:
-            os.truncate(segment.path, size)
-        segment.size = size
-        self.sync(directory=True)
-        if self.segments and segment is self.active and self._fd is not None:
+    def reopen_active(self) -> None:
+        """The file appended to was replaced (a repair): append to the new one."""
+        if self.segments and self._fd is not None:
             self._open_active()
 
     # --- reading ---------------------------------------------------------------------------

@@ -39,6 +39,36 @@ class SpoolGone(SpoolError):
     """The spool's files were deleted (or replaced) while it was open: reopen to recreate."""
 
 
+class Fsyncs:
+    """When appended records reach the card: every commit when strict, else every
+    ``interval``, and when the flusher finds them waiting that long with no commit since."""
+
+    def __init__(
+        self, log: SegmentLog, *, strict: bool, interval: float, clock: Callable[[], float]
+    ) -> None:
+        self._log = log
+        self.strict = strict
+        self.interval = interval
+        self._clock = clock
+        self._unsynced = self.directory_changed = False
+        self._last = 0.0
+
+    def appended(self, anything: bool) -> None:
+        self._unsynced |= anything
+
+    def due(self) -> bool:
+        return self._unsynced and self._clock() - self._last >= self.interval
+
+    def sync(self, *, force: bool = False) -> None:
+        if not (self._unsynced or self.directory_changed):
+            return
+        now = self._clock()
+        if force or self.strict or now - self._last >= self.interval:
+            self._log.sync(directory=self.directory_changed)
+            self._unsynced = self.directory_changed = False
+            self._last = now
+
+
 class Writes:
     def __init__(
         self,
@@ -59,14 +89,11 @@ class Writes:
         self.log, self.state, self.summaries, self.cursors = log, state, summaries, cursors
         self.cap, self.letters, self.damage, self.reads = cap, letters, damage, reads
         self.strict = strict
-        self.sync_interval = sync_interval
-        self._clock = clock
         self._logger = logger
         self.writer = False
         self.full = False
         """The last commit failed for want of room."""
-        self._unsynced = self._directory_changed = False
-        self._last_sync = 0.0
+        self.fsyncs = Fsyncs(log, strict=strict, interval=sync_interval, clock=clock)
 
     def _wait_for_room(self, size: int) -> None:
         """After a full disk, fail at once (no write, no rollback) until there is room again:
@@ -128,10 +155,10 @@ class Writes:
         except OSError as exc:
             self.full = exc.errno == errno.ENOSPC
             raise
-        self._unsynced |= bool(kept)
+        self.fsyncs.appended(bool(kept))
         for segment in sealed:
             self.summaries.seal(segment)
-        self._directory_changed |= bool(sealed)
+        self.fsyncs.directory_changed |= bool(sealed)
         for seq, _, sinks in kept:
             self.summaries.add(self.log.segment_of(seq).first_seq, seq, sinks)
         cursors = self.cursors.snapshot()
@@ -163,7 +190,7 @@ class Writes:
         self._remove(finished)
         self.repair()
         try:
-            self._sync()
+            self.fsyncs.sync()
         except OSError:
             if self.strict:
                 raise  # not on the card: the caller keeps the batch; a retry appends nothing
@@ -179,7 +206,7 @@ class Writes:
             except OSError:
                 continue  # still finished: the next commit (or open) deletes it
             self.summaries.forget(segment.first_seq)
-            self._directory_changed = True
+            self.fsyncs.directory_changed = True
         if finished:
             self.cursors.forget_hints()
 
@@ -211,24 +238,6 @@ class Writes:
         except (OSError, sqlite3.Error) as exc:
             # Kept as it is (what is readable stays readable); tried again at the next read.
             self._logger.warning("cannot repair a damaged spool file yet", error=str(exc))
-
-    def sync_due(self) -> bool:
-        """Appended telegrams have waited ``sync_interval`` for an fsync (the flusher asks, so
-        they reach the card even when no further commit comes)."""
-        return self._unsynced and self._clock() - self._last_sync >= self.sync_interval
-
-    def sync(self) -> None:
-        self._sync(force=True)
-
-    def _sync(self, *, force: bool = False) -> None:
-        """fsync what was appended: every commit when strict, else every ``sync_interval``."""
-        if not (self._unsynced or self._directory_changed):
-            return
-        now = self._clock()
-        if force or self.strict or now - self._last_sync >= self.sync_interval:
-            self.log.sync(directory=self._directory_changed)
-            self._unsynced = self._directory_changed = False
-            self._last_sync = now
 
     def dead_letter(
         self,
@@ -296,5 +305,5 @@ class Writes:
             raise
         self.summaries.unsaved.clear()
         self._remove(finished)
-        self._sync(force=True)
+        self.fsyncs.sync(force=True)
         return queued, gone
