@@ -90,7 +90,7 @@ def table_build_peak_kib() -> float:
 
 
 _IMPORT_PROBE = """
-import time, array, dsmr_logger.meter
+import time, array, dsmr_logger.sources.p1
 started = time.perf_counter()
 import dsmr_logger.sources.p1.crc as crc
 imported = time.perf_counter()

@@ -96,7 +96,8 @@ class Opening:
             if segment.first_seq not in summaries.by_segment:
                 summaries.observe(segment, log.read(segment), sealed=True)
         if log.segments:
-            summaries.observe(log.active, log.read(log.active), sealed=False)
+            summaries.observe(log.active, log.tail, sealed=False)
+        log.tail = []
         present = {segment.first_seq for segment in log.segments}
         missing = sorted(set(summaries.by_segment) - present)
         if writer and missing:

@@ -47,6 +47,8 @@ class SegmentLog:
         self.segments: list[Segment] = []
         self.last_seq = 0
         self.damaged: set[int] = set()
+        self.tail: list[Entry] = []
+        """The last segment's records as ``open`` read them (its summary is made of them)."""
         """Segments (first seq) a read found a gap in since the owner last looked."""
         self._fd: int | None = None
         self._active_inode: int | None = None
@@ -67,12 +69,15 @@ class SegmentLog:
         self.segments.sort(key=lambda s: s.first_seq)
         self.last_seq = 0
         self.damaged = set()
+        self.tail = []
         if self.segments:
             last = self.segments[-1]
             self.last_seq = last.first_seq - 1
             for item in self._noting(scan(last)):
-                self.last_seq = max(self.last_seq, item.seq if isinstance(item, Entry) else 0)
-                if isinstance(item, Gap):
+                if isinstance(item, Entry):
+                    self.tail.append(item)
+                    self.last_seq = max(self.last_seq, item.seq)
+                else:
                     self.last_seq = max([self.last_seq, *(h.seq for h in item.lost)])
         if writer:
             if not self.segments:
