@@ -20,6 +20,7 @@ import struct
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAGIC = b"DSMRLOG2"
 """The first bytes of a segment file in this format."""
@@ -31,14 +32,18 @@ _PREFIX = struct.Struct("<2sIH")
 _FIXED = struct.Struct("<IIqd")
 """body length, crc32 of the body, seq, received_at."""
 _NAME = struct.Struct("<H")
+_HEAD = struct.Struct("<2sIHIIqd")
+"""The prefix and the fixed part of a head, read in one go."""
 HEAD_MIN = _PREFIX.size + _FIXED.size
 HEAD_MAX = 8192
 """A head longer than this is damage (64 sinks of 64 characters need 4,256 bytes)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Head:
-    """What a verified head says: enough to name a lost telegram even if its body is damaged."""
+class Head(NamedTuple):
+    """What a verified head says: enough to name a lost telegram even if its body is damaged.
+
+    A named tuple, not a frozen dataclass: one is made per record read (a drain reads each
+    record twice), and building a tuple costs a fifth of a frozen dataclass."""
 
     seq: int
     received_at: float
@@ -65,30 +70,58 @@ def encode(seq: int, received_at: float, sinks: Sequence[str], telegram: bytes) 
     return b"".join((MARKER, crc.to_bytes(4, "little"), length, fixed, names, telegram))
 
 
-def parse_head(data: bytes | memoryview, at: int) -> Head | None:
+def parse_head(data: bytes, at: int) -> Head | None:
     """The head at ``at`` if it is whole and verifies (the marker is not looked at)."""
     if at + HEAD_MIN > len(data):
         return None
-    _, crc, head_length = _PREFIX.unpack_from(data, at)
+    _, crc, head_length, body_length, body_crc, seq, received_at = _HEAD.unpack_from(data, at)
     size = _PREFIX.size + head_length
     if head_length < _FIXED.size or size > HEAD_MAX or at + size > len(data):
         return None
     if zlib.crc32(data[at + 6 : at + size]) != crc:
         return None
-    body_length, body_crc, seq, received_at = _FIXED.unpack_from(data, at + _PREFIX.size)
-    sinks = []
-    pos, end = at + HEAD_MIN, at + size
+    sinks = names(data, at + HEAD_MIN, at + size)
+    if sinks is None:
+        return None  # cannot be: the checksum held; a writer bug, not damage
+    return Head(seq, received_at, sinks, size, body_length, body_crc)
+
+
+def names(data: bytes, pos: int, end: int) -> tuple[str, ...] | None:
+    """The sink names between ``pos`` and ``end``; None if they do not fill it exactly."""
+    found = []
     while pos < end:
         (length,) = _NAME.unpack_from(data, pos)
         pos += _NAME.size
-        sinks.append(bytes(data[pos : pos + length]).decode("utf-8", "replace"))
+        found.append(data[pos : pos + length].decode("utf-8", "replace"))
         pos += length
-    if pos != end:
-        return None  # cannot be: the checksum held; a writer bug, not damage
-    return Head(seq, received_at, tuple(sinks), size, body_length, body_crc)
+    return tuple(found) if pos == end else None
 
 
-def claimed_size(data: bytes | memoryview, at: int) -> int | None:
+Read = tuple[int, float, tuple[str, ...], bytes, int]
+"""seq, received_at, sinks, telegram, and where the record ends."""
+
+
+def read(data: bytes, at: int, after: int) -> Read | None:
+    """The record at ``at`` if it is whole, verifies and numbers above ``after``. The reading's
+    fast path, in one function (3.1 µs a 778-byte record, against 2.5 for format 1): a drain
+    reads each record twice (a page, then the cursor moving over it)."""
+    if at + HEAD_MIN > len(data):
+        return None
+    _, crc, head_length, body_length, body_crc, seq, received_at = _HEAD.unpack_from(data, at)
+    start = at + _PREFIX.size + head_length
+    end = start + body_length
+    if head_length < _FIXED.size or end > len(data) or seq <= after:
+        return None
+    if zlib.crc32(data[at + 6 : start]) != crc:
+        return None
+    telegram = data[start:end]
+    sinks = names(data, at + HEAD_MIN, start)
+    if sinks is None or zlib.crc32(telegram) != body_crc:
+        return None
+    return seq, received_at, sinks, telegram, end
+
+
+def claimed_size(data: bytes, at: int) -> int | None:
     """The record size the (unverified) length fields at ``at`` claim, if plausible."""
     if at + HEAD_MIN > len(data):
         return None
@@ -97,11 +130,6 @@ def claimed_size(data: bytes | memoryview, at: int) -> int | None:
     if head_length < _FIXED.size or _PREFIX.size + head_length > HEAD_MAX:
         return None
     return _PREFIX.size + head_length + body_length
-
-
-def body_ok(data: bytes | memoryview, at: int, head: Head) -> bool:
-    end = at + head.record_size
-    return end <= len(data) and zlib.crc32(data[at + head.size : end]) == head.body_crc
 
 
 # --- format 1, read only to convert it ------------------------------------------------------

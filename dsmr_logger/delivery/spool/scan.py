@@ -23,9 +23,9 @@ from dsmr_logger.delivery.spool.records import (
     MAGIC_V1,
     MARKER,
     Head,
-    body_ok,
     claimed_size,
     parse_head,
+    read,
     v1_record,
 )
 
@@ -106,17 +106,18 @@ def scan(segment: Segment, offset: int = len(MAGIC)) -> Iterator[Entry | Gap]:
         pos, last = offset, segment.first_seq - 1
         while pos < window.size:
             rel = window.need(pos, HEAD_MAX)
+            record = read(window.data, rel, last)
+            if record is None and rel + claimed_record(window.data, rel) > len(window.data):
+                rel = window.need(pos, claimed_record(window.data, rel))  # a long one
+                record = read(window.data, rel, last)
+            if record is not None:
+                seq, received_at, sinks, telegram, ends = record
+                end = pos + ends - rel
+                yield Entry(seq, received_at, sinks, telegram, segment.first_seq, end, pos)
+                pos, last = end, seq
+                continue
             head = parse_head(window.data, rel)
-            if head is not None and head.seq > last:
-                rel = window.need(pos, head.record_size)
-                if body_ok(window.data, rel, head):
-                    end = pos + head.record_size
-                    body = window.data[rel + head.size : rel + head.record_size]
-                    yield Entry(
-                        head.seq, head.received_at, head.sinks, body, segment.first_seq, end, pos
-                    )
-                    pos, last = end, head.seq
-                    continue
+            if head is not None and head.seq > last:  # its telegram is damaged, or cut short
                 end = min(pos + head.record_size, window.size)
                 yield Gap(segment.first_seq, pos, end, (head,), 0, last, None)
                 pos, last = end, head.seq
@@ -124,6 +125,10 @@ def scan(segment: Segment, offset: int = len(MAGIC)) -> Iterator[Entry | Gap]:
             window.need(pos, window.size - pos)  # damage: the rest of the file, to search it
             gap, pos = _resync(segment.first_seq, window.data[pos - window.base :], pos, last)
             yield gap
+
+
+def claimed_record(data: bytes, at: int) -> int:
+    return claimed_size(data, at) or 0
 
 
 def _resync(segment: int, data: bytes, pos: int, last: int) -> tuple[Gap, int]:
