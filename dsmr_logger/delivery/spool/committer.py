@@ -161,7 +161,7 @@ class Committer:
             # while the process lives, and sinks keep delivering meanwhile.
             for record in batch:
                 record.spooled = False
-            window.unflushed.extendleft(reversed(batch))
+            window.put_back(batch)
             # A sink that confirmed one of the batch meanwhile queued an ack for it; the retry
             # spools it without that sink, so that ack must not reach the spool.
             unspooled = {record.seq for record in batch}

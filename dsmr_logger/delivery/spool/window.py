@@ -145,6 +145,14 @@ class Window:
             self.seq += shift
         self.seq = max(self.seq, last)
 
+    def put_back(self, batch: list[Record]) -> None:
+        """A batch whose commit failed goes back in front (in order with what a restarted
+        spool took back from the sinks meanwhile)."""
+        self.unflushed.extendleft(reversed(batch))
+        after = self.unflushed[len(batch)] if batch and len(self.unflushed) > len(batch) else None
+        if after is not None and after.seq < batch[-1].seq:
+            self.unflushed = deque(sorted(self.unflushed, key=_seq))
+
     def respool(self, records: Iterable[Record]) -> None:
         """Records the spool held, but lost with its files: held in memory again, to be
         spooled again in order."""

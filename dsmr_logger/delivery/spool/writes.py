@@ -93,6 +93,7 @@ class Writes:
         self.writer = False
         self.full = False
         """The last commit failed for want of room."""
+        self._repair_failing = False
         self.fsyncs = Fsyncs(log, strict=strict, interval=sync_interval, clock=clock)
 
     def _wait_for_room(self, size: int) -> None:
@@ -236,8 +237,13 @@ class Writes:
                     self.damage.repair(segment)
             self.forget_finished()
         except (OSError, sqlite3.Error) as exc:
-            # Kept as it is (what is readable stays readable); tried again at the next read.
-            self._logger.warning("cannot repair a damaged spool file yet", error=str(exc))
+            # Kept as it is (what is readable stays readable); tried again at the next read,
+            # said once (a full disk would otherwise make it a line per read).
+            if not self._repair_failing:
+                self._logger.warning("cannot repair a damaged spool file yet", error=str(exc))
+            self._repair_failing = True
+        else:
+            self._repair_failing = False
 
     def dead_letter(
         self,
