@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import structlog
+from conftest import require_corpus
 from dsmr_reader_server import DsmrReaderProcess
 from test_daemon_process import (
     API_KEY,
@@ -173,6 +174,7 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.fixture
 def server() -> Iterator[DsmrReaderProcess]:
+    require_corpus()  # the simulated meter plays a capture from it
     with DsmrReaderProcess(API_KEY) as process:
         yield process
 

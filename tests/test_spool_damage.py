@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import structlog
+from conftest import require_corpus
 from dsmr_reader_server import DsmrReaderProcess
 from test_daemon_process import API_KEY, Processes, log_events, log_tail, reads, stamp, wait_until
 from test_daemon_process import write_config as daemon_config
@@ -281,6 +282,7 @@ def test_a_daemon_whose_state_file_is_damaged_reads_delivers_and_says_so_once(
     """A damaged SQLite file once kept the daemon from starting: nothing read until a person
     acted. Now it is moved aside, the backlog is rebuilt from the segments and delivered
     first, and the meter is read meanwhile."""
+    require_corpus()
     with DsmrReaderProcess(API_KEY, mode="refuse") as server:
         config = daemon_config(tmp_path, server.url, level="debug")
         first, log = procs.daemon(config)

@@ -29,7 +29,10 @@ from dsmr_logger.delivery.spool.records import (
     v1_record,
 )
 
+_FIRST_READ = 16 * 1024
 _CHUNK = 256 * 1024
+"""Reads start at 16 KiB (the head of a backlog is one record) and grow 4-fold to 256 KiB (a
+page of the backlog is about 200 KiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,19 +75,21 @@ class Segment:
 
 
 class _Window:
-    """A file read forward in chunks: ``need(pos, n)`` makes ``n`` bytes from ``pos`` available
-    in ``data`` (as far as the file goes) and returns where ``pos`` is in it."""
+    """A file read forward in growing chunks: ``need(pos, n)`` makes ``n`` bytes from ``pos``
+    available in ``data`` (as far as the file goes) and returns where ``pos`` is in it."""
 
     def __init__(self, file: BinaryIO, pos: int, size: int) -> None:
         self.file, self.size = file, size
         file.seek(pos)
         self.base, self.data = pos, b""
+        self._chunk = _FIRST_READ
 
     def need(self, pos: int, n: int) -> int:
         end = min(pos + n, self.size)
         have = self.base + len(self.data)
         if end > have:
-            more = self.file.read(max(_CHUNK, end - have))
+            more = self.file.read(max(self._chunk, end - have))
+            self._chunk = min(4 * self._chunk, _CHUNK)
             if len(more) < end - have:
                 self.size = have + len(more)  # cut back meanwhile (a reader beside the daemon)
             self.data, self.base = self.data[pos - self.base :] + more, pos
