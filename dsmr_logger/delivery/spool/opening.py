@@ -60,7 +60,8 @@ class Opening:
             return
         for segment in list(log.segments):
             size = spool.summaries.sizes.get(segment.first_seq)
-            if (size is not None and size != segment.size) or is_v1(segment):
+            old_format = version < SCHEMA_VERSION and is_v1(segment)  # else no file opened
+            if (size is not None and size != segment.size) or old_format:
                 log.damaged.add(segment.first_seq)
         for first in sorted(log.damaged):
             damaged = log.find(first)
