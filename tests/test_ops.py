@@ -76,14 +76,21 @@ async def test_healthz_follows_the_meter_and_the_sink(tmp_path: Path) -> None:
             DsmrReaderServer(api_key=KEY) as server,
             running(Daemon(make_config(tmp_path, port.path, server.url))) as daemon,
         ):
+            # Just started: no telegram yet, and none expected yet (frame_window is 0.5 s).
+            status, body = await get(daemon, "/healthz")
+            assert (status, json.loads(body)["state"]) == (200, "starting")
+            await asyncio.sleep(0.7)  # past frame_window without a telegram: now it is news
             status, body = await get(daemon, "/healthz")
             assert status == 503
-            assert "no valid telegram for ever" in json.loads(body)["reasons"][0]
+            assert "no valid telegram since the start" in json.loads(body)["reasons"][0]
 
             meter = asyncio.create_task(MeterSimulator(port, TELEGRAMS, interval=0.05).run())
             await wait_until(lambda: len(server.received) >= 2, "deliveries")
             status, body = await get(daemon, "/healthz")
-            assert (status, json.loads(body)) == (200, {"healthy": True, "reasons": []})
+            assert (status, json.loads(body)) == (
+                200,
+                {"healthy": True, "state": "healthy", "reasons": []},
+            )
 
             server.mode = "refuse"  # the sink fails past sink_failing (0.3 s)
             await asyncio.sleep(0.6)

@@ -19,6 +19,12 @@ class SinkSnapshot:
     last_error_at: float | None
     failing_since: float | None
     misconfigured: bool
+    fix: str | None = None
+    """What to change in the sink's configuration, while it is misconfigured."""
+    possible_duplicates: int = 0
+    """Failed attempts that may have stored a telegram that was then stored again."""
+    refused_in_a_row: int = 0
+    """Telegrams dead-lettered since the last delivery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +42,10 @@ class Snapshot:
     last_frame_at: float | None
     last_telegram: bytes | None
     sinks: tuple[SinkSnapshot, ...]
+    started_at: float | None = None
+    """When the daemon started (Unix time): health allows ``frame_window`` for a first frame."""
+    link_error: str | None = None
+    """Why the meter link last failed ("cannot open: ...", "no bytes for 30 s ...")."""
+    link_error_at: float | None = None
+    link_attempts: int = 0
+    """Times the link was opened or tried (failed opens included)."""

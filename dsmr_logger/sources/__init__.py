@@ -37,12 +37,17 @@ class MeterStatus:
     port: str
     """Where it reads: a device path, a ``socket://`` address or a URL (never with credentials)."""
     connected: bool = False
+    attempts: int = 0
+    """Times the link was opened or tried: a failed open counts (65 s of retrying is not "0")."""
     connects: int = 0
     disconnects: int = 0
     idle_reconnects: int = 0
     last_byte_at: float | None = None
     last_frame_at: float | None = None
     last_error: str | None = None
+    """Why the link last failed ("cannot open: ...", "no bytes for 30 s, ..."), kept after it is
+    back: the status shows it with its time."""
+    last_error_at: float | None = None
     state: MeterState = MeterState.DISCONNECTED
 
 
