@@ -160,8 +160,12 @@ def write_config(
     archive: Path | None = None,
     level: str = "info",
     spool: dict[str, Any] | None = None,
+    sink: dict[str, Any] | None = None,
+    http: dict[str, Any] | None = None,
 ) -> Path:
+    """A configuration for one run: ``spool``, ``sink`` and ``http`` override keys."""
     settings = {"flush_interval": 0.2, **(spool or {})}
+    sink_settings = {"timeout": 0.5, "retry_initial": 0.02, "retry_max": 0.2, **(sink or {})}
     lines = [
         "[meter]",
         f'port = "{tmp_path / "meter"}"',
@@ -178,11 +182,11 @@ def write_config(
         'type = "dsmr-reader"',
         f'url = "{server_url}"',
         f'api_key = "{API_KEY}"',
-        "timeout = 0.5",
-        "retry_initial = 0.02",
-        "retry_max = 0.2",
+        *(f"{key} = {json.dumps(value)}" for key, value in sink_settings.items()),
         "",
     ]
+    if http is not None:
+        lines += ["[http]", *(f"{key} = {json.dumps(value)}" for key, value in http.items()), ""]
     if archive is not None:
         lines += ["[[sink]]", 'name = "archive"', 'type = "archive"', f'directory = "{archive}"']
         lines.append("")

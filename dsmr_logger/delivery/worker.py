@@ -85,7 +85,8 @@ class SinkStats:
 
 
 class DeadLetterReport:
-    """Dead-letter warnings, rate-limited: the first at once, then a count every ``interval``.
+    """Dead-letter warnings, and failures of a flapping server, rate-limited: the first at
+    once, then a count at most every ``interval`` (logs must never fill an SD card).
 
     Invariant: every dead letter is in exactly one logged count (the rest by ``flush``)."""
 
@@ -96,6 +97,22 @@ class DeadLetterReport:
         self._pending = 0
         self._last: tuple[str, str] = ("", "")
         self._logged_at: float | None = None
+        self._failure_logged_at: float | None = None
+        self._failures_unlogged = 0
+
+    def may_log_failure(self) -> bool:
+        """A sink starts failing: log it, unless one was logged within ``interval`` (counted)."""
+        now = self._clock()
+        if self._failure_logged_at is not None and now - self._failure_logged_at < self._interval:
+            self._failures_unlogged += 1
+            return False
+        self._failure_logged_at = now
+        return True
+
+    def unlogged_failures(self) -> dict[str, int]:
+        """For the next failure line: how many short failures went unlogged before it."""
+        count, self._failures_unlogged = self._failures_unlogged, 0
+        return {"short_failures_since_last_line": count} if count else {}
 
     def add(self, reason: str, answer: str) -> None:
         self._pending += 1
@@ -153,6 +170,8 @@ class SinkWorker:
         self._in_flight = 0
         self._after_delivery = False
         """The last telegram settled was delivered (so the server takes telegrams)."""
+        self._episode_logged = False
+        """The current failure was logged (so its recovery is); short ones are only counted."""
         self._maybe_stored: dict[int, int] = {}
         """Failed attempts per telegram that may have reached the server's database."""
         self._delivered_ahead: set[int] = set()
@@ -298,11 +317,12 @@ class SinkWorker:
         self.stats.refused_in_a_row = 0
         self._after_delivery = True
         if self.stats.failing_since is not None:
-            self._log.info(
-                "sink recovered",
-                failing_for=round(self._wall() - self.stats.failing_since, 1),
-                backlog=len(self.queue),
-            )
+            if self._episode_logged or self.stats.misconfigured:
+                self._log.info(
+                    "sink recovered",
+                    failing_for=round(self._wall() - self.stats.failing_since, 1),
+                    backlog=len(self.queue),
+                )
             self.stats.failing_since = None
             self.stats.misconfigured = False
             self.stats.fix = None
@@ -347,9 +367,15 @@ class SinkWorker:
         elif first or changed:
             self.stats.misconfigured = False
             self.stats.fix = None
-            self._log.warning(
-                "delivery failing, retrying", answer=description, backlog=len(self.queue)
-            )
+            if first:
+                self._episode_logged = self._report.may_log_failure()
+            if self._episode_logged:
+                self._log.warning(
+                    "delivery failing, retrying",
+                    answer=description,
+                    backlog=len(self.queue),
+                    **self._report.unlogged_failures(),
+                )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
