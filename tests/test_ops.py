@@ -69,20 +69,31 @@ async def get(daemon: Daemon, path: str) -> tuple[int, str]:
         return answer.status, await answer.text()
 
 
+async def healthz_until(daemon: Daemon, wanted: int, timeout: float = 10.0) -> list[str]:
+    """Poll /healthz (every 20 ms) until it answers ``wanted``; returns that answer's reasons."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status, body = await get(daemon, "/healthz")
+            if status == wanted:
+                reasons: list[str] = json.loads(body)["reasons"]
+                return reasons
+            await asyncio.sleep(0.02)
+
+
 async def test_healthz_follows_the_meter_and_the_sink(tmp_path: Path) -> None:
     port = VirtualSerialPort()
     try:
         async with (
             DsmrReaderServer(api_key=KEY) as server,
-            running(Daemon(make_config(tmp_path, port.path, server.url))) as daemon,
+            running(
+                Daemon(make_config(tmp_path, port.path, server.url, frame_window=2.0))
+            ) as daemon,
         ):
-            # Just started: no telegram yet, and none expected yet (frame_window is 0.5 s).
+            # Just started: no telegram yet, and none expected yet (frame_window is 2 s).
             status, body = await get(daemon, "/healthz")
             assert (status, json.loads(body)["state"]) == (200, "starting")
-            await asyncio.sleep(0.7)  # past frame_window without a telegram: now it is news
-            status, body = await get(daemon, "/healthz")
-            assert status == 503
-            assert "no valid telegram since the start" in json.loads(body)["reasons"][0]
+            reasons = await healthz_until(daemon, 503)  # past frame_window without a telegram
+            assert "no valid telegram since the start" in reasons[0]
 
             meter = asyncio.create_task(MeterSimulator(port, TELEGRAMS, interval=0.05).run())
             await wait_until(lambda: len(server.received) >= 2, "deliveries")
@@ -93,19 +104,15 @@ async def test_healthz_follows_the_meter_and_the_sink(tmp_path: Path) -> None:
             )
 
             server.mode = "refuse"  # the sink fails past sink_failing (0.3 s)
-            await asyncio.sleep(0.6)
-            status, body = await get(daemon, "/healthz")
-            assert status == 503
-            assert "sink home failing" in " ".join(json.loads(body)["reasons"])
+            reasons = await healthz_until(daemon, 503)
+            assert "sink home failing" in " ".join(reasons)
             await server.set_mode("ok")
             await wait_until(lambda: daemon.workers[0].stats.failing_since is None, "recovery")
             assert (await get(daemon, "/healthz"))[0] == 200
 
-            meter.cancel()  # the meter falls silent: past frame_window (0.5 s) → 503
-            await asyncio.sleep(0.7)
-            status, body = await get(daemon, "/healthz")
-            assert status == 503
-            assert "no valid telegram for" in json.loads(body)["reasons"][0]
+            meter.cancel()  # the meter falls silent: past frame_window (2 s) → 503
+            reasons = await healthz_until(daemon, 503)
+            assert "no valid telegram for" in reasons[0]
     finally:
         port.close()
 
@@ -198,20 +205,26 @@ async def test_systemd_notify_ready_status_and_watchdog(tmp_path: Path) -> None:
         async with DsmrReaderServer(api_key=KEY) as server:
             daemon = Daemon(make_config(tmp_path, port.path, server.url), notifier=notifier)
             async with running(daemon):
-                await asyncio.sleep(0.3)
-                first = drain()
+                first: list[str] = []
+
+                def three_pings() -> bool:
+                    first.extend(drain())
+                    return sum(m.startswith("WATCHDOG=1") for m in first) >= 3
+
+                await wait_until(three_pings, "three watchdog pings")
                 assert first[0].startswith("READY=1\nSTATUS=")
                 assert f"{port.path}, 1/1 sinks ok, backlog 0" in first[0]
                 pings = [m for m in first[1:] if m.startswith("WATCHDOG=1")]
-                assert len(pings) >= 3
                 assert all("\nSTATUS=" in m for m in pings)
 
+                drain()
                 time.sleep(0.4)  # a wedged event loop: no pings may be sent meanwhile
                 blocked_at = time.monotonic()
                 during = [m for m in drain() if m.startswith("WATCHDOG=1")]
                 assert len(during) <= 1, during  # at most one that was already due
-                await asyncio.sleep(0.2)
-                assert any(m.startswith("WATCHDOG=1") for m in drain())
+                await wait_until(
+                    lambda: any(m.startswith("WATCHDOG=1") for m in drain()), "pings again"
+                )
                 assert time.monotonic() - blocked_at < 5
             assert "STOPPING=1" in " ".join(drain())
     finally:
