@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import sqlite3
 import time
 import traceback
@@ -179,11 +181,7 @@ class Daemon:
             try:
                 await self.status_server.start()
             except OSError as exc:
-                reason = exc.strerror or str(exc)
-                raise StartupError(
-                    f"http.listen = {listen!r}: cannot listen there ({reason}); another program "
-                    "(or another dsmr-logger) uses that port: choose another or stop it"
-                ) from exc
+                raise StartupError(f"http.listen = {listen!r}: {_bind_error(exc)}") from exc
             opened.push_async_callback(self.status_server.stop)
             host = str(listen).rpartition(":")[0]
             self._log.info("status endpoint", url=f"http://{host}:{self.status_server.port}/status")
@@ -353,6 +351,17 @@ class Daemon:
                 dropped=sink.dropped,
                 last_error=sink.last_error,
             )
+
+
+def _bind_error(exc: OSError) -> str:
+    """Why the status port cannot be had, and what to do, in one line."""
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is in use (another program, or another dsmr-logger): choose another"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no such address on this machine: use 127.0.0.1, 0.0.0.0 or one of its own"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges): choose a higher port"
+    return f"cannot listen there: {os.strerror(exc.errno) if exc.errno else exc}"
 
 
 async def _close_quietly(sink: Sink) -> None:

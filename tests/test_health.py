@@ -417,6 +417,12 @@ def test_a_redirect_is_misconfigured_with_the_url_to_use_and_nothing_is_lost(
     assert sink["misconfigured"] and sink["dead_letters"] == 0 and sink["backlog"] > 0
     (error,) = [e for e in log_events(log) if e.get("level") == "error"]
     assert error["fix"].endswith(f"use {https} as url")
+    command = [sys.executable, "-m", "dsmr_logger", "status", "--config", str(config)]
+    shown = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=30)
+    assert shown.returncode == 1 and shown.stdout.startswith("dsmr-logger: UNHEALTHY"), shown
+    sink_line = next(line for line in shown.stdout.splitlines() if line.startswith("sink "))
+    assert f"MISCONFIGURED: HTTP 301 redirect to {https}" in sink_line
+    assert sink_line.endswith(f"use {https} as url")
     server.control(mode="ok")
     wait_until(lambda: fetch(port, "/healthz")[0] == 200, 10.0, "healthy after the fix")
     meter.terminate()
@@ -489,7 +495,10 @@ def test_status_port_in_use_is_one_clear_line_exit_1_and_the_spool_closed(
     text = log.read_text()
     lines = [line for line in text.splitlines() if "cannot start" in line]
     assert len(lines) == 1, text
-    assert f"http.listen = '127.0.0.1:{port}'" in lines[0] and "in use" in lines[0]
+    assert lines[0] == (
+        f"dsmr-logger: cannot start: http.listen = '127.0.0.1:{port}': the port is in use "
+        "(another program, or another dsmr-logger): choose another"
+    )
     assert "Traceback" not in text
     spool = tmp_path / "spool.sqlite3"
     assert (

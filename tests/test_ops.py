@@ -19,10 +19,12 @@ from waiting import wait_until
 
 from dsmr_logger.config import Config, HttpConfig, from_mapping
 from dsmr_logger.daemon import Daemon
+from dsmr_logger.runtime.health import judge, status_document
 from dsmr_logger.runtime.notify import Notifier
+from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
-from dsmr_logger.tools.status import status
+from dsmr_logger.tools.status import render, status
 
 KEY = "ops-test-key-0123456789"
 TELEGRAMS = frames_in(default_capture())
@@ -237,3 +239,46 @@ def test_no_notify_socket_means_no_op() -> None:
     assert not notifier.enabled
     assert notifier.watchdog_interval is None
     notifier.ready("fine")  # must not raise
+
+
+def test_the_verdict_over_a_start_that_never_sees_the_meter() -> None:
+    """The pure verdict with a clock: "starting" for frame_window, then unhealthy with the
+    link's last error, its age and the attempts; ``status`` renders each as a person reads it."""
+    limits = HttpConfig(frame_window=60.0, sink_failing=900.0)
+    t0 = 1_800_000_000.0
+
+    def snapshot(now: float) -> Snapshot:
+        return Snapshot(
+            port="/dev/ttyUSB0",
+            meter_state="disconnected",
+            connected=False,
+            frames=0,
+            rejected={},
+            bytes_in=0,
+            garbage_bytes=0,
+            reconnects=8,
+            last_frame_at=None,
+            last_telegram=None,
+            sinks=(),
+            started_at=t0,
+            link_error="cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'",
+            link_error_at=now - 2,
+            link_attempts=9,
+        )
+
+    early = judge(snapshot(t0 + 1), t0 + 1, limits)
+    assert (early.ok, early.state, early.reasons) == (True, "starting", ())
+    text = render(status_document(snapshot(t0 + 1), t0 + 1, limits))
+    assert text.splitlines()[0] == "dsmr-logger: starting (started 1 s ago, no telegram yet)"
+    late = judge(snapshot(t0 + 61), t0 + 61, limits)
+    assert (late.ok, late.state) == (False, "unhealthy")
+    assert late.reasons == (
+        "no valid telegram since the start 61 s ago (meter disconnected; last link error 2 s "
+        "ago: cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'; 9 attempts)",
+    )
+    lines = render(status_document(snapshot(t0 + 61), t0 + 61, limits)).splitlines()
+    assert lines[0] == "dsmr-logger: UNHEALTHY"
+    assert lines[3] == (
+        "  last link error 2 s ago: cannot open: FileNotFoundError: [Errno 2] No such file: "
+        "'/dev/ttyUSB0'"
+    )
