@@ -11,13 +11,14 @@ telegram. This times each against its named baseline, the implementation it repl
   ``v1_form`` (latin-1 decode + ``str.translate``, ``dsmr_logger/delivery/sinks/dsmr_reader.py``).
 
 Both are checked to give the baseline's exact result before anything is timed. Frame assembly
-(``FrameAssembler.feed``, CRC included) is timed on the clean path, the same telegrams read whole,
-in 64-byte reads (what a USB serial adapter hands over at 115200 baud) and in 8-byte reads, to
-compare the assembler with its earlier versions (figures of each in ``bench/RESULTS.md``). Input: every
-telegram of the bundled DSMR 5 capture (Iskra AM550, 778 bytes each, ``default_capture()``); time
-per telegram is the best of ``--repeat`` ``timeit`` runs over all of them, divided out. The price
-of the 64K table is shown too: the build time warm (in this process) and cold (a fresh interpreter),
-the whole import of the crc module in a fresh interpreter, and the table's memory.
+(``FrameAssembler.feed``, CRC included) is timed on the clean path: the same telegrams read
+whole, in 64-byte reads (about what a USB serial adapter hands over at 115200 baud) and in 8-byte
+reads, to compare the assembler with its earlier versions (their figures in ``bench/RESULTS.md``).
+Input: every telegram of the bundled DSMR 5 capture (Iskra AM550, 778 bytes each,
+``default_capture()``); time per telegram is the best of ``--repeat`` ``timeit`` runs over all of
+them, divided out. The price of the 64K table is shown too: the build time warm (in this process)
+and cold (a fresh interpreter), the whole import of the crc module in a fresh interpreter, and
+the table's memory.
 
 Not a test, and no budget is asserted. Usage: ``.venv/bin/python bench/hot_paths.py``
 (a few seconds; ``--repeat N``, ``--number N``).
@@ -84,9 +85,7 @@ def framing_us(telegrams: list[bytes], read_size: int | None, repeat: int, numbe
     chunks of ``read_size`` bytes (None: one telegram per read); every telegram must come out."""
     stream = b"".join(telegrams)
     size = read_size or 0
-    chunks = (
-        telegrams if size == 0 else [stream[i : i + size] for i in range(0, len(stream), size)]
-    )
+    chunks = telegrams if size == 0 else [stream[i : i + size] for i in range(0, len(stream), size)]
     assembler = FrameAssembler()
     assert [f.raw for c in chunks for f in assembler.feed(c, 0.0)] == telegrams
 

@@ -642,3 +642,21 @@ def test_property_random_junk_then_a_telegram(
         assert_verified(frame)
         assert frame.raw in junk
     assert assembler.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    noise=_NOISE,
+    data=st.data(),
+    max_frame_bytes=st.integers(8, 300),
+    require_crc=st.booleans(),
+)
+def test_property_read_boundaries_never_change_the_outcome(
+    noise: bytes, data: st.DataObject, max_frame_bytes: int, require_crc: bool
+) -> None:
+    """Frames, rejections (with the data kept), junk and what stays buffered depend only on the
+    bytes: one read, byte-wise reads and random reads agree, at any cap, whatever arrives."""
+    settings_ = {"max_frame_bytes": max_frame_bytes, "require_crc": require_crc}
+    whole = outcome(*run([noise], **settings_))
+    assert outcome(*run(chunked(noise, "bytewise"), **settings_)) == whole
+    assert outcome(*run(split_at(noise, _cuts(data, len(noise))), **settings_)) == whole
