@@ -11,8 +11,9 @@ printing the command that does.
 Memory stays flat however big the archive is: only day files that can hold the window are read,
 a chunk at a time, and telegrams are passed on as they are found (reading a whole day into memory
 took 237 MiB for a 10 s window; ``bench/backfill_memory.py``). The archive is written in the order
-telegrams were read, so a small reordering buffer puts the stream in time order; a count of the
-window comes first (the same stream, read once more) so that the progress bar has a total.
+telegrams were read, so a small reordering buffer puts the stream in time order. A first pass
+counts the window (for the progress bar) and finds where in each file it lies; sending then reads
+only those parts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
@@ -98,11 +99,13 @@ class Window:
 
 @dataclass(frozen=True, slots=True)
 class Source:
-    """A file to read, and how much of it: a plain day file still being written is read only as
-    far as it was when the run began, so counting and sending see the same telegrams."""
+    """A file to read, and which part of it (offsets in its uncompressed bytes): a plain day file
+    still being written is read only as far as it was when the run began, so counting and sending
+    see the same telegrams; sending reads only the part where the count found the window."""
 
     path: Path
-    size: int | None  # None: to its end (gzip)
+    stop: int | None  # None: to its end
+    start: int = 0
 
     @property
     def day(self) -> date | None:
@@ -111,6 +114,10 @@ class Source:
             return date.fromisoformat(self.path.name.split(".", 1)[0])
         except ValueError:
             return None
+
+    @property
+    def gzipped(self) -> bool:
+        return self.path.name.endswith(".gz")
 
 
 @dataclass(slots=True)
@@ -124,6 +131,16 @@ class StreamStats:
     """The same instant again (written twice around a crash): sent once."""
     late: int = 0
     """Older than a telegram already passed on by more than REORDER telegrams: skipped."""
+    spans: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    """Per file, the offsets to read between to see all its telegrams of the window again."""
+
+    def narrowed(self, sources: Iterable[Source]) -> list[Source]:
+        """The sources again, each only where it holds telegrams of the window."""
+        return [
+            Source(s.path, self.spans[s.path][1], self.spans[s.path][0])
+            for s in sources
+            if s.path in self.spans
+        ]
 
 
 def source_files(source: Path) -> list[Source]:
@@ -136,20 +153,25 @@ def source_files(source: Path) -> list[Source]:
     return [Source(p, None if p.name.endswith(".gz") else p.stat().st_size) for p in paths]
 
 
-def frames_of(source: Source) -> Iterator[bytes]:
-    """The valid frames of one file, read a chunk at a time."""
+def frames_of(source: Source) -> Iterator[tuple[bytes, int, int]]:
+    """The valid frames of one file, read a chunk at a time; with each, the offsets to read
+    between to see it whole again (from the start of the read before the one that ended it:
+    a frame is far shorter than a read)."""
     assembler = FrameAssembler()
-    left = source.size
     file: io.BufferedIOBase
-    with gzip.open(source.path, "rb") if source.size is None else source.path.open("rb") as file:
-        while left is None or left > 0:
-            chunk = file.read(READ_SIZE if left is None else min(READ_SIZE, left))
+    with gzip.open(source.path, "rb") if source.gzipped else source.path.open("rb") as file:
+        if source.start:
+            file.seek(source.start)
+        previous = position = source.start
+        while source.stop is None or position < source.stop:
+            wanted = READ_SIZE if source.stop is None else min(READ_SIZE, source.stop - position)
+            chunk = file.read(wanted)
             if not chunk:
                 return
-            if left is not None:
-                left -= len(chunk)
+            end = position + len(chunk)
             for frame in assembler.feed(chunk, 0.0):
-                yield frame.raw
+                yield frame.raw, previous, end
+            previous, position = position, end
 
 
 def in_window(
@@ -173,7 +195,7 @@ def in_window(
 
     order = 0
     for source in sources:
-        for telegram in frames_of(source):
+        for telegram, start, stop in frames_of(source):
             stats.telegrams += 1
             stamp = meter_time(telegram, zone)
             if stamp is None:
@@ -181,6 +203,8 @@ def in_window(
                 continue
             if not window.contains(stamp):
                 continue
+            first, _ = stats.spans.get(source.path, (start, stop))
+            stats.spans[source.path] = (first, stop)
             order += 1
             heapq.heappush(held, (stamp, order, telegram))
             if len(held) > REORDER and (item := passed_on(heapq.heappop(held))):
@@ -397,7 +421,9 @@ async def backfill(
                 file=out,
                 flush=True,
             )
-            todo = after(in_window(sources, zone, window, StreamStats()), done_until)
+            todo = after(
+                in_window(stats.narrowed(sources), zone, window, StreamStats()), done_until
+            )
             return await _send_all(config, sink, sink_config, todo, total, stored, progress, out)
     finally:
         await sink.close()
