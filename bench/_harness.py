@@ -55,12 +55,8 @@ from dsmr_reader_server import DsmrReaderProcess  # noqa: E402
 
 from dsmr_logger.delivery.segments import SUFFIX  # noqa: E402
 from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir  # noqa: E402
-from dsmr_logger.meter.simulate import (  # noqa: E402
-    default_capture,
-    frames_in,
-    meter_timestamp,
-    restamp,
-)
+from dsmr_logger.telegram.build import meter_timestamp, restamp  # noqa: E402
+from dsmr_logger.telegram.capture import default_capture, frames_in  # noqa: E402
 
 # --- reading another process ------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ from dsmr_logger.delivery.answers import Answer, Verdict
 from dsmr_logger.delivery.sinks import Telegram
 from dsmr_logger.delivery.sinks.archive import ArchiveSink, day_file, local_date
 from dsmr_logger.delivery.spool import StoredTelegram
-from dsmr_logger.meter.simulate import default_capture, frames_in
+from dsmr_logger.telegram.capture import default_capture, frames_in
 
 DELIVERED = Answer(Verdict.DELIVERED)
 

@@ -11,7 +11,7 @@ telegrams each, one a second, named by their date in the meter's zone, in a fres
 under ``/var/tmp``; about 2 GB and two minutes; ``--archive DIR`` reuses one). Each measurement
 is a child process of its own, and its peak RSS is the ``ru_maxrss`` that ``wait4`` reports for
 it: the baseline, the old approach kept here (``old_plan``: read every file whole, keep every
-telegram, then choose and sort, as ``dsmr_logger/ops/backfill.py`` did), and the real command,
+telegram, then choose and sort, as ``dsmr_logger/tools/backfill.py`` did), and the real command,
 ``python -m dsmr_logger backfill`` for the window, posting its telegrams to the DSMR-reader test
 server. Both on one day of the archive and on the whole month. The old approach on the month
 needs about 30 times its one-day figure: it runs only if ``MemAvailable`` holds twice that, and is
@@ -47,8 +47,9 @@ from _harness import (
     templates,
 )
 
-from dsmr_logger.meter.simulate import frames_in, restamp
-from dsmr_logger.ops.backfill import meter_time
+from dsmr_logger.telegram.build import restamp
+from dsmr_logger.telegram.capture import frames_in
+from dsmr_logger.tools.backfill import meter_time
 
 ZONE = ZoneInfo("Europe/Amsterdam")
 START = datetime(2026, 1, 1, tzinfo=ZONE)

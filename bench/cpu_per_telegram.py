@@ -190,8 +190,8 @@ def measure_idle(
 def breakdown(rounds: int = 2000) -> dict[str, float]:
     """Warm, in-process µs per call of the per-telegram steps (best of 5)."""
     from dsmr_logger.delivery.sinks.dsmr_reader import v1_form
-    from dsmr_logger.meter.crc import crc16
-    from dsmr_logger.meter.framing import FrameAssembler
+    from dsmr_logger.sources.p1.crc import crc16
+    from dsmr_logger.sources.p1.framing import FrameAssembler
     from dsmr_logger.telegram.glance import glance
 
     telegram = templates()[0]

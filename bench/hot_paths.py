@@ -6,7 +6,7 @@ breakdown of ``bench/cpu_per_telegram.py`` put them at about 56 µs and 40 µs o
 telegram. This times each against its named baseline, the implementation it replaced, kept here:
 
 - ``crc16``: baseline the byte-wise 256-entry table (one Python step per byte); now two bytes
-  per step through a 65,536-entry ``array("H")`` table (``dsmr_logger/meter/crc.py``);
+  per step through a 65,536-entry ``array("H")`` table (``dsmr_logger/sources/p1/crc.py``);
 - v1 form: baseline ``urllib.parse.urlencode({"telegram": telegram}).encode("ascii")``; now
   ``v1_form`` (latin-1 decode + ``str.translate``, ``dsmr_logger/delivery/sinks/dsmr_reader.py``).
 
@@ -40,9 +40,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 from dsmr_logger.delivery.sinks.dsmr_reader import v1_form  # noqa: E402
-from dsmr_logger.meter import crc  # noqa: E402
-from dsmr_logger.meter.framing import FrameAssembler  # noqa: E402
-from dsmr_logger.meter.simulate import default_capture, frames_in  # noqa: E402
+from dsmr_logger.sources.p1 import crc  # noqa: E402
+from dsmr_logger.sources.p1.framing import FrameAssembler  # noqa: E402
+from dsmr_logger.telegram.capture import default_capture, frames_in  # noqa: E402
 
 # --- the baselines: the implementations replaced ---------------------------------------------
 
@@ -113,9 +113,9 @@ def table_build_peak_kib() -> float:
 
 
 _IMPORT_PROBE = """
-import time, array, dsmr_logger.meter
+import time, array, dsmr_logger.sources.p1
 started = time.perf_counter()
-import dsmr_logger.meter.crc as crc
+import dsmr_logger.sources.p1.crc as crc
 imported = time.perf_counter()
 crc._make_table16(crc._TABLE)
 print(imported - started, time.perf_counter() - imported)
@@ -123,7 +123,7 @@ print(imported - started, time.perf_counter() - imported)
 
 
 def import_ms(runs: int) -> tuple[float, float]:
-    """Best ms, in fresh interpreters, of ``import dsmr_logger.meter.crc`` (``array`` and the
+    """Best ms, in fresh interpreters, of ``import dsmr_logger.sources.p1.crc`` (``array`` and the
     package already imported: the byte table, the 64K table and loading the cached bytecode),
     and of one more 64K table build right after it (a cold process's build)."""
     best_import = best_build = float("inf")
@@ -190,7 +190,7 @@ def main() -> None:
     print(f"  build, in process: {table_build_ms(args.repeat):.2f} ms (best of {args.repeat})")
     imported, built = import_ms(args.repeat)
     print(f"  build, fresh interpreter: {built:.2f} ms (best of {args.repeat})")
-    print(f"  import of dsmr_logger.meter.crc, fresh interpreter: {imported:.2f} ms in all")
+    print(f"  import of dsmr_logger.sources.p1.crc, fresh interpreter: {imported:.2f} ms in all")
     print(f"  size: sys.getsizeof = {size} B ({size / 1024:.1f} KiB)")
     print(f"  peak while building: {table_build_peak_kib():.0f} KiB (temporaries, freed)")
     print(f"  the same as a list of ints would be: {list_of_ints_kib(table.tolist()):.0f} KiB")

@@ -98,7 +98,7 @@ for name in sys.argv[1:]:
 if "dsmr_parser" in sys.argv[1:]:
     from dsmr_parser import telegram_specifications
     from dsmr_parser.parsers import TelegramParser
-    from dsmr_logger.meter.simulate import default_capture, frames_in
+    from dsmr_logger.telegram.capture import default_capture, frames_in
     TelegramParser(telegram_specifications.V5).parse(frames_in(default_capture())[0].decode())
 gc.collect()
 time.sleep(0.2)

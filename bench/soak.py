@@ -70,7 +70,7 @@ from _harness import (
     write_config,
 )
 
-from dsmr_logger.meter.simulate import restamp
+from dsmr_logger.telegram.build import restamp
 
 FILLERS = 100
 RSS_SLACK_KB = 2048

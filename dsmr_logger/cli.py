@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gzip
 import os
 import signal
 import sys
@@ -33,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_CONFIG
-    return args.handler(args)
+    status: int = args.handler(args)
+    return status
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -169,7 +169,7 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     configure(config.log)
     from dsmr_logger.daemon import Daemon, StartupError
-    from dsmr_logger.ops.notify import Notifier
+    from dsmr_logger.runtime.notify import Notifier
 
     try:
         return asyncio.run(_run_until_signalled(Daemon(config, notifier=Notifier())))
@@ -190,7 +190,8 @@ def _parse(args: argparse.Namespace) -> int:
     import time
     import zoneinfo
 
-    from dsmr_logger.ops.parse_tool import parse_command
+    from dsmr_logger.telegram.capture import read_capture
+    from dsmr_logger.tools.parse import parse_command
 
     try:
         zone = zoneinfo.ZoneInfo(args.timezone)
@@ -208,7 +209,7 @@ def _parse(args: argparse.Namespace) -> int:
 def _backfill(args: argparse.Namespace) -> int:
     import zoneinfo
 
-    from dsmr_logger.ops.backfill import BackfillError, backfill, parse_moment
+    from dsmr_logger.tools.backfill import BackfillError, backfill, parse_moment
 
     config = _config_or_exit(args.config)
     if config is None:
@@ -244,7 +245,7 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dsmr_logger.ops.status_tool import status
+    from dsmr_logger.tools.status import status
 
     config = _config_or_exit(args.config)
     if config is None:
@@ -258,7 +259,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _spool(args: argparse.Namespace) -> int:
     from dsmr_logger.delivery.spool import Spool
-    from dsmr_logger.ops import spool_tool
+    from dsmr_logger.tools import spool as spool_tool
 
     config = _config_or_exit(args.config)
     if config is None:
@@ -297,17 +298,9 @@ def _spool(args: argparse.Namespace) -> int:
         spool.close()
 
 
-def read_capture(path: Path | None) -> bytes:
-    from dsmr_logger.meter.simulate import default_capture
-
-    if path is None:
-        return default_capture()
-    data = path.read_bytes()
-    return gzip.decompress(data) if path.suffix == ".gz" else data
-
-
 def _simulate(args: argparse.Namespace) -> int:
-    from dsmr_logger.meter.simulate import frames_in, simulate
+    from dsmr_logger.telegram.capture import frames_in, read_capture
+    from dsmr_logger.tools.simulate import simulate
 
     try:
         capture = read_capture(args.capture)
@@ -345,7 +338,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from dsmr_logger.demo import run_demo
+    from dsmr_logger.tools.demo import run_demo
 
     if bool(args.dsmr_reader) != bool(args.api_key):
         print("dsmr-logger: --dsmr-reader and --api-key go together", file=sys.stderr)

@@ -2,17 +2,26 @@
 
 Everything is validated before any port is opened, and every mistake is reported with the key it
 concerns (``meter.baudrate: must be one of ...``), so a user can fix a file without reading code.
+
+Each key is written once: its dataclass field carries the default, the check that validates it
+and a line of documentation (``key(...)``). The reader walks the fields, so a key added to a
+dataclass is read, validated, printed by ``check-config`` and listed in the README's key table
+(``key_table()``, compared by a test) without a second copy anywhere. Rules that relate two keys
+are in ``_cross_rules``. A new kind of meter or sink is a dataclass added to ``METER_TYPES`` or
+``SINK_TYPES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
+import types
 import urllib.parse
 import zoneinfo
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +29,10 @@ BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEFAULT_SPOOL_PATH = Path("/var/lib/dsmr-logger/spool.sqlite3")
 DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 SMARTY_AUTHENTICATION_KEY = "00112233445566778899AABBCCDDEEFF"
-SECRET_KEYS = frozenset({"api_key", "decryption_key", "authentication_key"})
+SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A sink's name is part of the spool's records and of metric labels: a plain word."""
+
+Check = Callable[[Any], Any]
 
 
 class ConfigError(Exception):
@@ -31,113 +43,27 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True, slots=True)
-class SerialSettings:
-    baudrate: int = 115200
-    bytesize: int = 8
-    parity: Literal["N", "E", "O"] = "N"
-    stopbits: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class MeterConfig:
-    port: str
-    serial: SerialSettings = SerialSettings()
-    require_crc: bool = False
-    max_frame_bytes: int = 16 * 1024
-    idle_timeout: float = 30.0
-    """Seconds without a byte before the link is reopened (catches half-open ser2net links)."""
-    reconnect_initial: float = 1.0
-    reconnect_max: float = 60.0
-    decryption_key: str | None = field(default=None, repr=False)
-    """32 hex digits: the meter encrypts its P1 output (Luxembourg Smarty and similar)."""
-    authentication_key: str | None = field(default=SMARTY_AUTHENTICATION_KEY, repr=False)
-    """The GCM additional-data key; "" when the meter uses none."""
-    timezone: str = "Europe/Amsterdam"
-    """The meter's local time zone: how its timestamps are read (for API v2)."""
-
-    @property
-    def is_network(self) -> bool:
-        return "://" in self.port
-
-
-@dataclass(frozen=True, slots=True)
-class SpoolConfig:
-    path: Path = DEFAULT_SPOOL_PATH
-    max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
-    flush_interval: float = 5.0
-    durability: Literal["batched", "strict"] = "batched"
-
-
-@dataclass(frozen=True, slots=True)
-class DsmrReaderSinkConfig:
-    name: str
-    url: str
-    api_key: str = field(repr=False)
-    api: Literal["v1", "v2"] = "v1"
-    auth_header: Literal["token", "x-authkey"] = "token"
-    timeout: float = 20.0
-    verify_tls: bool = True
-    min_interval: float = 0.0
-    retry_initial: float = 1.0
-    retry_max: float = 300.0
-    gas_channel: int | None = None
-    """v2: the M-Bus channel of the gas meter (default: the first device of type gas)."""
-    max_in_flight: int = 1
-    """Requests at once while a backlog drains (confirmed in order); 1 keeps arrival in order."""
-    type: Literal["dsmr-reader"] = "dsmr-reader"
-
-
-@dataclass(frozen=True, slots=True)
-class ArchiveSinkConfig:
-    name: str
-    directory: Path
-    compress_after_days: int | None = None
-    min_interval: float = 0.0
-    type: Literal["archive"] = "archive"
-
-
-SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
-
-
-@dataclass(frozen=True, slots=True)
-class LogConfig:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "console", "json", "keyvalue"] = "auto"
-    summary_interval: float = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class HttpConfig:
-    listen: str | None = None
-    """``host:port`` of the status endpoint (/healthz, /status, /metrics); None: off."""
-    frame_window: float = 60.0
-    """Unhealthy when no valid frame arrived for this many seconds."""
-    sink_failing: float = 900.0
-    """Unhealthy when a sink has been failing for this many seconds."""
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        if self.listen is None:
-            return None
-        host, _, port = self.listen.rpartition(":")
-        return host.strip("[]"), int(port)
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    meter: MeterConfig
-    spool: SpoolConfig = SpoolConfig()
-    sinks: tuple[SinkConfig, ...] = ()
-    log: LogConfig = LogConfig()
-    http: HttpConfig = HttpConfig()
-
-
-# --- validation helpers: each returns the converted value or raises _Bad(message) ----------------
-
-
 class _Bad(Exception):
-    pass
+    """A value a check refused; the message says why (the reader adds the key)."""
+
+
+def key(
+    default: Any = dataclasses.MISSING,
+    *,
+    check: Check,
+    doc: str,
+    secret: bool = False,
+) -> Any:
+    """A configuration key: its default (none = required), how it is checked, what it means.
+
+    ``secret`` keys are masked wherever the configuration is shown and left out of ``repr``.
+    """
+    return dataclasses.field(
+        default=default, repr=not secret, metadata={"check": check, "doc": doc, "secret": secret}
+    )
+
+
+# --- checks: each returns the converted value or raises _Bad(message) ----------------------------
 
 
 def _str(value: Any) -> str:
@@ -154,7 +80,7 @@ def _bool(value: Any) -> bool:
     return value
 
 
-def _number(minimum: float, maximum: float = math.inf) -> Callable[[Any], float]:
+def number(minimum: float, maximum: float = math.inf) -> Check:
     def check(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _Bad(f"must be a number, not {value!r}")
@@ -166,18 +92,19 @@ def _number(minimum: float, maximum: float = math.inf) -> Callable[[Any], float]
     return check
 
 
-def _integer(minimum: int) -> Callable[[Any], int]:
+def integer(minimum: int, maximum: int | None = None) -> Check:
     def check(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _Bad(f"must be an integer, not {value!r}")
-        if value < minimum:
-            raise _Bad(f"must be >= {minimum}, not {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise _Bad(f"must be {bound}, not {value}")
         return value
 
     return check
 
 
-def _one_of(*choices: Any) -> Callable[[Any], Any]:
+def one_of(*choices: Any) -> Check:
     def check(value: Any) -> Any:
         if value not in choices or isinstance(value, bool):
             listed = ", ".join(repr(c) if isinstance(c, str) else str(c) for c in choices)
@@ -191,10 +118,10 @@ def _aes_key(value: Any) -> str:
     if not isinstance(value, str):
         raise _Bad(f"must be a string of 32 hex digits, not {type(value).__name__}")
     try:
-        key = bytes.fromhex(value)
+        raw = bytes.fromhex(value)
     except ValueError:
-        key = b""
-    if len(key) != 16:
+        raw = b""
+    if len(raw) != 16:
         raise _Bad("must be 32 hex digits (16 bytes), as your grid operator supplied it")
     return value.upper()
 
@@ -236,7 +163,7 @@ def _port(value: Any) -> str:
     return port
 
 
-def _url(value: Any) -> str:
+def http_url(value: Any) -> str:
     url = _str(value).rstrip("/")
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -244,10 +171,239 @@ def _url(value: Any) -> str:
     return url
 
 
-_PROFILES = {
-    "dsmr4": SerialSettings(115200, 8, "N", 1),
-    "dsmr22": SerialSettings(9600, 7, "E", 1),
-}
+def _sink_name(value: Any) -> str:
+    name = _str(value)
+    if not SINK_NAME.fullmatch(name):
+        raise _Bad(
+            f"{name!r}: use 1-64 letters, digits, '-', '_' or '.', starting with a letter or "
+            "digit (the name labels the sink's backlog and metrics)"
+        )
+    return name
+
+
+def _listen(value: Any) -> str:
+    text = _str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise _Bad(f"must be host:port, e.g. 127.0.0.1:8484, not {value!r}")
+    return text
+
+
+# --- the schema ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSettings:
+    baudrate: int = 115200
+    bytesize: int = 8
+    parity: Literal["N", "E", "O"] = "N"
+    stopbits: int = 1
+
+
+PROFILES: Mapping[str, SerialSettings] = types.MappingProxyType(
+    {"dsmr4": SerialSettings(115200, 8, "N", 1), "dsmr22": SerialSettings(9600, 7, "E", 1)}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConfig:
+    """A P1 port: a serial device, or a ser2net socket (``socket://``, ``rfc2217://``)."""
+
+    port: str = key(check=_port, doc="device path, socket://host:port or rfc2217://host:port")
+    type: Literal["p1"] = key("p1", check=one_of("p1"), doc="where readings come from")
+    profile: Literal["dsmr4", "dsmr22"] = key(
+        "dsmr4",
+        check=one_of(*PROFILES),
+        doc="serial preset: dsmr4 = 115200 8N1, dsmr22 = 9600 7E1",
+    )
+    baudrate: int | None = key(
+        None, check=one_of(*BAUDRATES), doc="overrides the profile's baud rate"
+    )
+    bytesize: int | None = key(None, check=one_of(7, 8), doc="overrides the profile's data bits")
+    parity: Literal["N", "E", "O"] | None = key(
+        None, check=one_of("N", "E", "O"), doc="overrides the profile's parity"
+    )
+    stopbits: int | None = key(None, check=one_of(1, 2), doc="overrides the profile's stop bits")
+    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+    max_frame_bytes: int = key(
+        16 * 1024, check=integer(1024), doc="a longer frame is discarded as line noise"
+    )
+    idle_timeout: float = key(
+        30.0, check=number(0.05), doc="seconds without a byte before the link is reopened"
+    )
+    reconnect_initial: float = key(
+        1.0, check=number(0.01), doc="first pause before reopening a failed port"
+    )
+    reconnect_max: float = key(60.0, check=number(0.01), doc="longest pause between reopenings")
+    decryption_key: str | None = key(
+        None,
+        check=_aes_key,
+        doc="32 hex digits: the meter encrypts its P1 output (Luxembourg Smarty and similar)",
+        secret=True,
+    )
+    authentication_key: str | None = key(
+        SMARTY_AUTHENTICATION_KEY,
+        check=_optional_aes_key,
+        doc='the GCM additional-data key; "" when the meter uses none',
+        secret=True,
+    )
+    timezone: str = key(
+        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
+    )
+
+    @property
+    def serial(self) -> SerialSettings:
+        """The profile's serial settings with this meter's overrides applied."""
+        base = PROFILES[self.profile]
+        return SerialSettings(
+            baudrate=self.baudrate if self.baudrate is not None else base.baudrate,
+            bytesize=self.bytesize if self.bytesize is not None else base.bytesize,
+            parity=self.parity if self.parity is not None else base.parity,
+            stopbits=self.stopbits if self.stopbits is not None else base.stopbits,
+        )
+
+    @property
+    def where(self) -> str:
+        """What the logs and the status call the source."""
+        return self.port
+
+    @property
+    def is_network(self) -> bool:
+        return "://" in self.port
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path = key(
+        DEFAULT_SPOOL_PATH,
+        check=_path,
+        doc="the SQLite file; telegrams go to <path>-telegrams/ beside it",
+    )
+    max_bytes: int = key(
+        DEFAULT_SPOOL_MAX_BYTES,
+        check=integer(64 * 1024),
+        doc="bound of spooled telegrams; past it the oldest are dropped and counted",
+    )
+    flush_interval: float = key(
+        5.0, check=number(0.0, 3600.0), doc="undelivered this long => written to the spool"
+    )
+    durability: Literal["batched", "strict"] = key(
+        "batched",
+        check=one_of("batched", "strict"),
+        doc="strict: every telegram committed (fsync) before it is sent",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DsmrReaderSinkConfig:
+    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    url: str = key(check=http_url, doc="DSMR-reader's base URL")
+    api_key: str = key(check=_str, doc="DSMR-reader's API key", secret=True)
+    type: Literal["dsmr-reader"] = key(
+        "dsmr-reader", check=one_of("dsmr-reader"), doc="what kind of sink"
+    )
+    api: Literal["v1", "v2"] = key(
+        "v1", check=one_of("v1", "v2"), doc="v1: the raw telegram; v2: parsed fields"
+    )
+    auth_header: Literal["token", "x-authkey"] = key(
+        "token", check=one_of("token", "x-authkey"), doc="how the key is sent"
+    )
+    timeout: float = key(20.0, check=number(0.05, 600.0), doc="seconds for one request")
+    verify_tls: bool = key(True, check=_bool, doc="check the server's https certificate")
+    min_interval: float = key(
+        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
+    )
+    retry_initial: float = key(
+        1.0, check=number(0.01, 3600.0), doc="first pause after a failed delivery"
+    )
+    retry_max: float = key(300.0, check=number(0.01, 86400.0), doc="longest pause between retries")
+    gas_channel: int | None = key(
+        None, check=one_of(1, 2, 3, 4), doc="v2: M-Bus channel of the gas meter"
+    )
+    max_in_flight: int = key(
+        1, check=integer(1, 8), doc="requests at once while a backlog drains; 1 keeps order"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveSinkConfig:
+    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    directory: Path = key(check=_path, doc="one YYYY-MM-DD.log file a day in it")
+    type: Literal["archive"] = key("archive", check=one_of("archive"), doc="what kind of sink")
+    compress_after_days: int | None = key(
+        None, check=integer(1), doc="gzip day files at least this many days old"
+    )
+    min_interval: float = key(
+        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
+    )
+
+
+SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
+MeterTypeConfig = MeterConfig
+
+METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType({"p1": MeterConfig})
+"""``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
+SINK_TYPES: Mapping[str, type[SinkConfig]] = types.MappingProxyType(
+    {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig}
+)
+"""``[[sink]] type`` → its configuration; each has ``name``, ``type`` and ``min_interval``."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = key(
+        "info", check=one_of("debug", "info", "warning", "error"), doc="least severe level logged"
+    )
+    format: Literal["auto", "console", "json", "keyvalue"] = key(
+        "auto",
+        check=one_of("auto", "console", "json", "keyvalue"),
+        doc="auto: console on a terminal, else keyvalue",
+    )
+    summary_interval: float = key(300.0, check=number(1.0), doc="seconds between summary lines")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str | None = key(
+        None, check=_listen, doc="host:port of /healthz, /status and /metrics; off unless set"
+    )
+    frame_window: float = key(
+        60.0, check=number(1.0), doc="unhealthy when no valid telegram came for this long"
+    )
+    sink_failing: float = key(
+        900.0, check=number(1.0), doc="unhealthy when a sink has been failing for this long"
+    )
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if self.listen is None:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    meter: MeterTypeConfig
+    spool: SpoolConfig = SpoolConfig()
+    sinks: tuple[SinkConfig, ...] = ()
+    log: LogConfig = LogConfig()
+    http: HttpConfig = HttpConfig()
+
+
+SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
+    {"spool": SpoolConfig, "log": LogConfig, "http": HttpConfig}
+)
+"""Sections with one fixed shape (``meter`` and ``sink`` depend on their ``type``)."""
+SECRET_KEYS = frozenset(
+    f.name
+    for cls in (*METER_TYPES.values(), *SINK_TYPES.values(), *SECTIONS.values())
+    for f in dataclasses.fields(cls)
+    if f.metadata.get("secret")
+)
+
+
+# --- reading ------------------------------------------------------------------------------------
 
 
 class _Section:
@@ -259,154 +415,93 @@ class _Section:
         if not isinstance(table, Mapping):
             problems.append(f"{prefix}: must be a table, not {type(table).__name__}")
             table = {}
-        self.table = table
+        self.table: Mapping[str, Any] = table
         self.used: set[str] = set()
 
-    def get(self, key: str, check: Callable[[Any], Any], default: Any = dataclasses.MISSING) -> Any:
-        self.used.add(key)
-        if key not in self.table:
+    def get(self, name: str, check: Check, default: Any = dataclasses.MISSING) -> Any:
+        self.used.add(name)
+        if name not in self.table:
             if default is dataclasses.MISSING:
-                self.problems.append(f"{self.prefix}.{key}: is required")
-            return None if default is dataclasses.MISSING else default
+                self.problems.append(f"{self.prefix}.{name}: is required")
+                return None
+            return default
         try:
-            return check(self.table[key])
+            return check(self.table[name])
         except _Bad as exc:
-            self.problems.append(f"{self.prefix}.{key}: {exc}")
+            self.problems.append(f"{self.prefix}.{name}: {exc}")
             return None if default is dataclasses.MISSING else default
 
-    def finish(self) -> None:
-        for key in self.table:
-            if key not in self.used:
-                self.problems.append(f"{self.prefix}.{key}: unknown key")
+    def read(self, cls: type[Any], **given: Any) -> Any:
+        """An instance of ``cls`` from this table: every key its fields declare, then finish."""
+        values = dict(given)
+        for f in dataclasses.fields(cls):
+            if f.name in values or "check" not in f.metadata:
+                continue
+            values[f.name] = self.get(f.name, f.metadata["check"], f.default)
+        for name in self.table:
+            if name not in self.used and name not in values:
+                self.problems.append(f"{self.prefix}.{name}: unknown key")
+        return cls(**values)
 
 
-def _meter(table: Any, problems: list[str]) -> MeterConfig:
+def _meter(table: Any, problems: list[str]) -> MeterTypeConfig:
     s = _Section("meter", table, problems)
-    profile = s.get("profile", _one_of(*_PROFILES), "dsmr4")
-    base = _PROFILES[profile]
-    serial = SerialSettings(
-        baudrate=int(s.get("baudrate", _one_of(*BAUDRATES), base.baudrate)),
-        bytesize=s.get("bytesize", _one_of(7, 8), base.bytesize),
-        parity=s.get("parity", _one_of("N", "E", "O"), base.parity),
-        stopbits=s.get("stopbits", _one_of(1, 2), base.stopbits),
-    )
-    meter = MeterConfig(
-        port=s.get("port", _port) or "",
-        serial=serial,
-        require_crc=s.get("require_crc", _bool, False),
-        max_frame_bytes=s.get("max_frame_bytes", _integer(1024), 16 * 1024),
-        idle_timeout=s.get("idle_timeout", _number(0.05), 30.0),
-        reconnect_initial=s.get("reconnect_initial", _number(0.01), 1.0),
-        reconnect_max=s.get("reconnect_max", _number(0.01), 60.0),
-        decryption_key=s.get("decryption_key", _aes_key, None),
-        timezone=s.get("timezone", _zone, "Europe/Amsterdam"),
-        authentication_key=s.get(
-            "authentication_key", _optional_aes_key, SMARTY_AUTHENTICATION_KEY
-        ),
-    )
-    s.finish()
+    kind = s.get("type", one_of(*METER_TYPES), "p1")
+    meter: MeterTypeConfig = s.read(METER_TYPES[kind], type=kind)
+    if isinstance(meter, MeterConfig) and meter.profile in PROFILES:
+        # The profile's values, each overridden by a key given: what the port is opened with.
+        meter = dataclasses.replace(meter, **dataclasses.asdict(meter.serial))
     return meter
 
 
-def _spool(table: Any, problems: list[str]) -> SpoolConfig:
-    s = _Section("spool", table, problems)
-    spool = SpoolConfig(
-        path=s.get("path", _path, DEFAULT_SPOOL_PATH),
-        max_bytes=s.get("max_bytes", _integer(64 * 1024), DEFAULT_SPOOL_MAX_BYTES),
-        flush_interval=s.get("flush_interval", _number(0.0, 3600.0), 5.0),
-        durability=s.get("durability", _one_of("batched", "strict"), "batched"),
-    )
-    s.finish()
-    return spool
-
-
-def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig | None:
+def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig:
     s = _Section(f"sink[{index}]", table, problems)
-    name = s.get("name", _str)
+    name = s.get("name", _sink_name)
     if name:
         s.prefix = f"sink[{index}] ({name})"
-    kind = s.get("type", _one_of("dsmr-reader", "archive"), "dsmr-reader")
-    min_interval = s.get("min_interval", _number(0.0, 86400.0), 0.0)
-    sink: SinkConfig | None
-    if kind == "archive":
-        sink = ArchiveSinkConfig(
-            name=name or "",
-            directory=s.get("directory", _path),
-            compress_after_days=s.get("compress_after_days", _integer(1), None),
-            min_interval=min_interval,
+    kind = s.get("type", one_of(*SINK_TYPES), "dsmr-reader")
+    return s.read(SINK_TYPES[kind], name=name or "", type=kind)  # type: ignore[no-any-return]
+
+
+def _cross_rules(config: Config) -> Iterator[str]:
+    """Rules that relate keys to each other (each key alone was checked as it was read)."""
+    meter = config.meter
+    if meter.reconnect_initial > meter.reconnect_max:
+        yield (
+            f"meter.reconnect_initial: {meter.reconnect_initial:g} is above "
+            f"meter.reconnect_max ({meter.reconnect_max:g})"
         )
-    else:
-        sink = DsmrReaderSinkConfig(
-            name=name or "",
-            url=s.get("url", _url),
-            api_key=s.get("api_key", _str),
-            api=s.get("api", _one_of("v1", "v2"), "v1"),
-            auth_header=s.get("auth_header", _one_of("token", "x-authkey"), "token"),
-            timeout=s.get("timeout", _number(0.05, 600.0), 20.0),
-            verify_tls=s.get("verify_tls", _bool, True),
-            min_interval=min_interval,
-            retry_initial=s.get("retry_initial", _number(0.01, 3600.0), 1.0),
-            retry_max=s.get("retry_max", _number(0.01, 86400.0), 300.0),
-            gas_channel=s.get("gas_channel", _one_of(1, 2, 3, 4), None),
-            max_in_flight=s.get("max_in_flight", _one_of(1, 2, 3, 4, 5, 6, 7, 8), 1),
-        )
-    s.finish()
-    return sink
-
-
-def _log(table: Any, problems: list[str]) -> LogConfig:
-    s = _Section("log", table, problems)
-    log = LogConfig(
-        level=s.get("level", _one_of("debug", "info", "warning", "error"), "info"),
-        format=s.get("format", _one_of("auto", "console", "json", "keyvalue"), "auto"),
-        summary_interval=s.get("summary_interval", _number(1.0), 300.0),
-    )
-    s.finish()
-    return log
-
-
-def _listen(value: Any) -> str:
-    text = _str(value)
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise _Bad(f"must be host:port, e.g. 127.0.0.1:8484, not {value!r}")
-    return text
-
-
-def _http(table: Any, problems: list[str]) -> HttpConfig:
-    s = _Section("http", table, problems)
-    http = HttpConfig(
-        listen=s.get("listen", _listen, None),
-        frame_window=s.get("frame_window", _number(1.0), 60.0),
-        sink_failing=s.get("sink_failing", _number(1.0), 900.0),
-    )
-    s.finish()
-    return http
+    names = [sink.name for sink in config.sinks]
+    for duplicate in sorted({n for n in names if names.count(n) > 1}):
+        yield f"sink.name: {duplicate!r} is used by more than one sink"
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Validate a parsed document; raises ConfigError listing every problem found."""
     problems: list[str] = []
-    for key in data:
-        if key not in ("meter", "spool", "sink", "log", "http"):
-            problems.append(f"{key}: unknown section (expected meter, spool, sink, log, http)")
+    known = ("meter", "sink", *SECTIONS)
+    for name in data:
+        if name not in known:
+            problems.append(f"{name}: unknown section (expected {', '.join(known)})")
     if "meter" not in data:
         problems.append("meter: section is required (at least meter.port)")
     meter = _meter(data.get("meter", {}), problems)
-    spool = _spool(data.get("spool", {}), problems)
     raw_sinks = data.get("sink", [])
     if not isinstance(raw_sinks, list):
         problems.append("sink: must be an array of tables, written [[sink]]")
         raw_sinks = []
-    sinks = [_sink(i, t, problems) for i, t in enumerate(raw_sinks)]
-    names = [s.name for s in sinks if s is not None and s.name]
-    for duplicate in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"sink.name: {duplicate!r} is used by more than one sink")
-    log = _log(data.get("log", {}), problems)
-    http = _http(data.get("http", {}), problems)
+    sinks = tuple(_sink(i, t, problems) for i, t in enumerate(raw_sinks))
+    sections = {
+        name: _Section(name, data.get(name, {}), problems).read(cls)
+        for name, cls in SECTIONS.items()
+    }
     if problems:
         raise ConfigError(problems)
-    return Config(meter=meter, spool=spool, sinks=tuple(s for s in sinks if s), log=log, http=http)
+    config = Config(meter=meter, sinks=sinks, **sections)
+    problems.extend(_cross_rules(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def read_text(path: Path) -> str:
@@ -432,35 +527,47 @@ def load(path: Path) -> Config:
         raise ConfigError([f"{path}: {p}" for p in exc.problems]) from None
 
 
+# --- showing ------------------------------------------------------------------------------------
+
+
 def effective_toml(config: Config) -> str:
     """The configuration as TOML with every default filled in and secrets masked."""
     lines: list[str] = []
 
-    def table(header: str, obj: Any, skip: tuple[str, ...] = ()) -> None:
+    def table(header: str, obj: Any) -> None:
         lines.append(header)
-        for f in dataclasses.fields(obj):
-            if f.name in skip:
-                continue
-            value = getattr(obj, f.name)
-            if f.name in SECRET_KEYS and value and value != SMARTY_AUTHENTICATION_KEY:
-                value = mask(value)  # the Smarty spec's published key is no secret
-            if dataclasses.is_dataclass(value):
-                for sub in dataclasses.fields(value):
-                    lines.append(f"{sub.name} = {_toml_value(getattr(value, sub.name))}")
-                continue
+        for name, value in _shown(obj):
             if value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-            elif f.name == "authentication_key":
-                lines.append(f'{f.name} = ""')
+                lines.append(f"{name} = {_toml_value(value)}")
+            elif name == "authentication_key":
+                lines.append(f'{name} = ""')
         lines.append("")
 
     table("[meter]", config.meter)
-    table("[spool]", config.spool)
-    for sink in config.sinks:
-        table("[[sink]]", sink)
-    table("[log]", config.log)
-    table("[http]", config.http)
+    for name in SECTIONS:
+        if name == "spool":
+            table("[spool]", config.spool)
+            for sink in config.sinks:
+                table("[[sink]]", sink)
+        else:
+            table(f"[{name}]", getattr(config, name))
     return "\n".join(lines)
+
+
+def _shown(obj: Any) -> Iterator[tuple[str, Any]]:
+    """A section's keys and values as ``check-config`` shows them: resolved, secrets masked."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(obj, MeterConfig) and f.name in (
+            "baudrate",
+            "bytesize",
+            "parity",
+            "stopbits",
+        ):
+            value = getattr(obj.serial, f.name)
+        if f.metadata.get("secret") and value and value != SMARTY_AUTHENTICATION_KEY:
+            value = mask(value)  # the Smarty spec's published key is no secret
+        yield f.name, value
 
 
 def mask(secret: str) -> str:
@@ -475,3 +582,34 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
+
+
+def key_table() -> str:
+    """The README's table of every key: section, key, default, meaning (a test compares them)."""
+    rows = ["| section | key | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def add(section: str, cls: type[Any]) -> None:
+        for f in dataclasses.fields(cls):
+            if "check" not in f.metadata:
+                continue
+            if f.default is dataclasses.MISSING:
+                default = "required"
+            elif f.default is None:
+                default = "not set"
+            else:
+                default = f"`{_toml_value(f.default)}`"
+            rows.append(f"| {section} | `{f.name}` | {default} | {f.metadata['doc']} |")
+
+    for kind, meter in METER_TYPES.items():
+        add(f"`[meter]` {kind}", meter)
+    add("`[spool]`", SpoolConfig)
+    for kind, sink in SINK_TYPES.items():
+        add(f"`[[sink]]` {kind}", sink)
+    for name, section in SECTIONS.items():
+        if name != "spool":
+            add(f"`[{name}]`", section)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(key_table())

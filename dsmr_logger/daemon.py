@@ -20,7 +20,7 @@ from dsmr_logger.config import (
     ArchiveSinkConfig,
     Config,
     DsmrReaderSinkConfig,
-    MeterConfig,
+    MeterTypeConfig,
     SinkConfig,
 )
 from dsmr_logger.delivery.queue import Queues
@@ -29,14 +29,14 @@ from dsmr_logger.delivery.sinks.archive import ArchiveSink
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink, DsmrReaderV2Sink
 from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.delivery.worker import SinkWorker
-from dsmr_logger.meter.framing import Frame
-from dsmr_logger.meter.reader import MeterReader
-from dsmr_logger.ops.notify import Notifier
-from dsmr_logger.snapshot import SinkSnapshot, Snapshot
+from dsmr_logger.runtime.notify import Notifier
+from dsmr_logger.runtime.snapshot import SinkSnapshot, Snapshot
+from dsmr_logger.sources import build_source
+from dsmr_logger.sources.p1.framing import Frame
 from dsmr_logger.telegram.glance import glance
 
 if TYPE_CHECKING:
-    from dsmr_logger.ops.http import StatusServer
+    from dsmr_logger.runtime.status_server import StatusServer
 
 
 class StartupError(Exception):
@@ -54,7 +54,7 @@ def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
     return (ArchiveSinkConfig(name="archive", directory=config.spool.path.parent / "archive"),)
 
 
-def build_sink(config: SinkConfig, meter: MeterConfig, *, strict: bool = False) -> Sink:
+def build_sink(config: SinkConfig, meter: MeterTypeConfig, *, strict: bool = False) -> Sink:
     if isinstance(config, DsmrReaderSinkConfig):
         if config.api == "v2":
             return DsmrReaderV2Sink(config, zone=ZoneInfo(meter.timezone))
@@ -105,11 +105,11 @@ class Daemon:
             )
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
         ]
-        self.reader = MeterReader(config.meter, self._on_frame, wall_clock=wall_clock)
+        self.source = build_source(config.meter, self._on_frame, wall_clock=wall_clock)
         self.status_server: StatusServer | None = None
         if config.http.listen:
             # Imported only here: aiohttp.web and prometheus_client cost 3.3 MiB of RAM.
-            from dsmr_logger.ops.http import StatusServer
+            from dsmr_logger.runtime.status_server import StatusServer
 
             self.status_server = StatusServer(self.snapshot, config.http, wall_clock=wall_clock)
         self._last_telegram: bytes | None = None
@@ -140,12 +140,12 @@ class Daemon:
                 raise StartupError(f"sink {sink.name!r}: {exc}") from exc
         self._log.info(
             "started",
-            port=self.config.meter.port,
+            port=self.config.meter.where,
             sinks=[s.name for s in self.sinks],
             spool=str(self.config.spool.path),
             durability=self.config.spool.durability,
         )
-        reader = asyncio.create_task(self.reader.run(), name="reader")
+        reader = asyncio.create_task(self.source.run(), name="source")
         workers = [asyncio.create_task(w.run(), name=f"sink:{w.sink.name}") for w in self.workers]
         helpers = [
             asyncio.create_task(self.queues.run_flusher(), name="flusher"),
@@ -190,8 +190,8 @@ class Daemon:
 
     def snapshot(self) -> Snapshot:
         now = self._wall()
-        counters = self.reader.assembler.counters
-        status = self.reader.status
+        counters = self.source.counters
+        status = self.source.status
         sinks = []
         for worker in self.workers:
             queue = worker.queue
@@ -213,11 +213,11 @@ class Daemon:
                 )
             )
         return Snapshot(
-            port=self.config.meter.port,
+            port=self.config.meter.where,
             meter_state=status.state.value,
             connected=status.connected,
             frames=counters.frames,
-            rejected=self.reader.rejected(),
+            rejected=self.source.rejected(),
             bytes_in=counters.bytes_in,
             garbage_bytes=counters.garbage_bytes,
             reconnects=max(0, status.connects - 1),

@@ -87,10 +87,10 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 try:
-    from dsmr_logger.meter.crc import crc16
+    from dsmr_logger.sources.p1.crc import crc16
 except ImportError:  # run as a script from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from dsmr_logger.meter.crc import crc16
+    from dsmr_logger.sources.p1.crc import crc16
 
 V1_PATH = "/api/v1/datalogger/dsmrreading"
 V2_PATH = "/api/v2/datalogger/dsmrreading"

@@ -32,12 +32,11 @@ from test_daemon_process import (
     wait_until,
 )
 
-from dsmr_logger.cli import read_capture
 from dsmr_logger.config import ArchiveSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict
 from dsmr_logger.delivery.sinks.archive import ArchiveSink, compress_day
 from dsmr_logger.delivery.spool import StoredTelegram
-from dsmr_logger.meter.simulate import default_capture, frames_in
+from dsmr_logger.telegram.capture import default_capture, frames_in, read_capture
 
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 TELEGRAMS = frames_in(default_capture())
@@ -95,7 +94,7 @@ from pathlib import Path
 from dsmr_logger.config import ArchiveSinkConfig
 from dsmr_logger.delivery.sinks.archive import ArchiveSink
 from dsmr_logger.delivery.spool import StoredTelegram
-from dsmr_logger.meter.simulate import default_capture, frames_in
+from dsmr_logger.telegram.capture import default_capture, frames_in
 
 def written() -> int:
     for line in Path("/proc/self/io").read_text().splitlines():

@@ -18,8 +18,9 @@ from conftest import CORPUS, require_corpus
 from dsmr_reader_server import DsmrReaderProcess, DsmrReaderServer, v2_reading
 
 from dsmr_logger.config import Config, from_mapping
-from dsmr_logger.meter.simulate import frames_in, restamp
-from dsmr_logger.ops.backfill import (
+from dsmr_logger.telegram.build import restamp
+from dsmr_logger.telegram.capture import frames_in
+from dsmr_logger.tools.backfill import (
     REORDER,
     Source,
     StreamStats,

@@ -10,8 +10,8 @@ from conftest import corpus_entries, require_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsmr_logger.meter import crc
-from dsmr_logger.meter.crc import crc16, format_crc
+from dsmr_logger.sources.p1 import crc
+from dsmr_logger.sources.p1.crc import crc16, format_crc
 
 
 def reference_crc16(data: bytes) -> int:

@@ -34,8 +34,9 @@ from dsmr_reader_server import DsmrReaderProcess, DsmrReaderServer
 
 from dsmr_logger.delivery.queue import ACK_BATCH
 from dsmr_logger.delivery.spool import Spool
-from dsmr_logger.meter.framing import FrameAssembler
-from dsmr_logger.meter.simulate import frames_in, meter_timestamp, restamp
+from dsmr_logger.sources.p1.framing import FrameAssembler
+from dsmr_logger.telegram.build import meter_timestamp, restamp
+from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.glance import glance
 
 CAPTURE = CORPUS / "nielsbasjes-dsmr-tools" / "ttyUSB0-raw-iskra-am550-dsmr5-566frames.log"

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsmr_logger.meter.crc import crc16, format_crc
-from dsmr_logger.meter.decrypt import (
+from dsmr_logger.sources.p1.crc import crc16, format_crc
+from dsmr_logger.sources.p1.decrypt import (
     DEFAULT_AUTH_KEY,
     DEFAULT_MAX_FRAME_BYTES,
     PREFIX_BYTES,
@@ -36,7 +36,7 @@ from dsmr_logger.meter.decrypt import (
     parse_key,
     terminate,
 )
-from dsmr_logger.meter.framing import FrameAssembler, Rejection
+from dsmr_logger.sources.p1.framing import FrameAssembler, Rejection
 
 KEY = bytes(range(16))
 OTHER_KEY = bytes(range(1, 17))

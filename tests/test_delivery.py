@@ -29,14 +29,10 @@ from dsmr_logger.delivery.segments import MAGIC, SUFFIX, SegmentLog, read_entrie
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
 from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir
 from dsmr_logger.delivery.worker import SUSPECT_LIMIT, SinkWorker
-from dsmr_logger.meter.framing import Frame, FrameAssembler
-from dsmr_logger.meter.simulate import (
-    MeterSimulator,
-    VirtualSerialPort,
-    default_capture,
-    frames_in,
-    restamp,
-)
+from dsmr_logger.sources.p1.framing import Frame, FrameAssembler
+from dsmr_logger.telegram.build import restamp
+from dsmr_logger.telegram.capture import default_capture, frames_in
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
 KEY = "delivery-test-key-0123"
 CAPTURE = frames_in(default_capture())  # ten telegrams of an Iskra AM550 (DSMR 5)
@@ -273,7 +269,7 @@ async def running(config: Config) -> AsyncIterator[Daemon]:
     task = asyncio.create_task(daemon.run(stop))
     try:
         await wait_until(
-            lambda: daemon.reader.status.connected or task.done(), "the meter port", 3.0
+            lambda: daemon.source.status.connected or task.done(), "the meter port", 3.0
         )
         assert not task.done(), "the daemon stopped by itself"
         yield daemon

@@ -27,7 +27,7 @@ from dsmr_reader_server import (
 from dsmr_logger.config import DsmrReaderSinkConfig
 from dsmr_logger.delivery.answers import Verdict, classify, no_answer, parse_retry_after
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
-from dsmr_logger.meter.framing import Frame, FrameAssembler
+from dsmr_logger.sources.p1.framing import Frame, FrameAssembler
 
 KEY = "s3cr3t-api-key"
 NL_DSMR42 = "dsmrreader-dsmr-reader/kaifa_dsmr42__kfm5kaifa-meter.txt"

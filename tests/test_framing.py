@@ -19,8 +19,8 @@ from conftest import MANIFEST, corpus_entries, require_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsmr_logger.meter.crc import crc16, format_crc
-from dsmr_logger.meter.framing import Frame, FrameAssembler, Rejection
+from dsmr_logger.sources.p1.crc import crc16, format_crc
+from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, Rejection
 
 DSMR5 = "ndokter-dsmr_parser/v5__isk52mt382-1000.txt"  # CRC 6EEE
 DSMR22 = "ndokter-dsmr_parser/v2_2__isk52mt382-1004.txt"  # no CRC

@@ -18,7 +18,7 @@ from conftest import corpus_entries, require_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsmr_logger.meter.simulate import frames_in
+from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.obis import (
     MBusDevice,
     Message,

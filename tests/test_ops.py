@@ -19,14 +19,10 @@ from waiting import wait_until
 
 from dsmr_logger.config import Config, HttpConfig, from_mapping
 from dsmr_logger.daemon import Daemon
-from dsmr_logger.meter.simulate import (
-    MeterSimulator,
-    VirtualSerialPort,
-    default_capture,
-    frames_in,
-)
-from dsmr_logger.ops.notify import Notifier
-from dsmr_logger.ops.status_tool import status
+from dsmr_logger.runtime.notify import Notifier
+from dsmr_logger.telegram.capture import default_capture, frames_in
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
+from dsmr_logger.tools.status import status
 
 KEY = "ops-test-key-0123456789"
 TELEGRAMS = frames_in(default_capture())
@@ -57,7 +53,7 @@ def make_config(tmp_path: Path, port: str, url: str, **http: float | str) -> Con
 async def running(daemon: Daemon) -> AsyncIterator[Daemon]:
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
-    await wait_until(lambda: daemon.reader.status.connects > 0, "the daemon to start")
+    await wait_until(lambda: daemon.source.status.connects > 0, "the daemon to start")
     try:
         yield daemon
     finally:
@@ -119,7 +115,7 @@ async def test_status_and_metrics_report_what_was_sent(tmp_path: Path) -> None:
                 6
             )
             await wait_until(lambda: len(server.received) == 5, "five deliveries")
-            await wait_until(lambda: daemon.reader.assembler.counters.rejected_total == 1, "reject")
+            await wait_until(lambda: daemon.source.counters.rejected_total == 1, "reject")
 
             code, body = await get(daemon, "/status")
             doc = json.loads(body)

@@ -19,8 +19,9 @@ import pytest
 
 from dsmr_logger.delivery.queue import Item, Queues
 from dsmr_logger.delivery.spool import Spool
-from dsmr_logger.meter.framing import Frame, FrameAssembler
-from dsmr_logger.meter.simulate import default_capture, frames_in, restamp
+from dsmr_logger.sources.p1.framing import Frame, FrameAssembler
+from dsmr_logger.telegram.build import restamp
+from dsmr_logger.telegram.capture import default_capture, frames_in
 
 SINKS = {"home": 0.0, "slow": 3.0}
 """Sink name -> min_interval: "slow" takes one telegram in three."""

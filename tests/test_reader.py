@@ -22,15 +22,12 @@ from structlog.testing import capture_logs
 from waiting import wait_until
 
 from dsmr_logger.config import MeterConfig
-from dsmr_logger.meter.framing import Frame, Rejection
-from dsmr_logger.meter.port import Link, open_link
-from dsmr_logger.meter.reader import MeterReader, MeterState
-from dsmr_logger.meter.simulate import (
-    MeterSimulator,
-    VirtualSerialPort,
-    default_capture,
-    frames_in,
-)
+from dsmr_logger.sources import MeterState
+from dsmr_logger.sources.p1.framing import Frame, Rejection
+from dsmr_logger.sources.p1.port import Link, open_link
+from dsmr_logger.sources.p1.reader import MeterReader
+from dsmr_logger.telegram.capture import default_capture, frames_in
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
 CAPTURE_566 = "nielsbasjes-dsmr-tools/ttyUSB0-raw-iskra-am550-dsmr5-566frames.log"
 IDLE = 0.4

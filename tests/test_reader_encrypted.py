@@ -12,9 +12,9 @@ from conftest import require_corpus
 from waiting import wait_until
 
 from dsmr_logger.config import from_mapping
-from dsmr_logger.meter.framing import Frame
-from dsmr_logger.meter.reader import MeterReader
-from dsmr_logger.meter.simulate import VirtualSerialPort
+from dsmr_logger.sources.p1.framing import Frame
+from dsmr_logger.sources.p1.reader import MeterReader
+from dsmr_logger.tools.simulate import VirtualSerialPort
 
 VECTOR = "encrypted/esphome-libs-encrypted-packet-sagemcom-t210"
 

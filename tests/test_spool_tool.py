@@ -14,12 +14,8 @@ from waiting import wait_until
 from dsmr_logger.cli import main
 from dsmr_logger.config import load
 from dsmr_logger.daemon import Daemon
-from dsmr_logger.meter.simulate import (
-    MeterSimulator,
-    VirtualSerialPort,
-    default_capture,
-    frames_in,
-)
+from dsmr_logger.telegram.capture import default_capture, frames_in
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
 KEY = "spool-tool-test-key-0123"
 TELEGRAMS = frames_in(default_capture())
@@ -80,7 +76,7 @@ async def test_dead_letter_listed_shown_and_requeued_into_a_running_daemon(
         config = write_config(tmp_path, port.path, server.url)
         try:
             async with running(config) as daemon:
-                await wait_until(lambda: daemon.reader.status.connected, "the meter port")
+                await wait_until(lambda: daemon.source.status.connected, "the meter port")
                 await MeterSimulator(port, TELEGRAMS[:6], interval=0, as_recorded=True).run(6)
                 await wait_until(lambda: len(server.received) == 5, "five deliveries")
                 assert daemon.workers[0].stats.dead_letters == 1
@@ -122,7 +118,7 @@ async def holding_a_backlog(tmp_path: Path, count: int) -> AsyncIterator[tuple[P
         config = write_config(tmp_path, port.path, server.url)
         try:
             async with running(config) as daemon:
-                await wait_until(lambda: daemon.reader.status.connected, "the meter port")
+                await wait_until(lambda: daemon.source.status.connected, "the meter port")
                 play = MeterSimulator(port, TELEGRAMS[:count], interval=0, as_recorded=True)
                 await play.run(count)
                 await wait_until(lambda: daemon.queues.undelivered()["home"] == count, "a backlog")

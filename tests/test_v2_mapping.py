@@ -17,7 +17,7 @@ from conftest import corpus_entries, require_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsmr_logger.meter.simulate import frames_in
+from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.obis import DEFAULT_ZONE, ParseError, parse
 from dsmr_logger.telegram.v2 import MappingError, V2Fields, to_v2
 

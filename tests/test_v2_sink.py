@@ -38,15 +38,11 @@ from yarl import URL
 from dsmr_logger.config import Config, from_mapping
 from dsmr_logger.daemon import Daemon
 from dsmr_logger.delivery.spool import DeadLetter, Spool
-from dsmr_logger.meter.crc import crc16, format_crc
-from dsmr_logger.meter.simulate import (
-    MeterSimulator,
-    VirtualSerialPort,
-    default_capture,
-    frames_in,
-)
+from dsmr_logger.sources.p1.crc import crc16, format_crc
+from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.telegram.obis import parse
 from dsmr_logger.telegram.v2 import to_v2
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
 KEY = "v2-sink-test-key-0123456"
 TOKEN = {"Authorization": f"Token {KEY}"}
@@ -114,7 +110,7 @@ async def daemon_on_pty(
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     try:
-        await wait_until(lambda: daemon.reader.status.connected, "the meter port")
+        await wait_until(lambda: daemon.source.status.connected, "the meter port")
         yield daemon, port
     finally:
         stop.set()

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import structlog
 
 from dsmr_logger.delivery.spool import Backlog, Spool, StoredTelegram
-from dsmr_logger.meter.framing import Frame
+from dsmr_logger.sources.p1.framing import Frame
 
 T = TypeVar("T")
 

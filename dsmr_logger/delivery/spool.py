@@ -766,7 +766,8 @@ class Spool:
             db.executemany("DELETE FROM requeued WHERE id = ?", [(i,) for i in ids])
 
     def requeued_count(self) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM requeued").fetchone()[0]
+        count: int = self.db.execute("SELECT COUNT(*) FROM requeued").fetchone()[0]
+        return count
 
     def purge(self, sink: str | None, *, backlog: bool, dead_letters: bool) -> tuple[int, int]:
         """Delete a sink's (or every sink's) backlog and/or dead letters; returns both counts."""

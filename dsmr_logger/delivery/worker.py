@@ -245,7 +245,7 @@ class SinkWorker:
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
             return min(retry_after, self.retry_max)
-        ceiling = min(self.retry_max, self.retry_initial * 2 ** min(attempt - 1, 30))
+        ceiling = min(self.retry_max, self.retry_initial * 2.0 ** min(attempt - 1, 30))
         return max(self.retry_initial / 10, ceiling * self._jitter())
 
     async def _pause(self, seconds: float) -> None:

@@ -5,7 +5,7 @@ the previous object (DSMR 2.2/3 gas) and a group left open at the end of a line 
 next (long text messages). Values stay :class:`~decimal.Decimal` throughout, and units are brought
 to DSMR-reader's (Wh -> kWh, W -> kW, varh -> kvarh) by shifting the decimal point, so nothing is
 ever rounded here. Timestamps become aware datetimes with the offset the meter meant. The CRC is
-the framer's business (:mod:`dsmr_logger.meter.framing`), not this module's.
+the framer's business (:mod:`dsmr_logger.sources.p1.framing`), not this module's.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from dsmr_logger import __version__
 from dsmr_logger.config import DsmrReaderSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict, classify, no_answer
 from dsmr_logger.delivery.sinks import Telegram
-from dsmr_logger.delivery.sinks.http import HttpClient
+from dsmr_logger.net.http import HttpClient
 from dsmr_logger.telegram.obis import ParseError, parse
 from dsmr_logger.telegram.v2 import MappingError, to_v2
 

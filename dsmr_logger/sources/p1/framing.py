@@ -23,7 +23,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from dsmr_logger.meter.crc import crc16, format_crc
+from dsmr_logger.sources.p1.crc import crc16, format_crc
 
 DEFAULT_MAX_FRAME_BYTES = 16 * 1024
 

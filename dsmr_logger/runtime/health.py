@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsmr_logger.config import HttpConfig
-from dsmr_logger.snapshot import Snapshot
+from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.glance import glance
 
 

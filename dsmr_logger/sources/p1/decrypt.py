@@ -10,7 +10,7 @@ the 16-byte authentication key. The frame is binary, so it is found by its heade
 length field, never by a pattern over the payload. The tag is always verified: a frame that fails
 it (wrong key, corruption, a header that was really noise) yields nothing, and its bytes are
 scanned again so a bogus length can never swallow the real frames behind it. The plaintext is an
-ordinary telegram for :class:`~dsmr_logger.meter.framing.FrameAssembler` and its CRC check.
+ordinary telegram for :class:`~dsmr_logger.sources.p1.framing.FrameAssembler` and its CRC check.
 
 Like the plain assembler this does no I/O and reads no clock.
 """
@@ -173,7 +173,7 @@ class RejectedHeader:
 
 @dataclass(slots=True)
 class EncryptedFramingCounters:
-    """Running totals since start, like :class:`~dsmr_logger.meter.framing.FramingCounters`."""
+    """Running totals since start, like :class:`~dsmr_logger.sources.p1.framing.FramingCounters`."""
 
     bytes_in: int = 0
     frames: int = 0

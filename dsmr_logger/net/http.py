@@ -1,11 +1,20 @@
-"""A lean keep-alive HTTP/1.1 client for posting telegrams to DSMR-reader.
+"""The project's one HTTP/1.1 client: lean, keep-alive, and honest about what may have arrived.
 
 Why not aiohttp: on a Raspberry Pi the daemon posts one telegram a second, every second, for
 years. An ``aiohttp.ClientSession`` costs about 380-800 µs of CPU per post and 12 MiB of RSS per
 daemon; this client costs a fraction of that because it does only what DSMR-reader's API needs:
 ``POST`` with a request head built once per path, one response read on a pooled keep-alive
 connection (``Content-Length``, chunked or close-delimited bodies), TLS, and nothing else (no
-cookies, redirects, proxies, compression or streaming).
+cookies, redirects, proxies, compression or streaming). Sources that poll a device on the LAN
+and the cloud imports use it too (``get``, ``request``): one client, one set of failure kinds.
+
+Failures are mapped, as httpx does, into a small hierarchy that tells the caller what it needs to
+know for at-least-once delivery: ``ConnectError`` (and ``ConnectTimeout``) — the request was never
+sent, resending cannot duplicate it; ``ReadTimeout`` and ``ReadError`` — it was sent and the
+answer did not (completely) arrive, so the server may have stored it; ``ProtocolError`` — the
+server answered, but not in HTTP/1.1. All are ``OSError``s (``ReadTimeout`` and ``ConnectTimeout``
+also ``TimeoutError``s). Connections to a host with several addresses race them as RFC 8305's
+Happy Eyeballs does (a dead AAAA record costs 0.25 s, not a whole timeout).
 
 It reads with an ``asyncio.Protocol`` rather than streams: the response usually arrives in one
 segment and is parsed from one buffer without a stream reader's per-line awaits, and the client
@@ -42,8 +51,34 @@ class Response:
 
 
 class HttpError(OSError):
+    """A request got no usable answer. An OSError so callers handle it like any failed delivery;
+    the subclass says whether it may have reached the server."""
+
+    maybe_sent = True
+    """False only when the request certainly never left this machine."""
+
+
+class ConnectError(HttpError):
+    """Not sent: no connection (refused, unreachable, name unknown, TLS handshake failed)."""
+
+    maybe_sent = False
+
+
+class ConnectTimeout(ConnectError, TimeoutError):
+    """Not sent: no connection (or free pool slot) within the timeout."""
+
+
+class ReadError(HttpError):
+    """Sent, then the connection broke before the whole answer came: maybe stored."""
+
+
+class ReadTimeout(HttpError, TimeoutError):
+    """Sent, and no whole answer within the timeout: maybe stored."""
+
+
+class ProtocolError(HttpError):
     """The server broke HTTP/1.1 (malformed status line, headers or chunk framing, headers too
-    large). An OSError so callers handle it like any other failed delivery."""
+    large): it answered, so the request arrived."""
 
 
 class _Connection(asyncio.Protocol):
@@ -123,10 +158,10 @@ class _Connection(asyncio.Protocol):
         """The bytes before separator (consumed too), refusing more than MAX_HEAD of them."""
         while (end := self.buffer.find(separator)) < 0:
             if len(self.buffer) > MAX_HEAD:
-                raise HttpError(f"{what} larger than {MAX_HEAD} bytes")
+                raise ProtocolError(f"{what} larger than {MAX_HEAD} bytes")
             await self.more()
         if end > MAX_HEAD:
-            raise HttpError(f"{what} larger than {MAX_HEAD} bytes")
+            raise ProtocolError(f"{what} larger than {MAX_HEAD} bytes")
         data = bytes(self.buffer[:end])
         del self.buffer[: end + len(separator)]
         return data
@@ -158,12 +193,12 @@ class _Connection(asyncio.Protocol):
         lines = head.decode("latin-1").split("\r\n")  # str methods beat a regex per line
         status_line = _STATUS_LINE.fullmatch(lines[0])
         if status_line is None:
-            raise HttpError(f"malformed status line {lines[0][:200]!r}")
+            raise ProtocolError(f"malformed status line {lines[0][:200]!r}")
         headers: dict[str, str] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(":")
             if not colon or not name or " " in name or "\t" in name:
-                raise HttpError(f"malformed header line {line[:200]!r}")
+                raise ProtocolError(f"malformed header line {line[:200]!r}")
             name, value = name.lower(), value.strip(" \t")
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         return status_line[1], int(status_line[2]), headers
@@ -184,7 +219,7 @@ class _Connection(asyncio.Protocol):
             line = await self.read_until(b"\r\n", "chunk size line")
             size_field = _CHUNK_SIZE.fullmatch(line)
             if size_field is None:
-                raise HttpError(f"malformed chunk size line {line[:200]!r}")
+                raise ProtocolError(f"malformed chunk size line {line[:200]!r}")
             size = int(size_field[1], 16)
             if size == 0:
                 break
@@ -195,7 +230,7 @@ class _Connection(asyncio.Protocol):
                 return bytes(body), False
             await self.skip(size - keep)
             if await self.take(2) != b"\r\n":
-                raise HttpError("chunk data longer than its declared size")
+                raise ProtocolError("chunk data longer than its declared size")
         while await self.read_until(b"\r\n", "trailer line"):
             pass  # trailer fields are not needed
         return bytes(body), True
@@ -215,12 +250,18 @@ def _content_length(value: str) -> int:
     lengths = {length.strip() for length in value.split(",")}  # "5, 5" from repeated headers
     length = lengths.pop()
     if lengths or not (length.isascii() and length.isdecimal()):
-        raise HttpError(f"malformed Content-Length {value[:200]!r}")
+        raise ProtocolError(f"malformed Content-Length {value[:200]!r}")
     return int(length)
 
 
-def _tls_context(verify_tls: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context()
+HAPPY_EYEBALLS_DELAY = 0.25
+"""Seconds before the next address of a host is tried beside the first (RFC 8305 suggests 0.25)."""
+
+
+def tls_context(verify_tls: bool = True, ca_file: str | None = None) -> ssl.SSLContext:
+    """Certificates verified (against ``ca_file`` when given, else the system's store) unless
+    the user turned verification off."""
+    context = ssl.create_default_context(cafile=ca_file)
     if not verify_tls:  # a self-signed certificate on the LAN, by explicit choice
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -248,8 +289,11 @@ class HttpClient:
         idle_timeout: float = 30.0,
         max_body: int = 64 * 1024,
         ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``server_hostname``: the name the server's certificate must carry when it is not the
+        URL's host (a device whose certificate names its serial number)."""
         try:
             parts = urlsplit(base_url)
             port = parts.port
@@ -274,7 +318,8 @@ class HttpClient:
                 raise ValueError(f"header name {name!r} is invalid or set by the client itself")
         self._fixed_fields = "".join(f"{name}: {_field_value(v)}\r\n" for name, v in fields.items())
         self._host, self._port, self._prefix = host, port, parts.path.rstrip("/")
-        self._ssl = (ssl_context or _tls_context(verify_tls)) if parts.scheme == "https" else None
+        self._server_hostname = server_hostname or host
+        self._ssl = (ssl_context or tls_context(verify_tls)) if parts.scheme == "https" else None
         self._timeout, self._idle_timeout, self._max_body = timeout, idle_timeout, max_body
         self._clock = clock
         self._slots = asyncio.Semaphore(max_connections)  # FIFO: waiters are served in order
@@ -285,21 +330,62 @@ class HttpClient:
     async def post(self, path: str, body: bytes, content_type: str) -> Response:
         """POST body to the base URL's path + path (which starts with "/").
 
-        Raises TimeoutError after ``timeout`` seconds (waiting for a free connection included)
-        and OSError for everything else: refused, TLS, name resolution, resets, HttpError.
+        Raises an ``HttpError`` subclass: ``ConnectError``/``ConnectTimeout`` (not sent) or
+        ``ReadError``/``ReadTimeout``/``ProtocolError`` (sent: maybe stored). ``timeout`` bounds
+        it all, the wait for a free connection included.
         """
-        if self._closed:
-            raise RuntimeError("post() on a closed HttpClient")
         request = b"%b%d\r\n\r\n%b" % (self._head(path, content_type), len(body), body)
-        async with asyncio.timeout(self._timeout), self._slots:
-            reused = self._idle_connection()
-            if reused is not None:
-                try:
-                    return await self._exchange(reused, request)
-                except ConnectionError:
-                    if reused.received:  # the server answered in part: it may have acted on it
-                        raise
-            return await self._exchange(await self._connect(), request)
+        return await self._send(request)
+
+    async def get(self, path: str, headers: Mapping[str, str] | None = None) -> Response:
+        """GET the base URL's path + path (a query string may follow); errors as ``post``."""
+        return await self.request("GET", path, headers=headers)
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        content_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Any request, with headers for this one request only (a renewed token, ``Accept``)."""
+        if not _TOKEN.fullmatch(method):
+            raise ValueError(f"bad method {method!r}")
+        lines = [f"{method} {self._target(path)} HTTP/1.1\r\n{self._fixed_fields}"]
+        for name, value in (headers or {}).items():
+            if not _TOKEN.fullmatch(name) or name.lower() in _OWN_HEADERS:
+                raise ValueError(f"header name {name!r} is invalid or set by the client itself")
+            lines.append(f"{name}: {_field_value(value)}\r\n")
+        if content_type is not None:
+            lines.append(f"Content-Type: {_field_value(content_type)}\r\n")
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        request = "".join(lines).encode("latin-1") + b"\r\n" + (body or b"")
+        return await self._send(request)
+
+    async def _send(self, request: bytes) -> Response:
+        if self._closed:
+            raise RuntimeError("request on a closed HttpClient")
+        attempt = _Attempt()
+        try:
+            async with asyncio.timeout(self._timeout), self._slots:
+                reused = self._idle_connection()
+                if reused is not None:
+                    try:
+                        return await self._exchange(reused, request, attempt)
+                    except ReadError:
+                        if reused.received:  # the server answered in part: it may have acted
+                            raise
+                        attempt.sent = False  # closed before answering: a stale keep-alive
+                return await self._exchange(await self._connect(), request, attempt)
+        except TimeoutError as exc:
+            if isinstance(exc, HttpError):
+                raise
+            if attempt.sent:
+                raise ReadTimeout(f"no answer within {self._timeout:g} s") from exc
+            raise ConnectTimeout(f"no connection within {self._timeout:g} s") from exc
 
     async def close(self) -> None:
         """Close the idle connections; posts still running close theirs when they finish."""
@@ -307,14 +393,18 @@ class HttpClient:
         while self._idle:
             self._idle.pop().transport.close()
 
+    def _target(self, path: str) -> str:
+        target = self._prefix + path
+        printable = target.isascii() and target.isprintable() and " " not in target
+        if not path.startswith("/") or not printable:
+            raise ValueError(f"bad request path {path!r}")
+        return target
+
     def _head(self, path: str, content_type: str) -> bytes:
         """The request head up to Content-Length's value, built once per path and type."""
         head = self._heads.get((path, content_type))
         if head is None:
-            target = self._prefix + path
-            printable = target.isascii() and target.isprintable() and " " not in target
-            if not path.startswith("/") or not printable:
-                raise ValueError(f"bad request path {path!r}")
+            target = self._target(path)
             head = (
                 f"POST {target} HTTP/1.1\r\n{self._fixed_fields}"
                 f"Content-Type: {_field_value(content_type)}\r\nContent-Length: "
@@ -333,19 +423,32 @@ class HttpClient:
         return None
 
     async def _connect(self) -> _Connection:
-        _, connection = await asyncio.get_running_loop().create_connection(
-            _Connection,
-            self._host,
-            self._port,
-            ssl=self._ssl,
-            server_hostname=self._host if self._ssl else None,
-        )
+        try:
+            _, connection = await asyncio.get_running_loop().create_connection(
+                _Connection,
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._server_hostname if self._ssl else None,
+                happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY,
+            )
+        except OSError as exc:  # refused, unreachable, DNS, TLS (ssl.SSLError is an OSError)
+            raise ConnectError(_describe(exc)) from exc
         return connection
 
-    async def _exchange(self, connection: _Connection, request: bytes) -> Response:
+    async def _exchange(
+        self, connection: _Connection, request: bytes, attempt: _Attempt
+    ) -> Response:
         try:
+            attempt.sent = True
             connection.send(request)
             response, reusable = await connection.read_response(self._max_body)
+        except HttpError:
+            connection.transport.close()
+            raise
+        except OSError as exc:  # reset or closed: after sending, the server may have acted
+            connection.transport.close()
+            raise ReadError(_describe(exc)) from exc
         except BaseException:  # timeouts (cancellation) too: a half-read connection is useless
             connection.transport.close()
             raise
@@ -355,6 +458,18 @@ class HttpClient:
         else:
             connection.transport.close()
         return response
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """How far one request got: sent (maybe stored) or not."""
+
+    sent: bool = False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
 
 
 def _field_value(value: str) -> str:

@@ -18,9 +18,10 @@ from typing import Any, TextIO
 from dsmr_logger.config import ConfigError, from_mapping
 from dsmr_logger.daemon import Daemon
 from dsmr_logger.logsetup import configure
-from dsmr_logger.meter.simulate import MeterSimulator, VirtualSerialPort, default_capture, frames_in
-from dsmr_logger.snapshot import Snapshot
+from dsmr_logger.runtime.snapshot import Snapshot
+from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.telegram.glance import glance
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
 
 def run_demo(

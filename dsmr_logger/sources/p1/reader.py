@@ -9,45 +9,22 @@ interference): the first two questions a user asks.
 from __future__ import annotations
 
 import asyncio
-import enum
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from dsmr_logger.config import MeterConfig
-from dsmr_logger.meter.framing import Frame, FrameAssembler
-from dsmr_logger.meter.port import READ_SIZE, Link, open_link
+from dsmr_logger.sources import MeterState, MeterStatus
+from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
+from dsmr_logger.sources.p1.port import READ_SIZE, Link, open_link
 
 if TYPE_CHECKING:
-    from dsmr_logger.meter.decrypt import Decryptor
+    from dsmr_logger.sources.p1.decrypt import Decryptor
 
 REJECT_LOG_INTERVAL = 60.0
-
-
-class MeterState(enum.StrEnum):
-    DISCONNECTED = "disconnected"
-    NO_BYTES = "no_bytes"
-    NO_VALID_FRAMES = "bytes_but_no_valid_frames"
-    OK = "ok"
-
-
-@dataclass(slots=True)
-class MeterStatus:
-    """What the reader knows about the link, for summaries and the status endpoint."""
-
-    port: str
-    connected: bool = False
-    connects: int = 0
-    disconnects: int = 0
-    idle_reconnects: int = 0
-    last_byte_at: float | None = None
-    last_frame_at: float | None = None
-    last_error: str | None = None
-    state: MeterState = MeterState.DISCONNECTED
 
 
 class MeterReader:
@@ -70,7 +47,7 @@ class MeterReader:
         self.decryptor: Decryptor | None = None
         if config.decryption_key:
             # Imported here: cryptography costs 6.6 MiB of RAM, and only encrypted meters need it.
-            from dsmr_logger.meter.decrypt import Decryptor
+            from dsmr_logger.sources.p1.decrypt import Decryptor
 
             self.decryptor = Decryptor(
                 bytes.fromhex(config.decryption_key),
@@ -88,6 +65,10 @@ class MeterReader:
         self._rejects_logged_at = -REJECT_LOG_INTERVAL
         self._bytes_since_frame = 0
         self._last_progress = 0.0  # loop time of the last valid frame or of the connect
+
+    @property
+    def counters(self) -> FramingCounters:
+        return self.assembler.counters
 
     async def run(self) -> None:
         delay = self.config.reconnect_initial

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, TextIO
 from zoneinfo import ZoneInfo
 
-from dsmr_logger.meter.framing import FrameAssembler
+from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import ParseError, Reading, parse
 from dsmr_logger.telegram.v2 import MappingError, to_v2
 
@@ -34,7 +34,7 @@ def _plain(value: Any) -> Any:
 
 
 def reading_document(reading: Reading) -> dict[str, Any]:
-    doc = _plain(reading)
+    doc: dict[str, Any] = _plain(reading)
     doc["objects"] = {
         obis: [{"raw": v.raw, "number": _plain(v.number), "unit": v.unit} for v in values]
         for obis, values in reading.objects.items()

@@ -11,46 +11,16 @@ import asyncio
 import contextlib
 import fcntl
 import os
-import re
 import struct
 import termios
 import tty
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import resources
 from pathlib import Path
 
-from dsmr_logger.meter.crc import crc16, format_crc
-from dsmr_logger.meter.framing import FrameAssembler
-
-_TIMESTAMP = re.compile(rb"(\n0-0:1\.0\.0\()(\d{12})([SW])\)")
-
-
-def default_capture() -> bytes:
-    """Ten telegrams of an Iskra AM550 (DSMR 5), shipped with the package."""
-    return resources.files("dsmr_logger.meter").joinpath("data/default-capture.log").read_bytes()
-
-
-def frames_in(capture: bytes) -> list[bytes]:
-    """The valid frames of a capture file, an archive file or a single telegram, in order."""
-    return [frame.raw for frame in FrameAssembler().feed(capture, 0.0)]
-
-
-def meter_timestamp(when: datetime) -> bytes:
-    """``YYMMDDhhmmssX`` in the machine's local time, X = S(ummer) or W(inter) as meters send."""
-    local = when.astimezone()
-    flag = b"S" if local.dst() else b"W"
-    return local.strftime("%y%m%d%H%M%S").encode() + flag
-
-
-def restamp(telegram: bytes, stamp: bytes) -> bytes:
-    """Replace the telegram's own timestamp and recompute its CRC (when it carries one)."""
-    fresh = _TIMESTAMP.sub(lambda m: m.group(1) + stamp + b")", telegram, count=1)
-    bang = fresh.rindex(b"!")
-    if fresh[bang + 1 : -2] == b"":
-        return fresh
-    return fresh[: bang + 1] + format_crc(crc16(fresh[: bang + 1])) + b"\r\n"
+from dsmr_logger.telegram.build import meter_timestamp, restamp
+from dsmr_logger.telegram.capture import frames_in
 
 
 class VirtualSerialPort:
@@ -71,7 +41,8 @@ class VirtualSerialPort:
 
     def unread(self) -> int:
         """Bytes written but not yet read by whoever has the device open."""
-        return struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0\0\0\0"))[0]
+        count: int = struct.unpack("i", fcntl.ioctl(self._slave, termios.FIONREAD, b"\0\0\0\0"))[0]
+        return count
 
     async def drained(self, settle: float = 0.5, patience: float = 5.0) -> None:
         """Wait until the reader has taken everything written, so closing loses nothing.

@@ -15,8 +15,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from dsmr_logger.config import HttpConfig
-from dsmr_logger.ops.health import judge, status_document
-from dsmr_logger.snapshot import Snapshot
+from dsmr_logger.runtime.health import judge, status_document
+from dsmr_logger.runtime.snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -46,7 +46,7 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderV2Sink,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
-from dsmr_logger.meter.framing import FrameAssembler
+from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
 
 REBUILD_COMMAND = "./manage.py dsmr_stats_reconstruct_missing_day_statistics"

@@ -25,7 +25,8 @@ def fetch_status(listen: str, timeout: float = 3.0) -> dict[str, Any]:
     host, _, port = listen.rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "", "[::]", "::") else host
     with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as answer:
-        return json.load(answer)
+        document: dict[str, Any] = json.load(answer)
+        return document
 
 
 def _ago(timestamp: float | None, now: float) -> str:

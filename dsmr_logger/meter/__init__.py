@@ -1,1 +1,0 @@
-"""Where bytes come from: the port, frame assembly, CRC, and the meter simulator."""

@@ -1,1 +1,0 @@
-"""Being watched and repaired: status, spool tools."""

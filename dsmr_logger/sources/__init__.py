@@ -1,0 +1,75 @@
+"""Where readings come from. Every source ends in the same place: frames handed to the daemon.
+
+A source reads (a P1 port in ``p1/``; other kinds of meter beside it) and passes every complete,
+CRC-checked telegram to ``on_frame``; it never exits because of the meter, and it says how the
+link is doing in a ``SourceStatus`` that the health verdict, ``/status`` and ``status`` show. A
+source that does not speak P1 (a sensor's JSON, a cloud's readings) writes each reading as a DSMR
+5 telegram (``telegram.build``) and feeds it through the same ``FrameAssembler`` as bytes from a
+cable, so everything after the source carries one kind of record.
+
+A new source: a module here with a class satisfying ``Source``, its configuration dataclass in
+``config.METER_TYPES``, and a branch in ``build_source``.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from dsmr_logger.config import MeterConfig, MeterTypeConfig
+from dsmr_logger.sources.p1.framing import Frame, FramingCounters
+
+
+class MeterState(enum.StrEnum):
+    DISCONNECTED = "disconnected"
+    NO_BYTES = "no_bytes"
+    NO_VALID_FRAMES = "bytes_but_no_valid_frames"
+    OK = "ok"
+
+
+@dataclass(slots=True)
+class MeterStatus:
+    """What a source knows about its link, for summaries and the status endpoint."""
+
+    port: str
+    """Where it reads: a device path, a ``socket://`` address or a URL (never with credentials)."""
+    connected: bool = False
+    connects: int = 0
+    disconnects: int = 0
+    idle_reconnects: int = 0
+    last_byte_at: float | None = None
+    last_frame_at: float | None = None
+    last_error: str | None = None
+    state: MeterState = MeterState.DISCONNECTED
+
+
+class Source(Protocol):
+    """Reads forever, handing each valid frame to the ``on_frame`` it was built with."""
+
+    status: MeterStatus
+
+    @property
+    def counters(self) -> FramingCounters: ...
+
+    def rejected(self) -> dict[str, int]:
+        """What was not passed on, by reason (CRC mismatch, decryption failed, ...)."""
+        ...
+
+    async def run(self) -> None: ...
+
+
+def build_source(
+    config: MeterTypeConfig,
+    on_frame: Callable[[Frame], None],
+    *,
+    wall_clock: Callable[[], float] = time.time,
+) -> Source:
+    """The source a ``[meter]`` section describes."""
+    if isinstance(config, MeterConfig):
+        from dsmr_logger.sources.p1.reader import MeterReader
+
+        return MeterReader(config, on_frame, wall_clock=wall_clock)
+    raise ValueError(f"no source for meter type {config.type!r}")  # config validated the type
