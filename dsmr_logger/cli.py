@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument("--sink", required=True, help="name of a dsmr-reader sink")
     fill.add_argument("--since", help="ISO date or time (meter's zone unless an offset is given)")
     fill.add_argument("--until", help="ISO date or time (meter's zone unless an offset is given)")
+    fill.add_argument(
+        "--restart", action="store_true", help="forget this request's saved progress; start afresh"
+    )
     fill.set_defaults(handler=_backfill)
 
     status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
@@ -255,7 +258,15 @@ def _backfill(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         return asyncio.run(
-            backfill(config, args.sink, args.source, since=since, until=until, out=sys.stdout)
+            backfill(
+                config,
+                args.sink,
+                args.source,
+                since=since,
+                until=until,
+                restart=args.restart,
+                out=sys.stdout,
+            )
         )
     except BackfillError as exc:
         print(f"dsmr-logger: backfill: {exc}", file=sys.stderr)
