@@ -1,4 +1,4 @@
-"""Command line: ``dsmr-logger run | check-config | simulate | demo``."""
+"""Command line: ``dsmr-logger run | check-config | simulate | simulate-neurio | demo | pair``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_simulate)
 
+    neurio = commands.add_parser(
+        "simulate-neurio", help="serve a fake Neurio sensor's /current-sample on 127.0.0.1"
+    )
+    neurio.add_argument("--shape", choices=("eu3", "split", "solar"), default="solar")
+    neurio.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    neurio.add_argument("--username", help="ask for this HTTP Basic auth login (with --password)")
+    neurio.add_argument("--password", help="the login's password")
+    neurio.add_argument("--unsynchronized", action="store_true", help="no clock: NOT_SYNCHRONIZED")
+    neurio.add_argument(
+        "--tick",
+        choices=("clock", "request"),
+        default="clock",
+        help="a new sample per second (clock) or per request (request, for tests)",
+    )
+    neurio.add_argument("--control", action="store_true", help="a control port for tests")
+    neurio.set_defaults(handler=_simulate_neurio)
+
     parse = commands.add_parser("parse", help="show what telegrams say and their API v2 fields")
     parse.add_argument("file", help="capture, archive day file or telegram; - for stdin")
     parse.add_argument("--timezone", default="Europe/Amsterdam", help="the meter's time zone")
@@ -78,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument("--sink", required=True, help="name of a dsmr-reader sink")
     fill.add_argument("--since", help="ISO date or time (meter's zone unless an offset is given)")
     fill.add_argument("--until", help="ISO date or time (meter's zone unless an offset is given)")
+    fill.add_argument(
+        "--restart", action="store_true", help="forget this request's saved progress; start afresh"
+    )
     fill.set_defaults(handler=_backfill)
 
     status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
@@ -112,7 +132,25 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dsmr-reader", metavar="URL", help="also deliver to this DSMR-reader")
     demo.add_argument("--api-key", help="DSMR-reader API key (with --dsmr-reader)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--neurio", action="store_true", help="a simulated Neurio sensor instead")
     demo.set_defaults(handler=_demo)
+
+    pair = commands.add_parser("pair", help="get a token from a Wi-Fi P1 dongle (HomeWizard)")
+    devices = pair.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    homewizard = devices.add_parser(
+        "homewizard", help="HomeWizard P1 Meter (API v2): press its button when asked"
+    )
+    homewizard.add_argument(
+        "--host", required=True, help="its IP address or name (:port may follow)"
+    )
+    homewizard.add_argument("--config", type=Path, help="write the token into this file's [meter]")
+    homewizard.add_argument(
+        "--ca-file", type=Path, help="CA to check it against (default: shipped)"
+    )
+    homewizard.add_argument(
+        "--wait", type=float, default=120.0, help="seconds to wait for the press"
+    )
+    homewizard.set_defaults(handler=_pair)
     return parser
 
 
@@ -221,7 +259,15 @@ def _backfill(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         return asyncio.run(
-            backfill(config, args.sink, args.source, since=since, until=until, out=sys.stdout)
+            backfill(
+                config,
+                args.sink,
+                args.source,
+                since=since,
+                until=until,
+                restart=args.restart,
+                out=sys.stdout,
+            )
         )
     except BackfillError as exc:
         print(f"dsmr-logger: backfill: {exc}", file=sys.stderr)
@@ -327,6 +373,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_neurio(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.simulate_neurio import simulate_command
+
+    if (args.username is None) != (args.password is None):
+        print("dsmr-logger: --username and --password go together", file=sys.stderr)
+        return EXIT_CONFIG
+    options = ("shape", "port", "username", "password", "unsynchronized", "tick", "control")
+    return simulate_command(**{name: getattr(args, name) for name in options})
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dsmr_logger.tools.demo import run_demo
 
@@ -339,4 +395,17 @@ def _demo(args: argparse.Namespace) -> int:
         dsmr_reader=args.dsmr_reader,
         api_key=args.api_key,
         duration=args.duration,
+        neurio=args.neurio,
     )
+
+
+def _pair(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.pair import pair_command, paired_ca_file
+
+    try:
+        ca_file = paired_ca_file(args.config, args.host, args.ca_file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"dsmr-logger: config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    return pair_command(args.host, args.config, ca_file, wait=args.wait)

@@ -78,12 +78,12 @@ def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
     return (ArchiveSinkConfig(name="archive", directory=config.spool.path.parent / "archive"),)
 
 
-def build_sink(config: SinkConfig, meter: MeterTypeConfig) -> Sink:
+def build_sink(config: SinkConfig, meter: MeterTypeConfig, *, strict: bool = False) -> Sink:
     if isinstance(config, DsmrReaderSinkConfig):
         if config.api == "v2":
             return DsmrReaderV2Sink(config, zone=ZoneInfo(meter.timezone))
         return DsmrReaderV1Sink(config)
-    return ArchiveSink(config)
+    return ArchiveSink(config, strict=strict)  # strict: fsync each telegram before confirming
 
 
 SYNC_FLUSHES = 6
@@ -116,7 +116,8 @@ class Daemon:
             flush_interval=config.spool.flush_interval,
             strict=config.spool.durability == "strict",
         )
-        self.sinks = [build_sink(sink, config.meter) for sink in self.sink_configs]
+        strict = config.spool.durability == "strict"
+        self.sinks = [build_sink(sink, config.meter, strict=strict) for sink in self.sink_configs]
         self.workers = [
             SinkWorker(
                 sink,
@@ -128,7 +129,13 @@ class Daemon:
             )
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
         ]
-        self.source = build_source(config.meter, self._on_frame, wall_clock=wall_clock)
+        spool = config.spool.path
+        self.source = build_source(
+            config.meter,
+            self._on_frame,
+            wall_clock=wall_clock,
+            state_path=spool.with_name(f"{spool.name}-last-polled"),
+        )
         self.status_server: StatusServer | None = None
         if config.http.listen:
             # Imported only here: aiohttp.web and prometheus_client cost 3.3 MiB of RAM.
@@ -301,9 +308,11 @@ class Daemon:
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),
             started_at=self.started_at,
-            link_error=status.last_error,
-            link_error_at=status.last_error_at,
-            link_attempts=attempts,
+            meter_error=status.last_error,
+            meter_error_at=status.last_error_at,
+            meter_attempts=attempts,
+            polls=status.polls,
+            repeats=status.repeats,
         )
 
     def status_line(self) -> str:
@@ -335,6 +344,7 @@ class Daemon:
             rejected=snap.rejected,
             bytes=snap.bytes_in,
             reconnects=snap.reconnects,
+            **({"polls": snap.polls, "repeats": snap.repeats} if snap.polls else {}),
         )
         for worker in self.workers:
             worker.report()

@@ -261,9 +261,9 @@ def test_the_verdict_over_a_start_that_never_sees_the_meter() -> None:
             last_telegram=None,
             sinks=(),
             started_at=t0,
-            link_error="cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'",
-            link_error_at=now - 2,
-            link_attempts=9,
+            meter_error="cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'",
+            meter_error_at=now - 2,
+            meter_attempts=9,
         )
 
     early = judge(snapshot(t0 + 1), t0 + 1, limits)
@@ -273,12 +273,12 @@ def test_the_verdict_over_a_start_that_never_sees_the_meter() -> None:
     late = judge(snapshot(t0 + 61), t0 + 61, limits)
     assert (late.ok, late.state) == (False, "unhealthy")
     assert late.reasons == (
-        "no valid telegram since the start 61 s ago (meter disconnected; last link error 2 s "
+        "no valid telegram since the start 61 s ago (meter state: disconnected; last error 2 s "
         "ago: cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'; 9 attempts)",
     )
     lines = render(status_document(snapshot(t0 + 61), t0 + 61, limits)).splitlines()
     assert lines[0] == "dsmr-logger: UNHEALTHY"
     assert lines[3] == (
-        "  last link error 2 s ago: cannot open: FileNotFoundError: [Errno 2] No such file: "
-        "'/dev/ttyUSB0'"
+        "  last error: cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0' "
+        "(2 s ago)"
     )

@@ -31,18 +31,20 @@ class Health:
 
 
 def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
-    """Healthy: a valid frame within ``frame_window`` (or still starting), and every sink
-    delivering or failing for less than ``sink_failing``."""
+    """Healthy: a valid frame within ``frame_window`` (or still starting), the meter's device
+    not refusing us (a token, a certificate), and every sink delivering or failing for less than
+    ``sink_failing``."""
     reasons = []
     starting = (
         snap.last_frame_at is None
         and snap.started_at is not None
         and now - snap.started_at <= limits.frame_window
     )
-    if not starting and (
-        snap.last_frame_at is None or now - snap.last_frame_at > limits.frame_window
-    ):
+    stale = snap.last_frame_at is None or now - snap.last_frame_at > limits.frame_window
+    if stale and not starting:
         reasons.append(_meter_reason(snap, now))
+    elif snap.meter_state == "misconfigured":  # refused for good: no need to wait for the window
+        reasons.append(f"meter misconfigured: {snap.meter_error}")
     for sink in snap.sinks:
         reasons.extend(_sink_reasons(sink, now, limits))
     state = "unhealthy" if reasons else "starting" if starting else "healthy"
@@ -58,11 +60,12 @@ def _meter_reason(snap: Snapshot, now: float) -> str:
         silence = "since the start"
     state = snap.meter_state.replace("_", " ")
     link = ""
-    if snap.link_error is not None and snap.meter_state != "ok":
-        at = snap.link_error_at
+    if snap.meter_error is not None and snap.meter_state != "ok":
+        at = snap.meter_error_at
         when = "" if at is None else f" {max(0.0, now - at):.0f} s ago"
-        link = f"; last link error{when}: {snap.link_error}; {snap.link_attempts} attempts"
-    return f"no valid telegram {silence} (meter {state}{link})"
+        attempts = f"; {snap.meter_attempts} attempts" if snap.meter_attempts else ""
+        link = f"; last error{when}: {snap.meter_error}{attempts}"
+    return f"no valid telegram {silence} (meter state: {state}{link})"
 
 
 def _sink_reasons(sink: SinkSnapshot, now: float, limits: HttpConfig) -> list[str]:
@@ -102,9 +105,11 @@ def status_document(snap: Snapshot, now: float, limits: HttpConfig) -> dict[str,
             "bytes": snap.bytes_in,
             "garbage_bytes": snap.garbage_bytes,
             "reconnects": snap.reconnects,
-            "attempts": snap.link_attempts,
-            "last_error": snap.link_error,
-            "last_error_at": snap.link_error_at,
+            "attempts": snap.meter_attempts,
+            "last_error": snap.meter_error,
+            "last_error_at": snap.meter_error_at,
+            "polls": snap.polls,
+            "repeats": snap.repeats,
         },
         "reading": None
         if reading is None

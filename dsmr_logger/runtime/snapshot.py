@@ -42,10 +42,16 @@ class Snapshot:
     last_frame_at: float | None
     last_telegram: bytes | None
     sinks: tuple[SinkSnapshot, ...]
+    meter_error: str | None = None
+    """Why the meter link last failed. A polled device clears it once it is ok again; the P1
+    reader keeps it, with ``meter_error_at``, so "why was it down?" has an answer later."""
+    polls: int = 0
+    """Requests to a polled device (HomeWizard, HTTP); 0 for a port."""
+    repeats: int = 0
+    """Telegrams a polled device served again, skipped."""
+    meter_error_at: float | None = None
+    """When ``meter_error`` happened (Unix time)."""
+    meter_attempts: int = 0
+    """Times the link was opened or tried, failed opens included (0 for a polled device)."""
     started_at: float | None = None
     """When the daemon started (Unix time): health allows ``frame_window`` for a first frame."""
-    link_error: str | None = None
-    """Why the meter link last failed ("cannot open: ...", "no bytes for 30 s ...")."""
-    link_error_at: float | None = None
-    link_attempts: int = 0
-    """Times the link was opened or tried (failed opens included)."""

@@ -44,15 +44,31 @@ class SnapshotCollector(Collector):
             "Attempts to reopen the meter link, failed ones included",
             value=snap.reconnects,
         )
-        if snap.link_error_at is not None:
+        if snap.meter_error_at is not None:
             yield GaugeMetricFamily(
-                "dsmr_logger_meter_last_link_error_timestamp_seconds",
+                "dsmr_logger_meter_last_error_timestamp_seconds",
                 "Unix time the meter link last failed (the reason is in /status)",
-                value=snap.link_error_at,
+                value=snap.meter_error_at,
             )
         yield GaugeMetricFamily(
             "dsmr_logger_meter_connected", "1 while the meter link is open", value=snap.connected
         )
+        if snap.polls:  # a polled device (HomeWizard, HTTP): a port has no polls
+            yield CounterMetricFamily(
+                "dsmr_logger_meter_polls", "Requests made to the meter's device", value=snap.polls
+            )
+            yield CounterMetricFamily(
+                "dsmr_logger_meter_repeats",
+                "Telegrams the device served again, skipped",
+                value=snap.repeats,
+            )
+        source = GaugeMetricFamily(
+            "dsmr_logger_meter_info",
+            "Where telegrams come from, and its state",
+            labels=["where", "state"],
+        )
+        source.add_metric([snap.port, snap.meter_state], 1)
+        yield source
         if snap.last_frame_at is not None:
             yield GaugeMetricFamily(
                 "dsmr_logger_last_frame_timestamp_seconds",

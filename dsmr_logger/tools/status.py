@@ -47,11 +47,15 @@ def render(doc: dict[str, Any]) -> str:
         f"meter {meter['port']}: {meter['state'].replace('_', ' ')}, last telegram "
         f"{_ago(meter['last_frame_at'], now)}, {meter['frames']} frames, {rejected} rejected, "
         f"{meter['reconnects']} reconnects"
-    )
-    if meter.get("last_error"):
-        lines.append(
-            f"  last link error {_ago(meter.get('last_error_at'), now)}: {meter['last_error']}"
+        + (
+            f", {meter['polls']} polls, {meter['repeats']} repeats skipped"
+            if meter.get("polls")
+            else ""
         )
+    )
+    if meter.get("last_error"):  # kept once the link is back, with its time
+        when = f" ({_ago(meter['last_error_at'], now)})" if meter.get("last_error_at") else ""
+        lines.append(f"  last error: {meter['last_error']}{when}")
     reading = doc.get("reading")
     if reading:
         parts = [f"power {reading.get('power') or '-'}"]
