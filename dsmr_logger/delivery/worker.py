@@ -6,14 +6,15 @@ naming the sink, keep queueing, probe slowly. The head is the only telegram on i
 default ``max_in_flight = 1``), so the server stores telegrams in the order they were read: nothing
 behind the head is sent before the head is stored or dead-lettered.
 
-**Refusals** (400, ``Failed to parse telegram``): a refusal right after a delivery is about the
-telegram, and it is dead-lettered. A refusal with no delivery before it may be about the *sink* —
-a proxy answering 400 to everything, a URL pointing at some other web server: then the worker asks
-the sink's health probe (``probe()``, a read that stores nothing) whether the server answers like
-DSMR-reader. If it does, the telegram is dead-lettered (a run of telegrams it refuses, e.g. a bad
-gas value repeated until the next M-Bus reading); if not, the sink is misconfigured: nothing is
-dead-lettered, everything stays queued, ``/healthz`` names the sink. Dead-letter warnings are
-summarised: the first at once, then one line with a count at most every ``REPORT_INTERVAL``.
+**Refusals** (400, ``Failed to parse telegram``) may be about the telegram or about the *sink*:
+a reverse proxy answering 400 to everything, a URL pointing at some other web server (39 of 39
+telegrams were dead-lettered behind such a proxy, with health OK). So before a refused telegram is
+dead-lettered, the worker asks the sink's health probe (``probe()``, a read that stores nothing)
+whether the server answers like DSMR-reader. If it does, the refusal is the telegram's and it is
+dead-lettered (also a run of them, e.g. a bad gas value repeated until the next M-Bus reading); if
+not, the sink is misconfigured: nothing is dead-lettered, everything stays queued, ``/healthz``
+names the sink. Dead-letter warnings are summarised: the first at once, then one line with a count
+at most every ``REPORT_INTERVAL``.
 
 **The poison rule** (an HTML 500): DSMR-reader answers the same page for a database outage and for
 a telegram it chokes on (registers missing, a value too large). A poison telegram fails *every*
@@ -168,8 +169,6 @@ class SinkWorker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._in_flight = 0
-        self._after_delivery = False
-        """The last telegram settled was delivered (so the server takes telegrams)."""
         self._episode_logged = False
         """The current failure was logged (so its recovery is); short ones are only counted."""
         self._maybe_stored: dict[int, int] = {}
@@ -247,10 +246,10 @@ class SinkWorker:
     async def _whose_refusal(self, answer: Answer) -> str | None:
         """None if a refusal is about the telegram; else what to fix in the sink.
 
-        Right after a delivery, or refused by the daemon itself (no HTTP status), it is the
-        telegram's. Otherwise the server must show, by its health probe, that it is DSMR-reader.
+        Refused by the daemon itself (no HTTP status: it cannot be mapped), it is the telegram's.
+        A server's refusal is, if the server shows by its health probe that it is DSMR-reader.
         """
-        if self._after_delivery or answer.status is None:
+        if answer.status is None:
             return None
         if not isinstance(self.sink, Probing):
             return "the sink refuses every telegram; check its configuration"
@@ -315,7 +314,6 @@ class SinkWorker:
         self.stats.delivered += 1
         self.stats.possible_duplicates += self._maybe_stored.pop(item.seq, 0)
         self.stats.refused_in_a_row = 0
-        self._after_delivery = True
         if self.stats.failing_since is not None:
             if self._episode_logged or self.stats.misconfigured:
                 self._log.info(
@@ -336,7 +334,6 @@ class SinkWorker:
         self.stats.refused_in_a_row += 1
         self.stats.last_error = answer.describe()
         self.stats.last_error_at = self._wall()
-        self._after_delivery = False
         self._report.add(reason, answer.describe())
 
     def _failed(self, answer: Answer, *, fix: str | None = None) -> None:

@@ -1,11 +1,12 @@
 """Is it working? One pure verdict from a snapshot, shared by /healthz, /status and ``status``.
 
 Healthy means telegrams are read and delivered. Unhealthy names each reason: no valid telegram for
-``frame_window`` (with the link's last error: what a user needs to fix it), a sink misconfigured
-(at once: it will not fix itself), a sink failing for longer than ``sink_failing``, or a sink whose
-last ``REFUSED_RUN`` telegrams were all dead-lettered (a server refusing everything must not look
-healthy). Right after a start the meter has had no time to send a telegram: for ``frame_window``
-the state is "starting" and healthy, so monitoring does not flap on every restart.
+``frame_window`` (with the link's last error: what a user needs to fix it), a meter device or a
+sink misconfigured (at once: it will not fix itself), a sink failing for longer than
+``sink_failing``, or a sink whose last ``REFUSED_RUN`` telegrams were all dead-lettered (a server
+refusing everything must not look healthy). Right after a start the meter has had no time to send
+a telegram: for ``frame_window`` the state is "starting" and healthy, so monitoring does not flap
+on every restart (measured before: 503 "no valid telegram for ever" 0.3 s after each restart).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from dsmr_logger.config import HttpConfig
 from dsmr_logger.runtime.snapshot import SinkSnapshot, Snapshot
 from dsmr_logger.telegram.glance import glance
 
+REFUSED = frozenset({"misconfigured", "unauthorized"})
+"""Meter states that are configuration to fix (a device refusing a token or login): a reason at
+once, even while starting."""
 REFUSED_RUN = 10
 """Telegrams dead-lettered in a row (nothing delivered between) that make a sink unhealthy."""
 
@@ -43,8 +47,8 @@ def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
     stale = snap.last_frame_at is None or now - snap.last_frame_at > limits.frame_window
     if stale and not starting:
         reasons.append(_meter_reason(snap, now))
-    elif snap.meter_state == "misconfigured":  # refused for good: no need to wait for the window
-        reasons.append(f"meter misconfigured: {snap.meter_error}")
+    elif snap.meter_state in REFUSED:  # refused for good: no need to wait for the window
+        reasons.append(f"meter {snap.meter_state}: {snap.meter_error}")
     for sink in snap.sinks:
         reasons.extend(_sink_reasons(sink, now, limits))
     state = "unhealthy" if reasons else "starting" if starting else "healthy"
