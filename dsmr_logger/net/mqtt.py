@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -549,8 +550,10 @@ class MqttClient:
     async def _read_loop(self, reader: asyncio.StreamReader) -> None:
         lost: MqttError
         try:
+            quickack = _quickack(self._writer)
             while True:
                 first, body = await _read_packet(reader)
+                quickack()
                 self._last_in = self._clock()
                 kind = first & 0xF0
                 if kind == PUBACK:
@@ -645,6 +648,25 @@ async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     if length > MAX_INCOMING:
         raise ProtocolError(f"broker sent a {length}-byte packet to a publisher")
     return first, await reader.readexactly(length) if length else b""
+
+
+def _quickack(writer: asyncio.StreamWriter | None) -> Callable[[], None]:
+    """Acknowledge what the broker sends at once (Linux ``TCP_QUICKACK``, re-armed per packet).
+
+    Mosquitto leaves Nagle's algorithm on (``set_tcp_nodelay false``): with two PUBACKs due, it
+    holds the second until this side ACKs the first, and a delayed ACK takes up to 40 ms here.
+    """
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    option = getattr(socket, "TCP_QUICKACK", None)
+    if sock is None or option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return lambda: None
+
+    def arm() -> None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+
+    arm()
+    return arm
 
 
 def _os_text(exc: BaseException) -> str:
