@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import time
@@ -670,6 +671,9 @@ def _quickack(writer: asyncio.StreamWriter | None) -> Callable[[], None]:
 
 
 def _os_text(exc: BaseException) -> str:
+    """The OS's words (``Connection refused``), not asyncio's ``Connect call failed (...)``."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
