@@ -764,3 +764,22 @@ def test_oversized_messages_are_dead_lettered_and_listed(tmp_path: Path, procs: 
     )
     assert listing.returncode == 0, listing.stderr
     assert SINK in listing.stdout and "0x95 packet too large" in listing.stdout, listing.stdout
+
+
+def test_a_killed_daemon_is_offline_by_its_last_will(tmp_path: Path, procs: Processes) -> None:
+    """Home Assistant shows the sensors unavailable when the logger dies without a word."""
+    with broker_at(tmp_path / "broker") as broker, subscriber(broker, "dsmr/status") as sub:
+        config = write_config(tmp_path, broker.url, sink={"discovery": True})
+        daemon, log = procs.daemon(config)
+        wait_until(lambda: started(log), 10.0, "the daemon to start")
+        read_to_the_end(log, play(procs, tmp_path, 30))
+        wait_until(lambda: sub.payloads("dsmr/status") == [b"online"], 10.0, "online")
+        daemon.kill()
+        daemon.wait(timeout=5)
+        wait_until(lambda: sub.payloads("dsmr/status") == [b"online", b"offline"], 10.0, "will")
+        with subscriber(broker, "dsmr/status", "homeassistant/#", client_id="ha") as late:
+            late.wait_for(lambda got: any(m.topic == "dsmr/status" for m in got), 10.0, "status")
+            configs = len(to_v2(parse(capture_telegrams()[0], zone=ZONE)).fields) - 1
+            wait_until(lambda: len(late.received()) >= 1 + configs, 10.0, "the configs")
+    assert [m.payload for m in late.received() if m.topic == "dsmr/status"] == [b"offline"]
+    assert all(m.retain for m in late.received())
