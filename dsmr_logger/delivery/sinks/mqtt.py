@@ -327,7 +327,7 @@ class MqttSink:
             return exc.answer
         except (mqtt.MqttError, OSError) as exc:
             return answer_for(exc)
-        messages = self._messages(item, client)
+        messages = self._messages(item)
         outcomes = await asyncio.gather(
             *(self._publish(client, message) for message in messages), return_exceptions=True
         )
@@ -344,7 +344,7 @@ class MqttSink:
             message.topic, message.payload, qos=self.config.qos, retain=message.retain
         )
 
-    def _messages(self, item: Telegram, client: mqtt.MqttClient) -> list[Message]:
+    def _messages(self, item: Telegram) -> list[Message]:
         """Discovery configs not yet sent on this connection, the reading, the raw telegram."""
         messages: list[Message] = []
         fields = self._map(item)
