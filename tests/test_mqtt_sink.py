@@ -412,6 +412,18 @@ def test_each_mistake_names_its_key(sink: dict[str, Any], problem: str) -> None:
     assert any(problem in line for line in raised.value.problems), raised.value.problems
 
 
+def test_an_upper_case_scheme_is_still_tls() -> None:
+    config = from_mapping(
+        {
+            "meter": {"port": "/dev/ttyUSB0"},
+            "sink": [{"name": "ha", "type": "mqtt", "url": "MQTTS://b"}],
+        }
+    )
+    sink = config.sinks[0]
+    assert isinstance(sink, MqttSinkConfig) and sink.url == "mqtts://b"
+    assert MqttSink(sink, zone=ZONE).port == 8883
+
+
 def test_check_config_masks_the_password() -> None:
     config = from_mapping(
         {
