@@ -1,4 +1,4 @@
-"""Command line: ``dsmr-logger run | check-config | simulate | simulate-neurio | demo``."""
+"""Command line: ``dsmr-logger run | check-config | simulate | simulate-neurio | demo | pair``."""
 
 from __future__ import annotations
 
@@ -131,6 +131,23 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
     demo.add_argument("--neurio", action="store_true", help="a simulated Neurio sensor instead")
     demo.set_defaults(handler=_demo)
+
+    pair = commands.add_parser("pair", help="get a token from a Wi-Fi P1 dongle (HomeWizard)")
+    devices = pair.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    homewizard = devices.add_parser(
+        "homewizard", help="HomeWizard P1 Meter (API v2): press its button when asked"
+    )
+    homewizard.add_argument(
+        "--host", required=True, help="its IP address or name (:port may follow)"
+    )
+    homewizard.add_argument("--config", type=Path, help="write the token into this file's [meter]")
+    homewizard.add_argument(
+        "--ca-file", type=Path, help="CA to check it against (default: shipped)"
+    )
+    homewizard.add_argument(
+        "--wait", type=float, default=120.0, help="seconds to wait for the press"
+    )
+    homewizard.set_defaults(handler=_pair)
     return parser
 
 
@@ -368,3 +385,15 @@ def _demo(args: argparse.Namespace) -> int:
         duration=args.duration,
         neurio=args.neurio,
     )
+
+
+def _pair(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.pair import pair_command, paired_ca_file
+
+    try:
+        ca_file = paired_ca_file(args.config, args.host, args.ca_file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"dsmr-logger: config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    return pair_command(args.host, args.config, ca_file, wait=args.wait)

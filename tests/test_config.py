@@ -158,7 +158,7 @@ def _switch_on(lines: list[str]) -> list[str]:
             section, keys = line, set()
         uncommented = line[2:] if line.startswith("# ") else line
         key, eq, value = uncommented.partition(" = ")
-        if not (eq and key.isidentifier()) or section.startswith("# [[sink]]"):
+        if not (eq and key.isidentifier()) or section.startswith("# ["):
             switched_on.append(line)
             continue
         if line.startswith("# ") and key not in keys:  # the first of alternatives
@@ -203,11 +203,28 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     assert loaded.meter.decryption_key is not None
     assert loaded.http.listen == "127.0.0.1:8484"
 
-    assert alternatives, "the example documents no other kind of meter"
     meter_start = switched_on.index("[meter]")
     meter_end = next(i for i, line in enumerate(switched_on) if line == "[spool]")
+    rest = [*switched_on[:meter_start], *switched_on[meter_end:]]
+    ca = tmp_path / "ca.pem"
+    ca.write_text("(a CA certificate)")
+    kinds = set()
     for block in alternatives:
-        text = [*_switch_on(block), *switched_on[:meter_start], *switched_on[meter_end:]]
-        other = config.load(write(tmp_path, "\n".join(text))).meter
-        assert isinstance(other, config.NeurioMeterConfig)
-        assert other.password is not None and other.username is not None
+        lines = [
+            f'ca_file = "{ca}"' if line.startswith("ca_file = ") else line
+            for line in _switch_on(block)
+        ]
+        variants = [lines]
+        if 'type = "http"' in lines:  # a token, or a username and password: not both
+            variants = [
+                [line for line in lines if not line.startswith("token = ")],
+                [line for line in lines if not line.startswith(("username = ", "password = "))],
+            ]
+        for variant in variants:
+            other = config.load(write(tmp_path, "\n".join([*variant, *rest]))).meter
+            kinds.add(other.type)
+            if isinstance(other, config.NeurioMeterConfig):
+                assert other.password is not None and other.username is not None
+            else:
+                assert other.ca_file == ca
+    assert kinds == {"neurio", "homewizard", "http"}
