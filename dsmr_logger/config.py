@@ -171,6 +171,42 @@ def http_url(value: Any) -> str:
     return url
 
 
+def mqtt_url(value: Any) -> str:
+    url = _str(value).rstrip("/")
+    parsed = urllib.parse.urlsplit(url)
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise _Bad(f"invalid port: {exc}") from None
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise _Bad(f"must be an mqtt:// or mqtts:// URL, e.g. mqtt://192.168.1.10, not {value!r}")
+    if parsed.username is not None or parsed.password is not None:
+        raise _Bad("put the credentials in the username and password keys, not in the URL")
+    if parsed.path or parsed.query or parsed.fragment:
+        raise _Bad(f"must be only mqtt[s]://host[:port], not {url!r}")
+    del port
+    return f"{parsed.scheme}://{parsed.netloc}"  # the scheme lower-cased: MQTTS:// is TLS too
+
+
+def _topic_prefix(value: Any) -> str:
+    topic = _str(value)
+    if any(c in topic for c in "+#\0") or topic.startswith(("$", "/")) or topic.endswith("/"):
+        raise _Bad(
+            f"{topic!r}: a topic prefix such as 'dsmr' or 'home/meter1' (no wildcards + or #, "
+            "no leading $ or /, no trailing /)"
+        )
+    if "" in topic.split("/"):
+        raise _Bad(f"{topic!r}: has an empty level ('//')")
+    return topic
+
+
+def _client_id(value: Any) -> str:
+    text = _str(value)
+    if len(text.encode()) > 128 or not text.isprintable():
+        raise _Bad("must be 1-128 printable characters")
+    return text
+
+
 def _sink_name(value: Any) -> str:
     name = _str(value)
     if not SINK_NAME.fullmatch(name):
@@ -497,6 +533,44 @@ class ArchiveSinkConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class MqttSinkConfig:
+    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    url: str = key(check=mqtt_url, doc="the broker: mqtt://host[:1883] or mqtts://host[:8883]")
+    type: Literal["mqtt"] = key("mqtt", check=one_of("mqtt"), doc="what kind of sink")
+    username: str | None = key(None, check=_str, doc="the broker account's name")
+    password: str | None = key(None, check=_str, doc="the broker account's password", secret=True)
+    client_id: str | None = key(
+        None, check=_client_id, doc="default: dsmr-logger-<host name>-<sink name>"
+    )
+    topic: str = key(
+        "dsmr", check=_topic_prefix, doc="prefix of <topic>/reading, /telegram, /status"
+    )
+    qos: int = key(1, check=one_of(0, 1), doc="1: delivered when the broker acknowledged it")
+    discovery: bool = key(False, check=_bool, doc="announce the meter to Home Assistant")
+    discovery_prefix: str = key(
+        "homeassistant", check=_topic_prefix, doc="Home Assistant's discovery topic prefix"
+    )
+    gas_channel: int | None = key(
+        None, check=one_of(1, 2, 3, 4), doc="M-Bus channel of the gas meter"
+    )
+    ca_file: Path | None = key(None, check=_path, doc="mqtts: the CA certificate(s) to trust")
+    verify_tls: bool = key(True, check=_bool, doc="mqtts: check the broker's certificate")
+    timeout: float = key(
+        10.0, check=number(0.05, 600.0), doc="seconds to connect, or for an acknowledgement"
+    )
+    min_interval: float = key(
+        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
+    )
+    retry_initial: float = key(
+        1.0, check=number(0.01, 3600.0), doc="first pause after a failed delivery"
+    )
+    retry_max: float = key(300.0, check=number(0.01, 86400.0), doc="longest pause between retries")
+    max_in_flight: int = key(
+        1, check=integer(1, 8), doc="telegrams at once while a backlog drains; 1 keeps order"
+    )
+
+
 def _sensor_url(value: Any) -> str:
     """The sensor's base URL; a pasted ``/current-sample`` is dropped, credentials are refused
     without being repeated (they belong in ``username``/``password``, which are masked)."""
@@ -556,7 +630,7 @@ class NeurioMeterConfig:
         return f"{self.url}/current-sample"
 
 
-SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
+SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig | MqttSinkConfig
 MeterTypeConfig = MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig
 
 METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
@@ -569,7 +643,7 @@ METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
 )
 """``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
 SINK_TYPES: Mapping[str, type[SinkConfig]] = types.MappingProxyType(
-    {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig}
+    {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig, "mqtt": MqttSinkConfig}
 )
 """``[[sink]] type`` → its configuration; each has ``name``, ``type`` and ``min_interval``."""
 
@@ -710,6 +784,9 @@ def _cross_rules(config: Config) -> Iterator[str]:
             'meter.token: api = "v2" needs a token; get one with: '
             f"dsmr-logger pair homewizard --host {meter.host} --config <this file>"
         )
+    for sink in config.sinks:
+        if isinstance(sink, MqttSinkConfig) and sink.ca_file and sink.url.startswith("mqtt:"):
+            yield f"sink ({sink.name}).ca_file: only for mqtts:// URLs (TLS)"
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         yield f"sink.name: {duplicate!r} is used by more than one sink"
