@@ -244,7 +244,8 @@ async def test_interrupted_import_resumes_from_the_cache_sending_nothing_twice(
 
 async def test_the_hourly_budget_is_remembered_by_the_next_run(tmp_path: Path) -> None:
     """Two imports one after the other: the second finds most of the hour spent by the first,
-    waits for the hour to free up instead of running into 429s, and says when it will go on."""
+    waits for the hour to free up instead of running into 429s, and says when it will go on;
+    its token expires meanwhile and is renewed ahead of use."""
     start = datetime(2023, 6, 1, tzinfo=ZONE)
     hourly = copper_series(
         start - timedelta(hours=1),
@@ -261,7 +262,7 @@ async def test_the_hourly_budget_is_remembered_by_the_next_run(tmp_path: Path) -
         rise=lambda i: Decimal(1) / 100,
     )
     clock = VirtualClock(datetime(2024, 3, 1, 9, tzinfo=UTC))
-    async with copper(clock, {ELECTRIC: hourly, GAS: gas}) as fake:
+    async with copper(clock, {ELECTRIC: hourly, GAS: gas}, token_ttl=1800) as fake:
         config = make_config(tmp_path, fake)
         first = io.StringIO()
         begun = clock.time()
@@ -291,6 +292,9 @@ async def test_the_hourly_budget_is_remembered_by_the_next_run(tmp_path: Path) -
         assert fake.violations == []
         assert clock.time() - begun > 3600 - 60  # it waited for the first run's hour to end
         assert "next request at" in second.getvalue()
+        # Half-hour tokens: the second run's first one ran out while it waited, and was
+        # renewed before use (an expired token reaching the fake would be a violation).
+        assert fake.token_requests == 3 and fake.unauthorised == 0
     every = [p.at for p in hourly if start <= p.at <= start + timedelta(days=160)]
     zone = ZONE
     imported = sorted(  # the instant both runs name (--until, then --since) is in both folders

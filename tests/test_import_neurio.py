@@ -156,6 +156,7 @@ async def test_a_week_with_pages_and_the_hourly_budget_every_reading_once_exact(
         assert fake.remaining_seen[144] == 143
         assert clock.time() - begun >= 3600
         assert "next request at" in text
+        assert len(fake.issued) == 2  # the hour-long token was renewed across the wait
         # 288 samples a day: 24 full pages, and a 25th, empty, that says there is no more.
         assert max(page for _, page in fake.pages) == 25
         assert "\r" not in text  # plain lines when not on a terminal

@@ -124,7 +124,7 @@ class ClimkitCloud:
                 expires = stated
         return Token(f"Bearer {token}", expires)
 
-    async def start(self) -> Origin:
+    async def start(self, *, first_needed: bool = True) -> Origin:
         meters = await self._get(f"/meter_info/{self._site}", "site")
         if not isinstance(meters, list):
             raise CloudError(f"climkit: GET /meter_info/{self._site}: expected a list of meters")
@@ -143,7 +143,10 @@ class ClimkitCloud:
                 f"{SECTION}.meter: {self.config.meter} is a {found.get('type')} meter, not "
                 f"electricity; the site's meters: {listing}"
             )
-        info = await self._get(f"/installation_infos/{self._site}", "site")
+        # The site's creation date is the default --since; with one given, a request saved.
+        info = (
+            await self._get(f"/installation_infos/{self._site}", "site") if first_needed else None
+        )
         first: datetime | None = None
         site_name = self.config.site
         if isinstance(info, Mapping):

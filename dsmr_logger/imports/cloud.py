@@ -135,7 +135,6 @@ class RateLimiter:
         self._horizon = max(b.period for b in buckets) + margin
         self._granted: list[float] = []
         self._paused_until = 0.0
-        self._reported_limit: int | None = None
         if state is not None:
             self._load(state)
 
@@ -175,9 +174,9 @@ class RateLimiter:
         ]
 
     def describe(self) -> str:
-        """``budget 93/100 an hour, 985/1000 a day left`` for progress lines."""
-        parts = [f"{left}/{bucket.describe()}" for bucket, left in self.left()]
-        return "budget left " + ", ".join(parts)
+        """``budget left: 93 of 100/hour, 985 of 1000/day`` for progress lines."""
+        parts = [f"{left} of {bucket.describe()}" for bucket, left in self.left()]
+        return "budget left: " + ", ".join(parts)
 
     def _load(self, path: Path) -> None:
         try:
@@ -191,9 +190,10 @@ class RateLimiter:
                 f"{path}: unreadable request budget ({exc}); delete it to start afresh"
             ) from exc
         now = self.clock.time()
-        # A time in the future (the clock was set back) still counts: never forget a request.
-        self._granted = sorted(t for t in granted if t > now - self._horizon)
-        self._paused_until = paused
+        # A time in the future (the clock was set back) still counts, as if made now: never
+        # forget a request, but never let a clock error lock the import for months either.
+        self._granted = sorted(min(t, now) for t in granted if t > now - self._horizon)
+        self._paused_until = min(paused, now + MAX_RETRY_AFTER)
 
     def _save(self) -> None:
         if self.state is None:

@@ -146,10 +146,10 @@ def main(
             import_history(name, config, sink=sink, archive=archive, since=since_at, until=until_at)
         )
     except (UsageError, CloudConfigError) as exc:
-        print(f"dsmr-logger: import {name}: {exc}", file=sys.stderr)
+        print(f"dsmr-logger: import: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except (CloudError, BackfillError, OSError) as exc:
-        print(f"dsmr-logger: import {name}: {exc}", file=sys.stderr)
+        print(f"dsmr-logger: import: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)

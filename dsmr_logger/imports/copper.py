@@ -12,9 +12,10 @@ split into delivered (rises) and returned (falls) counters. A gas meter's ``actu
 (hundreds of cubic feet, x 2.8316846592) becomes the M-Bus gas register with its own timestamp.
 
 The budget is the point: a year of daily windows is 365 requests (730 with gas), four hours at
-100 an hour, so windows widen up to a week when an import would not fit an hour's budget (a year
-is then 53 requests a meter), the budget is kept on disk (a restart must not spend the day's
-1000 again), and a fresh answer is read from the disk cache instead of being fetched again.
+100 an hour, so windows widen up to a week when an import would not fit an hour's budget (a
+year is then 73 requests, or 53 a meter with gas), the budget is kept on disk (a restart must
+not spend the day's 1000 again), and a fresh answer is read from the disk cache instead of
+being fetched again.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ class CopperCloud:
         lifetime = expiry(now, answer.get("expires_in"), TOKEN_LIFETIME)
         return Token(f"{kind} {answer['access_token']}", lifetime)
 
-    async def start(self) -> Origin:
+    async def start(self, *, first_needed: bool = True) -> Origin:
         meters = await self._meters()
         found = {str(m.get("id")): m for m in meters}
         listing = "; ".join(f"{i} ({m.get('type')})" for i, m in list(found.items())[:20])

@@ -138,7 +138,7 @@ class NeurioCloud:
             expiry(now, answer.get("expires_in"), TOKEN_LIFETIME),
         )
 
-    async def start(self) -> Origin:
+    async def start(self, *, first_needed: bool = True) -> Origin:
         user = await self.client.json("GET", "/users/current")
         sensors: list[str] = []
         first: datetime | None = None

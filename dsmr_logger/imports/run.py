@@ -76,7 +76,7 @@ class Cloud(Protocol):
     lead: timedelta
     """How far before ``--since`` the first window starts, for the first reading's power."""
 
-    async def start(self) -> Origin: ...
+    async def start(self, *, first_needed: bool = True) -> Origin: ...
     def windows(self, start: datetime, end: datetime) -> list[Window]: ...
     async def readings(self, window: Window, carry: Carry) -> tuple[list[MeterReading], Carry]: ...
     def budget(self) -> str: ...
@@ -277,16 +277,15 @@ async def run_import(
     """Import ``cloud``'s history into ``target``; 0 when every reading arrived, 1 if some were
     dead-lettered. Raises ``CloudError`` (and ``BackfillError`` from delivery)."""
     started = clock.time()
-    origin = await cloud.start()
+    origin = await cloud.start(first_needed=since is None)
     if since is None:
         if origin.first is None:
             raise CloudError(f"{cloud.name} does not say when the data starts: give --since")
         since = origin.first
     now = datetime.fromtimestamp(clock.time(), UTC)
     until = min(until, now) if until is not None else now
-    progress = ImportProgress(
-        progress_file, f"{cloud.name}:{origin.key}:{since.isoformat()}:{target.key}"
-    )
+    key = f"{cloud.name}:{origin.key}:{since.astimezone(UTC).isoformat()}:{target.key}"
+    progress = ImportProgress(progress_file, key)
     saved = progress.load()
     done, carry = saved if saved is not None else (since - cloud.lead, {})
     windows = cloud.windows(done, until)
