@@ -195,7 +195,8 @@ async def test_import_sends_exactly_the_missing_slots_once_in_order_with_exact_v
         assert all(a.path == V2_PATH for a in dsmr.answers if a.fields is not None)
         assert fake.violations == []
         assert min(fake.gaps) >= 1.0
-        assert f"{len(wanted) - len(held)} new" in text and f"{len(held)} already there" in text
+        assert f"{len(wanted) - len(held)} new (3 gap(s) filled)" in text
+        assert f"{len(held)} already there" in text
         assert "dsmr_stats_reconstruct_missing_day_statistics" in text
 
         # Run again: nothing is missing any more, nothing is sent.

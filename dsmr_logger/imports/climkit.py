@@ -57,6 +57,8 @@ SECTION = "import.climkit"
 
 
 class ClimkitCloud:
+    """One electricity meter of a Climkit site, a local day per request, 1.25 s apart."""
+
     name = "climkit"
     header = "CLK5\\Climkit"
     lead = SLOT

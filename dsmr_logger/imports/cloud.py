@@ -494,7 +494,7 @@ class CloudClient:
                 )
             except (HttpError, TimeoutError) as exc:
                 last = self.redact(str(exc) or type(exc).__name__)
-                await self._pause(attempt, endpoint, last)
+                self._pause(attempt, endpoint, last)
                 continue
             if self.observe is not None:
                 self.observe(response)
@@ -530,7 +530,7 @@ class CloudClient:
                 continue
             if status >= 500:
                 last = f"HTTP {status}" + (f": {text}" if text else "")
-                await self._pause(attempt, endpoint, last)
+                self._pause(attempt, endpoint, last)
                 continue
             raise RejectedError(f"{self.name}: {endpoint}", status, text)
         raise CloudError(
@@ -561,7 +561,8 @@ class CloudClient:
                 continue
             return
 
-    async def _pause(self, attempt: int, endpoint: str, why: str) -> None:
+    def _pause(self, attempt: int, endpoint: str, why: str) -> None:
+        """Hold the next attempt back by the backoff (the limiter sleeps it off)."""
         if attempt >= self.backoff.attempts:
             return
         pause = self.backoff.pause(attempt, self.draw)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import random
+import types
 import urllib.parse
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
@@ -68,12 +69,14 @@ TOKEN_LIFETIME = 86400.0
 """Assumed when the token answer states no ``expires_in``."""
 PAGE = 1000
 SECTION = "import.copper"
-CUBIC_METRES_PER = {
-    "ccf": Decimal("2.8316846592"),  # 100 cubic feet
-    "cf": Decimal("0.028316846592"),
-    "ft3": Decimal("0.028316846592"),
-    "m3": Decimal(1),
-}
+CUBIC_METRES_PER: Mapping[str, Decimal] = types.MappingProxyType(
+    {
+        "ccf": Decimal("2.8316846592"),  # 100 cubic feet
+        "cf": Decimal("0.028316846592"),
+        "ft3": Decimal("0.028316846592"),
+        "m3": Decimal(1),
+    }
+)
 
 
 def window_days(total_days: float, meters: int) -> int:
@@ -83,6 +86,9 @@ def window_days(total_days: float, meters: int) -> int:
 
 
 class CopperCloud:
+    """One electric meter (and optionally a gas meter) of a Copper enterprise, read in windows
+    sized to the budget; the limiter and the cache live in the state folder."""
+
     name = "copper"
     header = "CPR5\\Copper"
     lead = timedelta(hours=1)

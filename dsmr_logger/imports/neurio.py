@@ -49,17 +49,22 @@ from dsmr_logger.imports.series import (
     parse_time,
     zulu,
 )
-from dsmr_logger.net.http import Response
+from dsmr_logger.net.http import HttpClient, Response
 from dsmr_logger.telegram.build import MeterReading, kwh_from_ws
 
 AUTHORISED = Bucket(144, 3600.0)
 UNAUTHORISED = Bucket(120, 3600.0)
 PER_PAGE = 500
+SAMPLES_A_DAY = 24 * 60 // 5 + 12
+"""At 5-minute frequency, with the autumn DST day's extra hour."""
 TOKEN_LIFETIME = 3600.0
 SECTION = "import.neurio"
 
 
 class NeurioCloud:
+    """One Neurio sensor's samples, a day (at most 24 hours) per request, paged, within the
+    hourly budget the server announces."""
+
     name = "neurio"
     header = "NEU5\\NeurioCloud"
     lead = timedelta(0)  # power comes with each sample
@@ -107,7 +112,7 @@ class NeurioCloud:
             observe=lambda response: _observe(response, self.limiter, clock),
         )
 
-    def _http(self) -> Any:
+    def _http(self) -> HttpClient:
         return open_http(
             self.config.base_url,
             timeout=self.config.timeout,
@@ -194,6 +199,8 @@ class NeurioCloud:
                 raise CloudError(f"neurio: GET /samples: {exc}") from exc
             if len(answer) < self.per_page:
                 break
+            if page * self.per_page > 2 * SAMPLES_A_DAY:  # a server paging in circles
+                raise CloudError(f"neurio: GET /samples: still full pages at page {page}")
             page += 1
         readings = []
         for stamp in sorted(t for t in samples if window.holds(t)):

@@ -249,13 +249,13 @@ class Tally:
     windows: int = 0
     _filling: bool = field(default=False, repr=False)
 
-    def count_gaps(self, readings: Sequence[Recorded], sent: set[datetime]) -> None:
-        """A gap is a run of consecutive readings that the target lacked."""
+    def count_gaps(self, readings: Sequence[Recorded], filled: set[datetime | None]) -> None:
+        """A gap filled is a run of consecutive readings the target lacked and now has."""
         for item in readings:
-            missing = item.timestamp in sent
-            if missing and not self._filling:
+            new = item.timestamp in filled
+            if new and not self._filling:
                 self.gaps += 1
-            self._filling = missing
+            self._filling = new
 
 
 def state_directory(config: Config) -> Path:
@@ -312,13 +312,15 @@ async def run_import(
             todo, already = plan(recorded, since=None, until=None, done_until=None, present=present)
             tally.readings += len(recorded)
             tally.already += already
+            delivered: set[datetime | None] = set()
             for item in todo:
                 if await target.send(item):
-                    tally.sent += 1
+                    delivered.add(item.timestamp)
                 else:
                     tally.dead += 1
             await target.settle()
-            tally.count_gaps(recorded, {r.timestamp for r in todo if r.timestamp})
+            tally.sent += len(delivered)
+            tally.count_gaps(recorded, delivered)
             settled = window.end <= datetime.fromtimestamp(clock.time(), UTC) - SETTLE
             if settled or readings:
                 done = window.end if settled else readings[-1].timestamp
