@@ -45,6 +45,14 @@ METERS = [
         "is_rule_meter": False,
     },
     {
+        "id": "5f0c0ffee0c0ffee0c0ffee3",
+        "type": "electricity",
+        "name": "Communauté",
+        "mode": "consumption",
+        "prim_ad": None,
+        "is_rule_meter": True,
+    },
+    {
         "id": "5f0c0ffee0c0ffee0c0ffee2",
         "type": "heating",
         "name": "Chaleur",
@@ -360,6 +368,7 @@ async def test_a_meter_that_is_not_electricity_lists_the_sites_meters(tmp_path: 
         for meter, problem in (
             ("5f0c0ffee0c0ffee0c0ffee2", "is a heating meter, not electricity"),
             ("no-such-meter", "has no meter 'no-such-meter'"),
+            ("5f0c0ffee0c0ffee0c0ffee3", "is a rule \\(virtual\\) meter"),
         ):
             config = make_config(tmp_path, fake.api_url, "http://127.0.0.1:9")
             assert config.imports.climkit is not None

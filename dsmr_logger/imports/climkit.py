@@ -145,6 +145,11 @@ class ClimkitCloud:
                 f"{SECTION}.meter: {self.config.meter} is a {found.get('type')} meter, not "
                 f"electricity; the site's meters: {listing}"
             )
+        if found.get("is_rule_meter") is True:
+            raise CloudConfigError(
+                f"{SECTION}.meter: {self.config.meter} is a rule (virtual) meter, and Climkit "
+                f"keeps raw data only for physical ones; the site's meters: {listing}"
+            )
         # The site's creation date is the default --since; with one given, a request saved.
         info = (
             await self._get(f"/installation_infos/{self._site}", "site") if first_needed else None
