@@ -1,4 +1,4 @@
-"""Command line: ``dsmr-logger run | check-config | simulate | demo``."""
+"""Command line: ``dsmr-logger run | check-config | simulate | simulate-neurio | demo``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     sim.set_defaults(handler=_simulate)
 
+    neurio = commands.add_parser(
+        "simulate-neurio", help="serve a fake Neurio sensor's /current-sample on 127.0.0.1"
+    )
+    neurio.add_argument("--shape", choices=("eu3", "split", "solar"), default="solar")
+    neurio.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    neurio.add_argument("--username", help="ask for this HTTP Basic auth login (with --password)")
+    neurio.add_argument("--password", help="the login's password")
+    neurio.add_argument("--unsynchronized", action="store_true", help="no clock: NOT_SYNCHRONIZED")
+    neurio.add_argument(
+        "--tick",
+        choices=("clock", "request"),
+        default="clock",
+        help="a new sample per second (clock) or per request (request, for tests)",
+    )
+    neurio.add_argument("--control", action="store_true", help="a control port for tests")
+    neurio.set_defaults(handler=_simulate_neurio)
+
     parse = commands.add_parser("parse", help="show what telegrams say and their API v2 fields")
     parse.add_argument("file", help="capture, archive day file or telegram; - for stdin")
     parse.add_argument("--timezone", default="Europe/Amsterdam", help="the meter's time zone")
@@ -122,6 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dsmr-reader", metavar="URL", help="also deliver to this DSMR-reader")
     demo.add_argument("--api-key", help="DSMR-reader API key (with --dsmr-reader)")
     demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    demo.add_argument("--neurio", action="store_true", help="a simulated Neurio sensor instead")
     demo.set_defaults(handler=_demo)
     return parser
 
@@ -353,6 +371,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _simulate_neurio(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.simulate_neurio import simulate_command
+
+    if (args.username is None) != (args.password is None):
+        print("dsmr-logger: --username and --password go together", file=sys.stderr)
+        return EXIT_CONFIG
+    options = ("shape", "port", "username", "password", "unsynchronized", "tick", "control")
+    return simulate_command(**{name: getattr(args, name) for name in options})
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dsmr_logger.tools.demo import run_demo
 
@@ -365,4 +393,5 @@ def _demo(args: argparse.Namespace) -> int:
         dsmr_reader=args.dsmr_reader,
         api_key=args.api_key,
         duration=args.duration,
+        neurio=args.neurio,
     )

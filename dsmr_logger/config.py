@@ -348,10 +348,71 @@ class ArchiveSinkConfig:
     )
 
 
-SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
-MeterTypeConfig = MeterConfig
+def _sensor_url(value: Any) -> str:
+    """The sensor's base URL; a pasted ``/current-sample`` is dropped, credentials are refused
+    without being repeated (they belong in ``username``/``password``, which are masked)."""
+    text = _str(value).strip()
+    parsed = urllib.parse.urlsplit(text)
+    if "@" in parsed.netloc:
+        raise _Bad("put the login in meter.username and meter.password, not in the URL")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise _Bad(f"must be the sensor's http:// address, e.g. http://192.168.1.50, not {text!r}")
+    if parsed.query or parsed.fragment:
+        raise _Bad(f"must be the sensor's address without ?query or #fragment, not {text!r}")
+    try:
+        _ = parsed.port  # raises on a port that is not a number
+    except ValueError:
+        raise _Bad(f"has an invalid port: {text!r}") from None
+    url = text.rstrip("/")
+    if url.endswith("/current-sample"):
+        url = url.removesuffix("/current-sample")
+    return url
 
-METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType({"p1": MeterConfig})
+
+def _basic_user(value: Any) -> str:
+    user = _str(value)
+    if ":" in user:
+        raise _Bad("must not contain ':' (HTTP Basic auth cannot carry it)")
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class NeurioMeterConfig:
+    """A Neurio / Generac PWRview sensor on the LAN, polled at ``<url>/current-sample``."""
+
+    url: str = key(
+        check=_sensor_url, doc="the sensor's address, e.g. http://192.168.1.50 (no /current-sample)"
+    )
+    type: Literal["neurio"] = key("neurio", check=one_of("neurio"), doc="where readings come from")
+    interval: float = key(10.0, check=number(1.0, 3600.0), doc="seconds between polls")
+    timeout: float = key(5.0, check=number(0.1, 60.0), doc="seconds one poll may take")
+    username: str | None = key(None, check=_basic_user, doc="HTTP Basic auth user (newer firmware)")
+    password: str | None = key(
+        None, check=_str, doc="HTTP Basic auth password (with username)", secret=True
+    )
+    grid_channel: Literal["auto", "NET", "CONSUMPTION"] = key(
+        "auto",
+        check=one_of("auto", "NET", "CONSUMPTION"),
+        doc="the channel written as the grid meter; auto: NET when the sensor has one",
+    )
+    timezone: str = key(
+        "Europe/Amsterdam",
+        check=_zone,
+        doc="the zone telegrams are dated in: the one DSMR-reader runs in",
+    )
+
+    @property
+    def where(self) -> str:
+        """What the logs and the status call the source (never with the login)."""
+        return f"{self.url}/current-sample"
+
+
+SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
+MeterTypeConfig = MeterConfig | NeurioMeterConfig
+
+METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
+    {"p1": MeterConfig, "neurio": NeurioMeterConfig}
+)
 """``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
 SINK_TYPES: Mapping[str, type[SinkConfig]] = types.MappingProxyType(
     {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig}
@@ -561,11 +622,18 @@ def _imports(table: Any, problems: list[str]) -> ImportsConfig:
 def _cross_rules(config: Config) -> Iterator[str]:
     """Rules that relate keys to each other (each key alone was checked as it was read)."""
     meter = config.meter
-    if meter.reconnect_initial > meter.reconnect_max:
+    if isinstance(meter, MeterConfig) and meter.reconnect_initial > meter.reconnect_max:
         yield (
             f"meter.reconnect_initial: {meter.reconnect_initial:g} is above "
             f"meter.reconnect_max ({meter.reconnect_max:g})"
         )
+    if isinstance(meter, NeurioMeterConfig) and (meter.username is None) != (
+        meter.password is None
+    ):
+        given, missing = (
+            ("username", "password") if meter.password is None else ("password", "username")
+        )
+        yield f"meter.{missing}: is required with meter.{given} (the sensor's Basic auth login)"
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         yield f"sink.name: {duplicate!r} is used by more than one sink"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from dsmr_logger.config import MeterConfig, MeterTypeConfig
+from dsmr_logger.config import MeterConfig, MeterTypeConfig, NeurioMeterConfig
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
 
@@ -27,6 +27,8 @@ class MeterState(enum.StrEnum):
     DISCONNECTED = "disconnected"
     NO_BYTES = "no_bytes"
     NO_VALID_FRAMES = "bytes_but_no_valid_frames"
+    UNAUTHORIZED = "unauthorized"
+    """The device refuses the login (HTTP 401/403): configuration to fix, not a link to wait for."""
     OK = "ok"
 
 
@@ -72,4 +74,8 @@ def build_source(
         from dsmr_logger.sources.p1.reader import MeterReader
 
         return MeterReader(config, on_frame, wall_clock=wall_clock)
+    if isinstance(config, NeurioMeterConfig):
+        from dsmr_logger.sources.neurio import NeurioSource
+
+        return NeurioSource(config, on_frame, wall_clock=wall_clock)
     raise ValueError(f"no source for meter type {config.type!r}")  # config validated the type
