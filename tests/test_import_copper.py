@@ -18,10 +18,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from cloud_fakes import CopperFake, CopperPoint, VirtualClock, copper_series
+from cloud_fakes import CopperFake, CopperPoint, RealClock, VirtualClock, copper_series
 from dsmr_reader_server import DsmrReaderServer, v2_reading
 from waiting import wait_until
 
+from dsmr_logger import cli
 from dsmr_logger.config import Config, from_mapping
 from dsmr_logger.imports.cloud import CloudConfigError
 from dsmr_logger.imports.command import import_history
@@ -398,3 +399,42 @@ def test_windows_widen_so_a_long_import_fits_the_hourly_budget() -> None:
     assert window_days(80, 2) == 2
     assert window_days(365, 1) == 5
     assert window_days(3650, 2) == 7  # never more than a week per request
+
+
+async def test_a_dsmr_reader_refusing_the_key_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Through the command line (in a thread: it runs its own event loop, the fakes this one)."""
+    points, gas = electric_week(), gas_week()
+    async with (
+        copper(RealClock(), {ELECTRIC: points, GAS: gas}) as fake,
+        DsmrReaderServer(api_key="not-the-key-in-the-config") as dsmr,
+    ):
+        path = tmp_path / "config.toml"
+        path.write_text(
+            f'[meter]\nport = "/dev/null"\n[spool]\npath = "{tmp_path / "spool.sqlite3"}"\n'
+            f'[[sink]]\nname = "home"\nurl = "{dsmr.url}"\napi_key = "{KEY}"\n'
+            f'[import.copper]\nclient_id = "{CLIENT_ID}"\nclient_secret = "{SECRET}"\n'
+            f'enterprise_id = "{ENTERPRISE}"\nmeter = "{ELECTRIC}"\n'
+            f'base_url = "{fake.api_url}"\nauth_url = "{fake.auth_url}"\n'
+        )
+        status = await asyncio.to_thread(
+            cli.main,
+            [
+                "import",
+                "copper",
+                "--config",
+                str(path),
+                "--sink",
+                "home",
+                "--since",
+                WEEK_START.isoformat(),
+                "--until",
+                WEEK_END.isoformat(),
+            ],
+        )
+        assert fake.violations == []
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "dsmr-logger: import: listing stored readings failed: HTTP 403" in err
+    assert "Traceback" not in err and KEY not in err and SECRET not in err

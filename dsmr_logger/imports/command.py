@@ -2,7 +2,8 @@
 
 Exit status as everywhere: 0 every reading arrived, 1 the run failed or some readings were
 refused (dead letters), 2 a configuration or usage mistake (a missing ``[import.<cloud>]``
-section, an unknown sink, credentials or a meter the cloud refuses), 130 interrupted.
+section, an unknown sink, credentials or a meter the cloud refuses, a DSMR-reader that refuses
+the sink's key), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
+import aiohttp
+
 from dsmr_logger.config import IMPORT_TYPES, Config, DsmrReaderSinkConfig
+from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.imports.cloud import Clock, CloudConfigError, CloudError, SystemClock
 from dsmr_logger.imports.run import (
     ArchiveTarget,
@@ -145,11 +149,12 @@ def main(
         return asyncio.run(
             import_history(name, config, sink=sink, archive=archive, since=since_at, until=until_at)
         )
-    except (UsageError, CloudConfigError) as exc:
+    except (UsageError, CloudConfigError, BackfillError) as exc:
+        # BackfillError: the sink refused the key or the listing (as for backfill: exit 2).
         print(f"dsmr-logger: import: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (CloudError, BackfillError, OSError) as exc:
-        print(f"dsmr-logger: import: {exc}", file=sys.stderr)
+    except (CloudError, SpoolError, OSError, aiohttp.ClientError) as exc:
+        print(f"dsmr-logger: import: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
