@@ -39,13 +39,13 @@ from cloud_fakes import (  # noqa: E402
 )
 from dsmr_reader_server import DsmrReaderServer, v2_reading  # noqa: E402
 
-from dsmr_logger.config import from_mapping  # noqa: E402
+from dsmr_logger.config import Config, from_mapping  # noqa: E402
 from dsmr_logger.imports.command import import_history  # noqa: E402
 
 KEY = "bench-dsmr-reader-key"
 
 
-def config(folder: Path, dsmr_url: str, zone: str, imports: dict[str, object]) -> object:
+def config(folder: Path, dsmr_url: str, zone: str, imports: dict[str, object]) -> Config:
     return from_mapping(
         {
             "meter": {"port": "/dev/null", "timezone": zone},
@@ -59,8 +59,7 @@ def config(folder: Path, dsmr_url: str, zone: str, imports: dict[str, object]) -
 async def run(
     name: str,
     fake: FakeCloud,
-    dsmr: DsmrReaderServer,
-    cfg: object,
+    cfg: Config,
     since: datetime,
     until: datetime,
     clock: VirtualClock,
@@ -72,7 +71,7 @@ async def run(
         cfg,
         sink="home",
         archive=None,
-        since=since,  # type: ignore[arg-type]
+        since=since,
         until=until,
         out=out,
         clock=clock,
@@ -124,7 +123,7 @@ async def climkit(days: int, folder: Path) -> None:
                 }
             },
         )
-        await run("climkit", fake, dsmr, cfg, since, until, clock)
+        await run("climkit", fake, cfg, since, until, clock)
 
 
 async def copper(days: int, folder: Path) -> None:
@@ -179,7 +178,7 @@ async def copper(days: int, folder: Path) -> None:
                 }
             },
         )
-        await run("copper", fake, dsmr, cfg, since, until, clock)
+        await run("copper", fake, cfg, since, until, clock)
 
 
 async def neurio(days: int, folder: Path) -> None:
@@ -206,7 +205,7 @@ async def neurio(days: int, folder: Path) -> None:
                 }
             },
         )
-        await run("neurio", fake, dsmr, cfg, since, until, clock)
+        await run("neurio", fake, cfg, since, until, clock)
 
 
 async def main() -> None:

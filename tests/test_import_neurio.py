@@ -22,7 +22,7 @@ from cloud_fakes import NEURIO_RANGE_ERROR, NeurioFake, NeurioSample, VirtualClo
 from dsmr_reader_server import DsmrReaderServer, v2_reading
 from waiting import wait_until
 
-from dsmr_logger.config import Config, from_mapping
+from dsmr_logger.config import Config, DsmrReaderSinkConfig, from_mapping
 from dsmr_logger.imports.cloud import CloudError
 from dsmr_logger.imports.neurio import NeurioCloud
 from dsmr_logger.imports.run import DsmrReaderTarget, run_import, state_directory
@@ -84,7 +84,7 @@ async def imported(
         per_page=per_page,
         notify=lambda text: print(text, file=out),
     )
-    target = DsmrReaderTarget(config, config.sinks[0], ZONE, out)  # type: ignore[arg-type]
+    target = DsmrReaderTarget(config, sink(config), ZONE, out)
     try:
         return await run_import(
             cloud,
@@ -98,6 +98,12 @@ async def imported(
         )
     finally:
         await cloud.close()
+
+
+def sink(config: Config) -> DsmrReaderSinkConfig:
+    found = config.sinks[0]
+    assert isinstance(found, DsmrReaderSinkConfig)
+    return found
 
 
 def three(value: Decimal) -> Decimal:
@@ -218,7 +224,7 @@ async def test_the_servers_ratelimit_headers_are_obeyed_below_the_documented_144
         cloud = NeurioCloud(
             section, zone=ZONE, clock=clock, state_directory=state_directory(config), per_page=12
         )
-        target = DsmrReaderTarget(config, config.sinks[0], ZONE, out)  # type: ignore[arg-type]
+        target = DsmrReaderTarget(config, sink(config), ZONE, out)
         try:
             status = await run_import(
                 cloud,
