@@ -207,6 +207,16 @@ def _client_id(value: Any) -> str:
     return text
 
 
+def cloud_url(value: Any) -> str:
+    """An https:// URL; http:// only to this machine (a test server, a local proxy): the requests
+    carry passwords and tokens."""
+    url = http_url(value)
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "http" and parsed.hostname not in ("127.0.0.1", "::1", "localhost"):
+        raise _Bad(f"must be an https:// URL (it carries your credentials), not {value!r}")
+    return url
+
+
 def _sink_name(value: Any) -> str:
     name = _str(value)
     if not SINK_NAME.fullmatch(name):
@@ -682,12 +692,81 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClimkitImportConfig:
+    """``dsmr-logger import climkit``: a meter of a Climkit site (Swiss ZEV/RCP communities)."""
+
+    username: str = key(check=_str, doc="Climkit API username (not the portal login)")
+    password: str = key(check=_str, doc="Climkit API password", secret=True)
+    site: str = key(check=_str, doc="the site's id (installation)")
+    meter: str = key(check=_str, doc="the electricity meter's id on that site")
+    base_url: str = key(
+        "https://api.climkit.io/api/v1", check=cloud_url, doc="Climkit API endpoint"
+    )
+    ca_file: Path | None = key(
+        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+    )
+    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+@dataclass(frozen=True, slots=True)
+class CopperImportConfig:
+    """``dsmr-logger import copper``: an enterprise account of Copper Labs."""
+
+    client_id: str = key(check=_str, doc="OAuth2 client id")
+    client_secret: str = key(check=_str, doc="OAuth2 client secret", secret=True)
+    enterprise_id: str = key(check=_str, doc="the enterprise (partner) id")
+    meter: str = key(check=_str, doc="the electric meter's id")
+    gas_meter: str | None = key(None, check=_str, doc="the gas meter's id, if any")
+    base_url: str = key(
+        "https://api.copperlabs.com/api/v2", check=cloud_url, doc="Copper API endpoint"
+    )
+    auth_url: str = key(
+        "https://auth.copperlabs.com/oauth/token", check=cloud_url, doc="OAuth2 token endpoint"
+    )
+    ca_file: Path | None = key(
+        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+    )
+    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+@dataclass(frozen=True, slots=True)
+class NeurioImportConfig:
+    """``dsmr-logger import neurio``: a Neurio sensor's history in the Neurio cloud."""
+
+    client_id: str = key(check=_str, doc="OAuth2 client id")
+    client_secret: str = key(check=_str, doc="OAuth2 client secret", secret=True)
+    sensor_id: str = key(check=_str, doc="the sensor's id, e.g. 0x0000C47F510179CF")
+    base_url: str = key("https://api.neur.io/v1", check=cloud_url, doc="Neurio API endpoint")
+    ca_file: Path | None = key(
+        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+    )
+    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+ImportSectionConfig = ClimkitImportConfig | CopperImportConfig | NeurioImportConfig
+IMPORT_TYPES: Mapping[str, type[ImportSectionConfig]] = types.MappingProxyType(
+    {"climkit": ClimkitImportConfig, "copper": CopperImportConfig, "neurio": NeurioImportConfig}
+)
+"""``[import.<cloud>]`` → its configuration (``dsmr-logger import <cloud>``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportsConfig:
+    """The ``[import.*]`` sections present; None where a cloud is not configured."""
+
+    climkit: ClimkitImportConfig | None = None
+    copper: CopperImportConfig | None = None
+    neurio: NeurioImportConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     meter: MeterTypeConfig
     spool: SpoolConfig = SpoolConfig()
     sinks: tuple[SinkConfig, ...] = ()
     log: LogConfig = LogConfig()
     http: HttpConfig = HttpConfig()
+    imports: ImportsConfig = ImportsConfig()
 
 
 SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
@@ -696,7 +775,12 @@ SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
 """Sections with one fixed shape (``meter`` and ``sink`` depend on their ``type``)."""
 SECRET_KEYS = frozenset(
     f.name
-    for cls in (*METER_TYPES.values(), *SINK_TYPES.values(), *SECTIONS.values())
+    for cls in (
+        *METER_TYPES.values(),
+        *SINK_TYPES.values(),
+        *SECTIONS.values(),
+        *IMPORT_TYPES.values(),
+    )
     for f in dataclasses.fields(cls)
     if f.metadata.get("secret")
 )
@@ -762,6 +846,17 @@ def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig:
     return s.read(SINK_TYPES[kind], name=name or "", type=kind)  # type: ignore[no-any-return]
 
 
+def _imports(table: Any, problems: list[str]) -> ImportsConfig:
+    s = _Section("import", table, problems)
+    found = {}
+    for name, value in s.table.items():
+        if name not in IMPORT_TYPES:
+            problems.append(f"import.{name}: unknown cloud (expected {', '.join(IMPORT_TYPES)})")
+            continue
+        found[name] = _Section(f"import.{name}", value, problems).read(IMPORT_TYPES[name])
+    return ImportsConfig(**found)
+
+
 def _cross_rules(config: Config) -> Iterator[str]:
     """Rules that relate keys to each other (each key alone was checked as it was read)."""
     meter = config.meter
@@ -805,7 +900,7 @@ def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Validate a parsed document; raises ConfigError listing every problem found."""
     problems: list[str] = []
-    known = ("meter", "sink", *SECTIONS)
+    known = ("meter", "sink", *SECTIONS, "import")
     for name in data:
         if name not in known:
             problems.append(f"{name}: unknown section (expected {', '.join(known)})")
@@ -821,9 +916,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         name: _Section(name, data.get(name, {}), problems).read(cls)
         for name, cls in SECTIONS.items()
     }
+    imports = _imports(data.get("import", {}), problems)
     if problems:
         raise ConfigError(problems)
-    config = Config(meter=meter, sinks=sinks, **sections)
+    config = Config(meter=meter, sinks=sinks, imports=imports, **sections)
     problems.extend(_cross_rules(config))
     if problems:
         raise ConfigError(problems)
@@ -877,6 +973,9 @@ def effective_toml(config: Config) -> str:
                 table("[[sink]]", sink)
         else:
             table(f"[{name}]", getattr(config, name))
+    for name in IMPORT_TYPES:
+        if (section := getattr(config.imports, name)) is not None:
+            table(f"[import.{name}]", section)
     return "\n".join(lines)
 
 
@@ -936,6 +1035,8 @@ def key_table() -> str:
     for name, section in SECTIONS.items():
         if name != "spool":
             add(f"`[{name}]`", section)
+    for name, section in IMPORT_TYPES.items():
+        add(f"`[import.{name}]`", section)
     return "\n".join(rows)
 
 

@@ -50,6 +50,10 @@ from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
 
 REBUILD_COMMAND = "./manage.py dsmr_stats_reconstruct_missing_day_statistics"
+REBUILD_HINT = (
+    "DSMR-reader does not rebuild statistics of days it already processed; on the "
+    f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}"
+)
 SAVE_EVERY = 50
 SUSPECT_LIMIT = 3
 PAGE_LIMIT = 1000
@@ -325,7 +329,7 @@ class Bar:
         self.started = clock()
         self.shown = 0.0
 
-    def update(self, done: int, *, final: bool = False) -> None:
+    def update(self, done: int, *, final: bool = False, detail: str = "") -> None:
         now = self.clock()
         live = self.out.isatty()
         if not final and now - self.shown < (0.2 if live else 5.0):
@@ -338,7 +342,7 @@ class Bar:
         text = (
             f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
             f"{rate:.1f}/s ETA {timedelta(seconds=int(eta)) if eta != float('inf') else '-'}"
-        )
+        ) + (f"  {detail}" if detail else "")
         print(
             ("\r" + text) if live else text,
             end="" if live and not final else "\n",
@@ -445,6 +449,56 @@ async def _stored_readings(
         yield StoredReadings(session, config)
 
 
+class DeadLetters:
+    """Telegrams a sink refused for good, kept in the spool's dead letters (opened at the first)."""
+
+    def __init__(self, config: Config, label: str = "backfill") -> None:
+        self.config = config
+        self.label = label
+        self.count = 0
+        self._spool: Spool | None = None
+
+    def add(self, sink: str, stored: StoredTelegram, answer: Answer) -> None:
+        if self._spool is None:
+            self._spool = Spool(self.config.spool.path, max_bytes=self.config.spool.max_bytes)
+            self._spool.open(shared=True)
+        self._spool.dead_letter(
+            sink,
+            stored,
+            status=answer.status,
+            body=answer.body,
+            reason=f"{self.label}: {answer.error or answer.describe()}",
+        )
+        self.count += 1
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+async def deliver(
+    sink: DsmrReaderSink,
+    sink_config: DsmrReaderSinkConfig,
+    item: Recorded,
+    dead_letters: DeadLetters,
+    out: TextIO,
+) -> bool:
+    """Send one dated telegram until its answer is final; False when it was dead-lettered.
+
+    A misconfigured sink ends the run (``BackfillError``).
+    """
+    assert item.timestamp is not None
+    stored = StoredTelegram(0, item.telegram, item.timestamp.timestamp())
+    answer = await send_one(sink, stored, retry_max=sink_config.retry_max, log=out)
+    if answer.verdict is Verdict.MISCONFIGURED:
+        raise BackfillError(f"sink {sink.name}: {answer.describe()}")
+    if answer.verdict is not Verdict.DELIVERED:
+        dead_letters.add(sink.name, stored, answer)
+        return False
+    return True
+
+
 async def _send_all(
     config: Config,
     sink: DsmrReaderSink,
@@ -456,8 +510,8 @@ async def _send_all(
     out: TextIO,
 ) -> int:
     bar = Bar(total, out)
-    dead = already = done = 0
-    spool: Spool | None = None
+    dead_letters = DeadLetters(config)
+    already = done = 0
     last_done: datetime | None = None
     try:
         for done, item in enumerate(todo, 1):
@@ -465,22 +519,7 @@ async def _send_all(
             if stored is not None and await stored.has(item.timestamp):
                 already += 1
             else:
-                stored_item = StoredTelegram(0, item.telegram, item.timestamp.timestamp())
-                answer = await send_one(sink, stored_item, retry_max=sink_config.retry_max, log=out)
-                if answer.verdict is Verdict.MISCONFIGURED:
-                    raise BackfillError(f"sink {sink.name}: {answer.describe()}")
-                if answer.verdict is not Verdict.DELIVERED:
-                    if spool is None:
-                        spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes)
-                        spool.open(shared=True)
-                    spool.dead_letter(
-                        sink.name,
-                        stored_item,
-                        status=answer.status,
-                        body=answer.body,
-                        reason=f"backfill: {answer.error or answer.describe()}",
-                    )
-                    dead += 1
+                await deliver(sink, sink_config, item, dead_letters, out)
             last_done = item.timestamp
             if done % SAVE_EVERY == 0:
                 progress.save(last_done)
@@ -488,19 +527,15 @@ async def _send_all(
     finally:  # also on Ctrl-C: a rerun continues after the last answered telegram
         if last_done is not None:
             progress.save(last_done)
-        if spool is not None:
-            spool.close()
+        dead_letters.close()
+    dead = dead_letters.count
     sent = done - dead - already
     print(
         f"done: {sent} stored, {already} already stored (skipped), {dead} dead-lettered "
         "(see: dsmr-logger spool list)",
         file=out,
     )
-    print(
-        "DSMR-reader does not rebuild statistics of days it already processed; on the "
-        f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}",
-        file=out,
-    )
+    print(REBUILD_HINT, file=out)
     return 0 if dead == 0 else 1
 
 
