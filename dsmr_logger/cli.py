@@ -100,6 +100,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     fill.set_defaults(handler=_backfill)
 
+    imp = commands.add_parser("import", help="bring history from an energy cloud into DSMR-reader")
+    imp.add_argument("cloud", choices=("climkit", "copper", "neurio"))
+    imp.add_argument("--config", type=Path, help="TOML configuration file")
+    into = imp.add_mutually_exclusive_group(required=True)
+    into.add_argument("--sink", help="name of a dsmr-reader sink (sent over API v2)")
+    into.add_argument("--to-archive", type=Path, metavar="DIR", help="write archive day files")
+    imp.add_argument("--since", help="ISO date or time (default: where the cloud's data starts)")
+    imp.add_argument("--until", help="ISO date or time (default: now)")
+    imp.set_defaults(handler=_import)
+
     status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
     status.add_argument("--config", type=Path, help="TOML configuration file")
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -278,6 +288,23 @@ def _backfill(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
         return 130
+
+
+def _import(args: argparse.Namespace) -> int:
+    from dsmr_logger.imports.command import main as import_main
+
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    configure(config.log)
+    return import_main(
+        args.cloud,
+        config,
+        sink=args.sink,
+        archive=args.to_archive,
+        since=args.since,
+        until=args.until,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

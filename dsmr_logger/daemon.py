@@ -36,6 +36,7 @@ from dsmr_logger.config import (
     Config,
     DsmrReaderSinkConfig,
     MeterTypeConfig,
+    MqttSinkConfig,
     SinkConfig,
 )
 from dsmr_logger.delivery.queue import Queues
@@ -83,6 +84,10 @@ def build_sink(config: SinkConfig, meter: MeterTypeConfig, *, strict: bool = Fal
         if config.api == "v2":
             return DsmrReaderV2Sink(config, zone=ZoneInfo(meter.timezone))
         return DsmrReaderV1Sink(config)
+    if isinstance(config, MqttSinkConfig):
+        from dsmr_logger.delivery.sinks.mqtt import MqttSink  # only loaded when configured
+
+        return MqttSink(config, zone=ZoneInfo(meter.timezone))
     return ArchiveSink(config, strict=strict)  # strict: fsync each telegram before confirming
 
 

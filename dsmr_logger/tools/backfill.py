@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-import aiohttp
-
 from dsmr_logger.config import Config, DsmrReaderSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict
 from dsmr_logger.delivery.sinks.dsmr_reader import (
@@ -46,10 +44,15 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderV2Sink,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
+from dsmr_logger.net.http import HttpClient
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
 
 REBUILD_COMMAND = "./manage.py dsmr_stats_reconstruct_missing_day_statistics"
+REBUILD_HINT = (
+    "DSMR-reader does not rebuild statistics of days it already processed; on the "
+    f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}"
+)
 SAVE_EVERY = 50
 SUSPECT_LIMIT = 3
 PAGE_LIMIT = 1000
@@ -230,10 +233,29 @@ def after(recorded: Iterable[Recorded], done_until: datetime | None) -> Iterator
             yield item
 
 
+LISTING_MAX_BODY = 16 * 1024 * 1024
+"""A page of PAGE_LIMIT readings is about 0.6 MiB of JSON; a larger answer is not a listing."""
+
+
+def listing_client(sink: DsmrReaderSink, config: DsmrReaderSinkConfig) -> HttpClient:
+    """The project's HTTP client, for asking DSMR-reader what it holds (the sink's key)."""
+    return HttpClient(
+        config.url,
+        timeout=config.timeout,
+        headers=sink.headers(),
+        verify_tls=config.verify_tls,
+        max_body=LISTING_MAX_BODY,
+    )
+
+
 async def stored_timestamps(
-    session: aiohttp.ClientSession, config: DsmrReaderSinkConfig, start: datetime, end: datetime
+    client: HttpClient, config: DsmrReaderSinkConfig, start: datetime, end: datetime
 ) -> set[datetime]:
-    """Every reading DSMR-reader has between start and end (v2 list, paginated)."""
+    """Every reading DSMR-reader has between start and end (v2 list, paginated).
+
+    An answer that is not a listing (a redirect, an error page, a proxy's HTML) is a
+    ``BackfillError`` with its status and the start of its body; a failed request an ``OSError``.
+    """
     found: set[datetime] = set()
     offset = 0
     while True:
@@ -246,23 +268,35 @@ async def stored_timestamps(
                 "offset": offset,
             }
         )
-        async with session.get(f"{config.url}{V2_PATH}?{query}") as answer:
-            if answer.status != 200:
-                body = (await answer.text())[:200]
-                raise BackfillError(f"listing stored readings failed: HTTP {answer.status} {body}")
-            page = await answer.json()
-        for reading in page["results"]:
-            found.add(datetime.fromisoformat(reading["timestamp"]))
-        offset += len(page["results"])
-        if not page["results"] or offset >= page["count"]:
+        answer = await client.get(f"{V2_PATH}?{query}", headers={"Accept": "application/json"})
+        text = answer.body.decode("utf-8", "replace")
+        if answer.status != 200:
+            where = answer.headers.get("location")
+            moved = f" (redirected to {where}: use that as the sink's url)" if where else ""
+            raise BackfillError(
+                f"listing stored readings failed: HTTP {answer.status}{moved} "
+                f"{' '.join(text.split())[:200]}"
+            )
+        try:
+            page = json.loads(text)
+            stamps = [datetime.fromisoformat(r["timestamp"]) for r in page["results"]]
+            count = int(page["count"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackfillError(
+                f"listing stored readings: not DSMR-reader's v2 list ({type(exc).__name__}: "
+                f"{' '.join(text.split())[:120]!r})"
+            ) from None
+        found.update(stamps)
+        offset += len(stamps)
+        if not stamps or offset >= count:
             return found
 
 
 class StoredReadings:
     """The readings DSMR-reader holds, listed an hour at a time just ahead of a sorted stream."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: DsmrReaderSinkConfig) -> None:
-        self._session = session
+    def __init__(self, client: HttpClient, config: DsmrReaderSinkConfig) -> None:
+        self._client = client
         self._config = config
         self._listed_until: datetime | None = None
         self._found: set[datetime] = set()
@@ -272,7 +306,7 @@ class StoredReadings:
         if self._listed_until is None or stamp > self._listed_until:
             self._listed_until = stamp + LOOKUP_SPAN
             self._found = await stored_timestamps(
-                self._session, self._config, stamp, self._listed_until
+                self._client, self._config, stamp, self._listed_until
             )
         return stamp in self._found
 
@@ -325,7 +359,7 @@ class Bar:
         self.started = clock()
         self.shown = 0.0
 
-    def update(self, done: int, *, final: bool = False) -> None:
+    def update(self, done: int, *, final: bool = False, detail: str = "") -> None:
         now = self.clock()
         live = self.out.isatty()
         if not final and now - self.shown < (0.2 if live else 5.0):
@@ -338,7 +372,7 @@ class Bar:
         text = (
             f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
             f"{rate:.1f}/s ETA {timedelta(seconds=int(eta)) if eta != float('inf') else '-'}"
-        )
+        ) + (f"  {detail}" if detail else "")
         print(
             ("\r" + text) if live else text,
             end="" if live and not final else "\n",
@@ -433,16 +467,65 @@ async def backfill(
 async def _stored_readings(
     sink: DsmrReaderSink, config: DsmrReaderSinkConfig
 ) -> AsyncIterator[StoredReadings | None]:
-    """API v2: DSMR-reader's stored readings, asked over a session of their own; v1: None."""
+    """API v2: DSMR-reader's stored readings, asked over a connection of their own; v1: None."""
     if config.api != "v2":
         yield None
         return
-    async with aiohttp.ClientSession(
-        headers=sink.headers(),
-        connector=aiohttp.TCPConnector(ssl=config.verify_tls),
-        timeout=aiohttp.ClientTimeout(total=config.timeout),
-    ) as session:
-        yield StoredReadings(session, config)
+    client = listing_client(sink, config)
+    try:
+        yield StoredReadings(client, config)
+    finally:
+        await client.close()
+
+
+class DeadLetters:
+    """Telegrams a sink refused for good, kept in the spool's dead letters (opened at the first)."""
+
+    def __init__(self, config: Config, label: str = "backfill") -> None:
+        self.config = config
+        self.label = label
+        self.count = 0
+        self._spool: Spool | None = None
+
+    def add(self, sink: str, stored: StoredTelegram, answer: Answer) -> None:
+        if self._spool is None:
+            self._spool = Spool(self.config.spool.path, max_bytes=self.config.spool.max_bytes)
+            self._spool.open(shared=True)
+        self._spool.dead_letter(
+            sink,
+            stored,
+            status=answer.status,
+            body=answer.body,
+            reason=f"{self.label}: {answer.error or answer.describe()}",
+        )
+        self.count += 1
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+async def deliver(
+    sink: DsmrReaderSink,
+    sink_config: DsmrReaderSinkConfig,
+    item: Recorded,
+    dead_letters: DeadLetters,
+    out: TextIO,
+) -> bool:
+    """Send one dated telegram until its answer is final; False when it was dead-lettered.
+
+    A misconfigured sink ends the run (``BackfillError``).
+    """
+    assert item.timestamp is not None
+    stored = StoredTelegram(0, item.telegram, item.timestamp.timestamp())
+    answer = await send_one(sink, stored, retry_max=sink_config.retry_max, log=out)
+    if answer.verdict is Verdict.MISCONFIGURED:
+        raise BackfillError(f"sink {sink.name}: {answer.describe()}")
+    if answer.verdict is not Verdict.DELIVERED:
+        dead_letters.add(sink.name, stored, answer)
+        return False
+    return True
 
 
 async def _send_all(
@@ -456,8 +539,8 @@ async def _send_all(
     out: TextIO,
 ) -> int:
     bar = Bar(total, out)
-    dead = already = done = 0
-    spool: Spool | None = None
+    dead_letters = DeadLetters(config)
+    already = done = 0
     last_done: datetime | None = None
     try:
         for done, item in enumerate(todo, 1):
@@ -465,22 +548,7 @@ async def _send_all(
             if stored is not None and await stored.has(item.timestamp):
                 already += 1
             else:
-                stored_item = StoredTelegram(0, item.telegram, item.timestamp.timestamp())
-                answer = await send_one(sink, stored_item, retry_max=sink_config.retry_max, log=out)
-                if answer.verdict is Verdict.MISCONFIGURED:
-                    raise BackfillError(f"sink {sink.name}: {answer.describe()}")
-                if answer.verdict is not Verdict.DELIVERED:
-                    if spool is None:
-                        spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes)
-                        spool.open(shared=True)
-                    spool.dead_letter(
-                        sink.name,
-                        stored_item,
-                        status=answer.status,
-                        body=answer.body,
-                        reason=f"backfill: {answer.error or answer.describe()}",
-                    )
-                    dead += 1
+                await deliver(sink, sink_config, item, dead_letters, out)
             last_done = item.timestamp
             if done % SAVE_EVERY == 0:
                 progress.save(last_done)
@@ -488,19 +556,15 @@ async def _send_all(
     finally:  # also on Ctrl-C: a rerun continues after the last answered telegram
         if last_done is not None:
             progress.save(last_done)
-        if spool is not None:
-            spool.close()
+        dead_letters.close()
+    dead = dead_letters.count
     sent = done - dead - already
     print(
         f"done: {sent} stored, {already} already stored (skipped), {dead} dead-lettered "
         "(see: dsmr-logger spool list)",
         file=out,
     )
-    print(
-        "DSMR-reader does not rebuild statistics of days it already processed; on the "
-        f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}",
-        file=out,
-    )
+    print(REBUILD_HINT, file=out)
     return 0 if dead == 0 else 1
 
 
