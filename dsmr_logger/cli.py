@@ -95,7 +95,20 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument("--sink", required=True, help="name of a dsmr-reader sink")
     fill.add_argument("--since", help="ISO date or time (meter's zone unless an offset is given)")
     fill.add_argument("--until", help="ISO date or time (meter's zone unless an offset is given)")
+    fill.add_argument(
+        "--restart", action="store_true", help="forget this request's saved progress; start afresh"
+    )
     fill.set_defaults(handler=_backfill)
+
+    imp = commands.add_parser("import", help="bring history from an energy cloud into DSMR-reader")
+    imp.add_argument("cloud", choices=("climkit", "copper", "neurio"))
+    imp.add_argument("--config", type=Path, help="TOML configuration file")
+    into = imp.add_mutually_exclusive_group(required=True)
+    into.add_argument("--sink", help="name of a dsmr-reader sink (sent over API v2)")
+    into.add_argument("--to-archive", type=Path, metavar="DIR", help="write archive day files")
+    imp.add_argument("--since", help="ISO date or time (default: where the cloud's data starts)")
+    imp.add_argument("--until", help="ISO date or time (default: now)")
+    imp.set_defaults(handler=_import)
 
     status = commands.add_parser("status", help="is it reading and delivering? (exit 0 = healthy)")
     status.add_argument("--config", type=Path, help="TOML configuration file")
@@ -213,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
 async def _run_until_signalled(daemon: Daemon) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: an SSH session closing on a foreground run must stop it cleanly (spool closed).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     return await daemon.run(stop)
 
@@ -255,7 +269,15 @@ def _backfill(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         return asyncio.run(
-            backfill(config, args.sink, args.source, since=since, until=until, out=sys.stdout)
+            backfill(
+                config,
+                args.sink,
+                args.source,
+                since=since,
+                until=until,
+                restart=args.restart,
+                out=sys.stdout,
+            )
         )
     except BackfillError as exc:
         print(f"dsmr-logger: backfill: {exc}", file=sys.stderr)
@@ -266,6 +288,23 @@ def _backfill(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
         return 130
+
+
+def _import(args: argparse.Namespace) -> int:
+    from dsmr_logger.imports.command import main as import_main
+
+    config = _config_or_exit(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    configure(config.log)
+    return import_main(
+        args.cloud,
+        config,
+        sink=args.sink,
+        archive=args.to_archive,
+        since=args.since,
+        until=args.until,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

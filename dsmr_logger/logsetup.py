@@ -11,7 +11,7 @@ import structlog
 
 from dsmr_logger.config import LogConfig, mask
 
-_SECRET_KEYS = ("api_key", "decryption_key", "authentication_key", "password", "token")
+_SECRET_KEYS = ("api_key", "decryption_key", "authentication_key", "password", "token", "secret")
 
 
 def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

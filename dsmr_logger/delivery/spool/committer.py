@@ -236,17 +236,13 @@ class Committer:
         keeper = self._keeper
         if not keeper.available:
             return 0
-        try:
-            waiting = await keeper.call(keeper.spool.requeued, list(self._sinks))
-            now = asyncio.get_running_loop().time()
-            for _, sink, stored in waiting:
-                self.enqueue(self._window.new(stored.telegram, stored.received_at, now, {sink}))
-            if waiting:
-                await keeper.call(keeper.spool.forget_requeued, [row for row, _, _ in waiting])
-                self._log.info("requeued telegrams queued again", telegrams=len(waiting))
-        except (sqlite3.Error, OSError) as exc:
-            keeper.failed(exc)
-            return 0
+        waiting = await keeper.call(keeper.spool.requeued, list(self._sinks))
+        now = asyncio.get_running_loop().time()
+        for _, sink, stored in waiting:
+            self.enqueue(self._window.new(stored.telegram, stored.received_at, now, {sink}))
+        if waiting:  # a lock here fails the flusher, which the daemon restarts (tried again)
+            await keeper.call(keeper.spool.forget_requeued, [row for row, _, _ in waiting])
+            self._log.info("requeued telegrams queued again", telegrams=len(waiting))
         return len(waiting)
 
     async def run_flusher(self) -> None:
@@ -262,6 +258,8 @@ class Committer:
             waiting = window.unflushed or self._acks or self._letters or window.pending_counts()
             if waiting or not keeper.available:
                 await self.flush()
+            elif keeper.trouble.active:
+                await keeper.probe()  # nothing to write: can it be written (to say so)?
             if keeper.available and keeper.spool.sync_due():
                 try:
                     await keeper.call(keeper.spool.sync)

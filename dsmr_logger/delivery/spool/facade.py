@@ -90,6 +90,7 @@ class Spool:
         self.repair = writes.repair
         self.forget_finished = writes.forget_finished
         self.check_present = writes.check_present
+        self.probe = writes.probe
         self.dead_letters = letters.all
         self.requeue = letters.requeue
         self.requeued = letters.requeued

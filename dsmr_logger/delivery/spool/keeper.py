@@ -13,6 +13,7 @@ spool's backlog as of its last (re)opening.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -63,6 +64,18 @@ class SpoolKeeper:
 
     def writable(self) -> None:
         self.trouble.ended("spool writable again", path=str(self.spool.path))
+
+    async def probe(self) -> None:
+        """With nothing to write, whether a commit could be written now: the trouble ends
+        then, not only at the next commit (a lock released, room made on the card)."""
+        try:
+            await self.call(self.spool.probe)
+        except SpoolGone as exc:
+            self.gone = exc
+        except (SpoolError, sqlite3.Error, OSError) as exc:
+            self.failed(exc)
+        else:
+            self.writable()
 
     async def open(self) -> dict[str, Backlog] | None:
         """Open at start; None if it cannot be now. Another daemon owning it, or a newer

@@ -109,6 +109,18 @@ class Writes:
         if free < size + ROOM_MARGIN:
             raise OSError(errno.ENOSPC, f"No space left on device ({free} bytes free)")
 
+    def probe(self) -> None:
+        """Raise what a commit would meet now (files gone, no room, a lock), writing nothing."""
+        self.require_writer()
+        self.check_present()
+        was, self.full = self.full, True
+        try:
+            self._wait_for_room(1)
+        finally:
+            self.full = was
+        with self.state.transaction():
+            pass
+
     def require_writer(self) -> None:
         if not self.writer:
             raise SpoolError(f"{self.state.path}: opened to read beside the daemon, not to write")
