@@ -286,7 +286,7 @@ def test_a_daemon_whose_state_file_is_damaged_reads_delivers_and_says_so_once(
     with DsmrReaderProcess(API_KEY, mode="refuse") as server:
         config = daemon_config(tmp_path, server.url, level="debug")
         first, log = procs.daemon(config)
-        meter = procs.meter(interval=0.05, count=120)
+        meter = procs.meter(interval=0.03, count=120)
         wait_until(lambda: len(reads(log)) >= 20, 15, "20 telegrams read")
         first.terminate()
         assert first.wait(timeout=15) == 0
