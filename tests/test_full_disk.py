@@ -381,7 +381,7 @@ def test_status_and_spool_list_read_a_spool_on_a_full_disk(
     config = tmp_path / "config.toml"
     config.write_text(
         f'[meter]\nport = "/dev/null"\n[spool]\npath = "{path}"\n'
-        '[[sink]]\nname = "home"\ntype = "archive"\ndirectory = "/tmp/unused"\n'
+        f'[[sink]]\nname = "home"\ntype = "archive"\ndirectory = "{tmp_path / "archive"}"\n'
     )
     fill(disk)
     files = sorted(p.name for p in disk.iterdir())
