@@ -78,7 +78,7 @@ async def test_healthz_follows_the_meter_and_the_sink(tmp_path: Path) -> None:
         ):
             status, body = await get(daemon, "/healthz")
             assert status == 503
-            assert "no valid telegram for ever" in json.loads(body)["reasons"][0]
+            assert "no valid telegram yet" in json.loads(body)["reasons"][0]
 
             meter = asyncio.create_task(MeterSimulator(port, TELEGRAMS, interval=0.05).run())
             await wait_until(lambda: len(server.received) >= 2, "deliveries")

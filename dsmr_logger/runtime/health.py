@@ -20,9 +20,9 @@ def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
     """Healthy: a valid frame within ``frame_window`` and no sink failing past ``sink_failing``."""
     reasons = []
     if snap.last_frame_at is None or now - snap.last_frame_at > limits.frame_window:
-        since = "ever" if snap.last_frame_at is None else f"{now - snap.last_frame_at:.0f} s"
+        since = "yet" if snap.last_frame_at is None else f"for {now - snap.last_frame_at:.0f} s"
         reasons.append(
-            f"no valid telegram for {since} (meter state: {snap.meter_state.replace('_', ' ')})"
+            f"no valid telegram {since} (meter state: {snap.meter_state.replace('_', ' ')})"
         )
     for sink in snap.sinks:
         if sink.failing_since is not None and now - sink.failing_since > limits.sink_failing:

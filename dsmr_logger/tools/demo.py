@@ -16,12 +16,19 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dsmr_logger.config import ConfigError, from_mapping
-from dsmr_logger.daemon import Daemon
+from dsmr_logger.daemon import Daemon, StartupError
+from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.logsetup import configure
 from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.telegram.glance import glance
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
+
+_OPTIONS = {
+    "sink[1] (dsmr-reader).url": "--dsmr-reader",
+    "sink[1] (dsmr-reader).api_key": "--api-key",
+}
+"""Configuration keys the demo's options become, as the user wrote them."""
 
 
 def run_demo(
@@ -34,7 +41,11 @@ def run_demo(
     out: TextIO = sys.stdout,
 ) -> int:
     directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"dsmr-logger: demo: cannot use --dir {directory}: {exc.strerror}", file=sys.stderr)
+        return 2
     port = VirtualSerialPort()
     document: dict[str, Any] = {
         "meter": {"port": port.path},
@@ -51,7 +62,9 @@ def run_demo(
     except ConfigError as exc:
         port.close()
         for problem in exc.problems:
-            print(f"dsmr-logger: {problem}", file=sys.stderr)
+            for key, option in _OPTIONS.items():
+                problem = problem.replace(key, option)
+            print(f"dsmr-logger: demo: {problem}", file=sys.stderr)
         return 2
     log_path = directory / "dsmr-logger.log"
     with log_path.open("a", encoding="utf-8") as log_file:
@@ -60,6 +73,14 @@ def run_demo(
         print(f"demo: log in {log_path}; Ctrl-C stops", file=out, flush=True)
         try:
             status = asyncio.run(_demo(config, port, interval, duration, out))
+        except (SpoolError, StartupError) as exc:
+            # A second demo in the same folder finds the first one's spool locked.
+            print(f"dsmr-logger: demo: cannot start: {exc}", file=sys.stderr)
+            print(
+                "dsmr-logger: demo: is another demo running? --dir DIR picks another folder",
+                file=sys.stderr,
+            )
+            return 1
         finally:
             port.close()
     archive = directory / "archive"
@@ -84,13 +105,14 @@ async def _demo(
     meter = asyncio.create_task(simulator.run())
     progress = asyncio.create_task(_show_progress(daemon, out))
     try:
-        return await daemon.run(stop)
+        status = await daemon.run(stop)
     finally:
         for task in (meter, progress):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        print("\n" + progress_line(daemon.snapshot()), file=out, flush=True)
+    print("\n" + progress_line(daemon.snapshot()), file=out, flush=True)
+    return status
 
 
 async def _show_progress(daemon: Daemon, out: TextIO) -> None:

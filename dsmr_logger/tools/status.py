@@ -54,7 +54,7 @@ def render(doc: dict[str, Any]) -> str:
     for sink in doc["sinks"]:
         text = (
             f"sink {sink['name']}: {sink['delivered']} delivered, backlog {sink['backlog']}"
-            f", dead letters {sink['dead_letters']}"
+            f", dead-lettered since start {sink['dead_letters']}"
         )
         if sink["oldest_age"]:
             text += f", oldest waiting {sink['oldest_age']:.0f} s"
@@ -100,7 +100,7 @@ def render_offline(doc: dict[str, Any]) -> str:
         waiting = f", oldest read {_ago(oldest, now)}" if oldest else ""
         lines.append(
             f"sink {sink['name']}: backlog {sink['backlog']}{waiting}, "
-            f"dead letters {sink['dead_letters']}"
+            f"dead letters held {sink['dead_letters']}"
         )
     if not doc["sinks"]:
         lines.append("  (no spool file, or nothing in it)")
