@@ -93,7 +93,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         default = action.default
-        shown = default not in (None, False, True, argparse.SUPPRESS)
+        shown = not (default is None or isinstance(default, bool) or default == argparse.SUPPRESS)
         if action.option_strings and shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
@@ -388,10 +388,11 @@ def _resolve_config(path: Path | None) -> tuple[Config, str | None]:
         return config, "the DSMRREADER_REMOTE_DATALOGGER_* variables"
     named = os.environ.get(CONFIG_VARIABLE)
     default = Path(named) if named else DEFAULT_CONFIG
-    if named or _exists(default):
+    if _exists(default):
         return load(default), str(default)
+    where = f"{default} (${CONFIG_VARIABLE})" if named else str(default)
     problem = (
-        f"no --config FILE given, no {DEFAULT_CONFIG}, and no DSMRREADER_REMOTE_DATALOGGER_* "
+        f"no --config FILE given, no {where}, and no DSMRREADER_REMOTE_DATALOGGER_* "
         "variables set (see deploy/config.example.toml)"
     )
     raise ConfigError([f"{problem}; {unreadable}" if unreadable else problem])

@@ -117,14 +117,15 @@ async def _demo(
 
 async def _show_progress(daemon: Daemon, out: TextIO) -> None:
     live = out.isatty()
-    last_printed = 0.0
+    last_printed: float | None = None
     while True:
         await asyncio.sleep(0.5)
-        line = progress_line(daemon.snapshot())
+        snap = daemon.snapshot()
+        line = progress_line(snap)
         if live:
             print("\r\033[K" + line, end="", file=out, flush=True)
-        elif time.monotonic() - last_printed >= 5.0:
-            print(line, file=out, flush=True)
+        elif snap.frames and (last_printed is None or time.monotonic() - last_printed >= 5.0):
+            print(line, file=out, flush=True)  # the first telegrams at once, then every 5 s
             last_printed = time.monotonic()
 
 
