@@ -467,3 +467,17 @@ def _check_wheel(dist: Path) -> None:
 )
 def test_command_lines_are_found_as_a_reader_sees_them(text: str, expected: list[str]) -> None:
     assert [command.line for command in readme_commands(text)] == expected
+
+
+def test_20_the_build_floor_reads_the_licence_expression_it_declares() -> None:
+    """``license = "MIT"`` (an SPDX expression, PEP 639) needs setuptools 77; older ones fail."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT"
+    (setuptools,) = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    floor = re.fullmatch(r"setuptools>=(\d+)(?:\.\d+)*", setuptools)
+    assert floor is not None and int(floor.group(1)) >= 77, setuptools
+    licence = (REPO_ROOT / "LICENSE").read_text()
+    assert licence.startswith("MIT License\n")
+    assert "dsmr-logger contributors" in licence

@@ -543,3 +543,22 @@ def test_amperes_without_a_decimal_point_are_read() -> None:
     lines = [line for line in BASIC if not line.startswith(("1-0:31.7.0", "1-0:32.7.0"))]
     fields = to_v2(parse(telegram(*lines, "1-0:31.7.0(005A)", "1-0:32.7.0(234.5V)"))).fields
     assert (fields["phase_power_current_l1"], fields["phase_voltage_l1"]) == ("5", "234.5")
+
+
+def test_the_v2_sink_sends_a_reading_with_a_malformed_line_instead_of_dead_lettering_it() -> None:
+    from dsmr_logger.config import DsmrReaderSinkConfig
+    from dsmr_logger.delivery.answers import Answer
+    from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV2Sink
+    from dsmr_logger.delivery.spool import StoredTelegram as Telegram
+
+    sink = DsmrReaderV2Sink(
+        DsmrReaderSinkConfig(name="home", url="http://h", api_key="k" * 20, api="v2"),
+        zone=ZoneInfo("Europe/Amsterdam"),
+    )
+    good = telegram(*BASIC)
+    body = sink.form(Telegram(1, good.replace(b"\r\n!", b"\r\n1-0:99:97.0(1)\r\n!"), 1e9))
+    assert not isinstance(body, Answer)
+    assert body == sink.form(Telegram(1, good, 1e9))
+    lacking = good.replace(b"1-0:1.8.1(000001.000*kWh)", b"1-0:1.8.1(000001.000*kWh")
+    refused = sink.form(Telegram(1, lacking, 1e9))
+    assert isinstance(refused, Answer) and "electricity_delivered_1" in str(refused.error)
