@@ -603,8 +603,8 @@ def _status(args: argparse.Namespace) -> int:
 
     resolved = _config_or_exit(args)
     if resolved is None:
-        _error("state unknown: the configuration cannot be read (exit status 3)")
-        return _unknown(args, "the configuration cannot be read")
+        _error("state unknown: no usable configuration (exit status 3)")
+        return _unknown(args, "no usable configuration")
     config = resolved[0]
     out = io.StringIO()
     try:

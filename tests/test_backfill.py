@@ -44,7 +44,7 @@ def write_config(tmp_path: Path, url: str, api: str = "v2") -> Path:
     path.write_text(
         f'[meter]\nport = "/dev/null"\n[spool]\npath = "{tmp_path / "spool.sqlite3"}"\n'
         f'[[sink]]\nname = "home"\nurl = "{url}"\napi_key = "{KEY}"\napi = "{api}"\n'
-        "timeout = 2.0\nretry_max = 0.2\n"
+        "timeout = 2.0\nretry_initial = 0.02\nretry_max = 0.2\n"
     )
     return path
 
