@@ -43,7 +43,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_CONFIG = Path("/etc/dsmr-logger/config.toml")
 CONFIG_VARIABLE = "DSMR_LOGGER_CONFIG"
 """Names the configuration file used when no --config is given (else DEFAULT_CONFIG)."""
-USES_CONFIG = frozenset({"run", "check-config", "backfill", "status", "spool"})
+USES_CONFIG = frozenset({"run", "check-config", "backfill", "status", "spool", "pair"})
 CONFIG_HELP = (
     "TOML configuration file (default: the remote datalogger's DSMRREADER_REMOTE_DATALOGGER_* "
     f"variables when set, else ${CONFIG_VARIABLE}, else {DEFAULT_CONFIG})"
@@ -94,7 +94,7 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         default = action.default
         shown = not (default is None or isinstance(default, bool) or default == argparse.SUPPRESS)
-        if action.option_strings and shown and "%(default)" not in text:
+        if action.option_strings and shown and "default" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -218,6 +218,29 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--timezone", default="Europe/Amsterdam", help="the meter's time zone")
     _key_options(sim)
     sim.set_defaults(handler=_simulate)
+
+    neurio = _command(
+        commands,
+        "simulate-neurio",
+        "serve a fake Neurio sensor's /current-sample on 127.0.0.1",
+        "Serve a fake Neurio home energy sensor's GET /current-sample on 127.0.0.1 and print\n"
+        'its URL, for a daemon with [meter] type = "neurio" to poll. Ctrl-C stops it.',
+    )
+    neurio.add_argument(
+        "--shape", choices=("eu3", "split", "solar"), default="solar", help="which installation"
+    )
+    neurio.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    neurio.add_argument("--username", help="ask for this HTTP Basic auth login (with --password)")
+    neurio.add_argument("--password", help="the login's password")
+    neurio.add_argument("--unsynchronized", action="store_true", help="no clock: NOT_SYNCHRONIZED")
+    neurio.add_argument(
+        "--tick",
+        choices=("clock", "request"),
+        default="clock",
+        help="a new sample per second (clock) or per request (request, for tests)",
+    )
+    neurio.add_argument("--control", action="store_true", help="a control port for tests")
+    neurio.set_defaults(handler=_simulate_neurio)
 
     parse = _command(
         commands,
@@ -343,7 +366,40 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dsmr-reader", metavar="URL", help="also deliver to this DSMR-reader")
     demo.add_argument("--api-key", help="DSMR-reader API key (with --dsmr-reader)")
     demo.add_argument("--duration", type=_positive, help="stop after this many seconds")
+    demo.add_argument("--neurio", action="store_true", help="a simulated Neurio sensor instead")
     demo.set_defaults(handler=_demo)
+
+    pair = _command(
+        commands,
+        "pair",
+        "get a token from a Wi-Fi P1 dongle (HomeWizard)",
+        "Get an API token from a Wi-Fi P1 dongle, and write it into a configuration's [meter].",
+    )
+    devices = pair.add_subparsers(dest="device", metavar="DEVICE", required=True)
+    homewizard = _command(
+        devices,
+        "homewizard",
+        "HomeWizard P1 Meter (API v2): press its button when asked",
+        "Ask a HomeWizard P1 Meter (API v2) for a token: press the button on the meter when\n"
+        "asked. With --config, the token is written into that file's [meter].",
+    )
+    homewizard.add_argument(
+        "--host", required=True, help="its IP address or name (:port may follow)"
+    )
+    homewizard.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="write the token into this file's [meter]",
+    )
+    homewizard.add_argument(
+        "--ca-file", type=Path, help="CA to check it against (default: shipped)"
+    )
+    homewizard.add_argument(
+        "--wait", type=_positive, default=120.0, help="seconds to wait for the press"
+    )
+    homewizard.set_defaults(handler=_pair)
     return parser
 
 
@@ -769,6 +825,16 @@ def _simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _simulate_neurio(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.simulate_neurio import simulate_command
+
+    if (args.username is None) != (args.password is None):
+        _error("--username and --password go together")
+        return EXIT_CONFIG
+    options = ("shape", "port", "username", "password", "unsynchronized", "tick", "control")
+    return simulate_command(**{name: getattr(args, name) for name in options})
+
+
 def _demo(args: argparse.Namespace) -> int:
     from dsmr_logger.tools.demo import run_demo
 
@@ -781,4 +847,18 @@ def _demo(args: argparse.Namespace) -> int:
         dsmr_reader=args.dsmr_reader,
         api_key=args.api_key,
         duration=args.duration,
+        neurio=args.neurio,
     )
+
+
+def _pair(args: argparse.Namespace) -> int:
+    from dsmr_logger.tools.pair import pair_command, paired_ca_file
+
+    config = getattr(args, "config", None)
+    try:
+        ca_file = paired_ca_file(config, args.host, args.ca_file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            _error(f"config error: {problem}")
+        return EXIT_CONFIG
+    return pair_command(args.host, config, ca_file, wait=args.wait)

@@ -302,6 +302,165 @@ class MeterConfig:
         return "://" in self.port
 
 
+# --- meters without a cable: a Wi-Fi P1 dongle or any endpoint serving the raw telegram --------
+
+
+def _host(value: Any) -> str:
+    host = _str(value).strip()
+    if "://" in host or "/" in host or "@" in host:
+        raise _Bad(
+            f"just the device's address, e.g. 192.168.1.20 (a port may follow), not {value!r}"
+        )
+    try:
+        parts = urllib.parse.urlsplit(f"//{host}")
+        if not parts.hostname:
+            raise ValueError("no host")
+        parts.port  # noqa: B018 -- raises ValueError for a bad port
+    except ValueError as exc:
+        raise _Bad(f"invalid address {value!r}: {exc}") from None
+    return host
+
+
+def _token(value: Any) -> str:
+    token = _str(value)
+    if not re.fullmatch(r"[A-Za-z0-9_-]{16,128}", token):
+        raise _Bad("must be the token `dsmr-logger pair` wrote (16-128 letters and digits)")
+    return token
+
+
+def _serial(value: Any) -> str:
+    serial = _str(value).lower()
+    if not re.fullmatch(r"[0-9a-f]{12}", serial):
+        raise _Bad(f"must be the device's 12 hex digits (its MAC address), not {value!r}")
+    return serial
+
+
+def _file(value: Any) -> Path:
+    path = _path(value)
+    if not path.is_file():
+        raise _Bad(f"{path}: no such file")
+    return path
+
+
+def _plain_url(value: Any) -> str:
+    url = http_url(value)
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        raise _Bad("put credentials in username and password, not in the URL")
+    if parts.fragment:
+        raise _Bad("a URL with a #fragment cannot be polled")
+    return url
+
+
+def _headers(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, Mapping):
+        raise _Bad('must be a table, e.g. { "Accept" = "text/plain" }')
+    pairs = []
+    for name, text in value.items():
+        if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+            raise _Bad(f"{name!r} is not a valid header name")
+        if name.lower() in ("host", "content-length", "transfer-encoding", "content-type"):
+            raise _Bad(f"{name!r} is set by the client itself")
+        if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
+            raise _Bad(f"{name}: the value must be a one-line string")
+        pairs.append((name, text))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True, slots=True)
+class HomeWizardConfig:
+    """A HomeWizard P1 Meter on the LAN: its local API serves the raw telegram."""
+
+    host: str = key(check=_host, doc="the P1 Meter's IP address or name; a :port may follow")
+    type: Literal["homewizard"] = key(
+        "homewizard", check=one_of("homewizard"), doc="where readings come from"
+    )
+    token: str | None = key(
+        None,
+        check=_token,
+        doc="API v2 token written by `dsmr-logger pair homewizard`",
+        secret=True,
+    )
+    api: Literal["auto", "v1", "v2"] = key(
+        "auto",
+        check=one_of("auto", "v1", "v2"),
+        doc="auto: v2 (https, token) when a token is set, else v1 (http, no token)",
+    )
+    serial: str | None = key(
+        None,
+        check=_serial,
+        doc="the device's serial, which its certificate must name; not set: read at connect",
+    )
+    ca_file: Path | None = key(
+        None, check=_file, doc="CA certificate(s) the device's must chain to; default: shipped"
+    )
+    interval: float = key(
+        1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)"
+    )
+    timeout: float = key(5.0, check=number(0.05, 600.0), doc="seconds for one request")
+    idle_timeout: float = key(
+        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
+    )
+    reconnect_initial: float = key(1.0, check=number(0.01), doc="first pause after a failed poll")
+    reconnect_max: float = key(60.0, check=number(0.01), doc="longest pause between failed polls")
+    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+    timezone: str = key(
+        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
+    )
+
+    @property
+    def version(self) -> Literal["v1", "v2"]:
+        """The local API spoken: ``api``, or v2 exactly when a token is configured."""
+        if self.api != "auto":
+            return self.api
+        return "v2" if self.token else "v1"
+
+    @property
+    def where(self) -> str:
+        """The URL polled (no token in it)."""
+        if self.version == "v2":
+            return f"https://{self.host}/api/telegram"
+        return f"http://{self.host}/api/v1/telegram"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpMeterConfig:
+    """Any HTTP endpoint that answers GET with the raw telegram (ESP P1 loggers and the like)."""
+
+    url: str = key(check=_plain_url, doc="the endpoint serving the raw telegram")
+    type: Literal["http"] = key("http", check=one_of("http"), doc="where readings come from")
+    username: str | None = key(None, check=_str, doc="HTTP Basic authentication user")
+    password: str | None = key(
+        None, check=_str, doc="HTTP Basic authentication password", secret=True
+    )
+    token: str | None = key(
+        None, check=_str, doc="sent as Authorization: Bearer <token>", secret=True
+    )
+    headers: tuple[tuple[str, str], ...] | None = key(
+        None, check=_headers, doc="extra request headers, a table of name = value"
+    )
+    ca_file: Path | None = key(
+        None, check=_file, doc="https: CA certificate(s) to trust instead of the system's"
+    )
+    interval: float = key(
+        1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)"
+    )
+    timeout: float = key(5.0, check=number(0.05, 600.0), doc="seconds for one request")
+    idle_timeout: float = key(
+        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
+    )
+    reconnect_initial: float = key(1.0, check=number(0.01), doc="first pause after a failed poll")
+    reconnect_max: float = key(60.0, check=number(0.01), doc="longest pause between failed polls")
+    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+    timezone: str = key(
+        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
+    )
+
+    @property
+    def where(self) -> str:
+        return self.url
+
+
 @dataclass(frozen=True, slots=True)
 class SpoolConfig:
     path: Path = key(
@@ -368,10 +527,76 @@ class ArchiveSinkConfig:
     )
 
 
-SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
-MeterTypeConfig = MeterConfig
+def _sensor_url(value: Any) -> str:
+    """The sensor's base URL; a pasted ``/current-sample`` is dropped, credentials are refused
+    without being repeated (they belong in ``username``/``password``, which are masked)."""
+    text = _str(value).strip()
+    parsed = urllib.parse.urlsplit(text)
+    if "@" in parsed.netloc:
+        raise _Bad("put the login in meter.username and meter.password, not in the URL")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise _Bad(f"must be the sensor's http:// address, e.g. http://192.168.1.50, not {text!r}")
+    if parsed.query or parsed.fragment:
+        raise _Bad(f"must be the sensor's address without ?query or #fragment, not {text!r}")
+    try:
+        _ = parsed.port  # raises on a port that is not a number
+    except ValueError:
+        raise _Bad(f"has an invalid port: {text!r}") from None
+    url = text.rstrip("/")
+    if url.endswith("/current-sample"):
+        url = url.removesuffix("/current-sample")
+    return url
 
-METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType({"p1": MeterConfig})
+
+def _basic_user(value: Any) -> str:
+    user = _str(value)
+    if ":" in user:
+        raise _Bad("must not contain ':' (HTTP Basic auth cannot carry it)")
+    return user
+
+
+@dataclass(frozen=True, slots=True)
+class NeurioMeterConfig:
+    """A Neurio / Generac PWRview sensor on the LAN, polled at ``<url>/current-sample``."""
+
+    url: str = key(
+        check=_sensor_url, doc="the sensor's address, e.g. http://192.168.1.50 (no /current-sample)"
+    )
+    type: Literal["neurio"] = key("neurio", check=one_of("neurio"), doc="where readings come from")
+    interval: float = key(10.0, check=number(1.0, 3600.0), doc="seconds between polls")
+    timeout: float = key(5.0, check=number(0.1, 60.0), doc="seconds one poll may take")
+    username: str | None = key(None, check=_basic_user, doc="HTTP Basic auth user (newer firmware)")
+    password: str | None = key(
+        None, check=_str, doc="HTTP Basic auth password (with username)", secret=True
+    )
+    grid_channel: Literal["auto", "NET", "CONSUMPTION"] = key(
+        "auto",
+        check=one_of("auto", "NET", "CONSUMPTION"),
+        doc="the channel written as the grid meter; auto: NET when the sensor has one",
+    )
+    timezone: str = key(
+        "Europe/Amsterdam",
+        check=_zone,
+        doc="the zone telegrams are dated in: the one DSMR-reader runs in",
+    )
+
+    @property
+    def where(self) -> str:
+        """What the logs and the status call the source (never with the login)."""
+        return f"{self.url}/current-sample"
+
+
+SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
+MeterTypeConfig = MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig
+
+METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
+    {
+        "p1": MeterConfig,
+        "neurio": NeurioMeterConfig,
+        "homewizard": HomeWizardConfig,
+        "http": HttpMeterConfig,
+    }
+)
 """``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
 SINK_TYPES: Mapping[str, type[SinkConfig]] = types.MappingProxyType(
     {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig}
@@ -496,10 +721,24 @@ def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig:
 def _cross_rules(config: Config) -> Iterator[str]:
     """Rules that relate keys to each other (each key alone was checked as it was read)."""
     meter = config.meter
-    if meter.reconnect_initial > meter.reconnect_max:
+    if isinstance(meter, MeterConfig) and meter.reconnect_initial > meter.reconnect_max:
         yield (
             f"meter.reconnect_initial: {meter.reconnect_initial:g} is above "
             f"meter.reconnect_max ({meter.reconnect_max:g})"
+        )
+    if isinstance(meter, NeurioMeterConfig) and (meter.username is None) != (
+        meter.password is None
+    ):
+        given, missing = (
+            ("username", "password") if meter.password is None else ("password", "username")
+        )
+        yield f"meter.{missing}: is required with meter.{given} (the sensor's Basic auth login)"
+    if isinstance(meter, HttpMeterConfig):
+        yield from _http_meter_rules(meter)
+    if isinstance(meter, HomeWizardConfig) and meter.api == "v2" and meter.token is None:
+        yield (
+            'meter.token: api = "v2" needs a token; get one with: '
+            f"dsmr-logger pair homewizard --host {meter.host} --config <this file>"
         )
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
@@ -523,6 +762,16 @@ def _cross_rules(config: Config) -> Iterator[str]:
             directories.setdefault(directory, where)
             if directory == Path(os.path.normpath(f"{config.spool.path}-telegrams")):
                 yield f"{where}.directory: {directory} is where the spool keeps its telegrams"
+
+
+def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:
+    if (meter.username is None) != (meter.password is None):
+        yield "meter.username: Basic authentication needs both username and password"
+    if meter.token is not None and meter.username is not None:
+        yield "meter.token: either a token or username and password, not both"
+    extra = {name.lower() for name, _ in meter.headers or ()}
+    if "authorization" in extra and (meter.token is not None or meter.username is not None):
+        yield "meter.headers: Authorization is already set by token or username/password"
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
@@ -625,6 +874,8 @@ def mask(secret: str) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):  # meter.headers: (name, value) pairs, shown as an inline table
+        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value) + " }"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

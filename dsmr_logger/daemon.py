@@ -104,7 +104,13 @@ class Daemon:
             )
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
         ]
-        self.source = build_source(config.meter, self._on_frame, wall_clock=wall_clock)
+        spool = config.spool.path
+        self.source = build_source(
+            config.meter,
+            self._on_frame,
+            wall_clock=wall_clock,
+            state_path=spool.with_name(f"{spool.name}-last-polled"),
+        )
         self.status_server: StatusServer | None = None
         if config.http.listen:
             # Imported only here: aiohttp.web and prometheus_client cost 3.3 MiB of RAM.
@@ -223,6 +229,9 @@ class Daemon:
             last_frame_at=status.last_frame_at,
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),
+            meter_error=status.last_error,
+            polls=status.polls,
+            repeats=status.repeats,
         )
 
     def status_line(self) -> str:
@@ -254,6 +263,7 @@ class Daemon:
             rejected=snap.rejected,
             bytes=snap.bytes_in,
             reconnects=snap.reconnects,
+            **({"polls": snap.polls, "repeats": snap.repeats} if snap.polls else {}),
         )
         for sink in snap.sinks:
             self._log.info(

@@ -152,8 +152,49 @@ def test_run_with_bad_config_exits_2_before_opening_the_port(tmp_path: Path) -> 
     assert not (tmp_path / "spool.sqlite3").exists()
 
 
+def _switch_on(lines: list[str]) -> list[str]:
+    """Each documented `# key = value` uncommented (the first of alternatives), sections kept."""
+    switched_on = []
+    section, keys = "", set()
+    for line in lines:
+        if line.startswith("[") or line.startswith("# [[sink]]"):
+            section, keys = line, set()
+        uncommented = line[2:] if line.startswith("# ") else line
+        key, eq, value = uncommented.partition(" = ")
+        if not (eq and key.isidentifier()) or section.startswith("# ["):
+            switched_on.append(line)
+            continue
+        if line.startswith("# ") and key not in keys:  # the first of alternatives
+            switched_on.append(f"{key} = {value}")
+        elif not line.startswith("# "):
+            switched_on.append(line)
+        keys.add(key)
+    return switched_on
+
+
+def _alternative_meters(example: str) -> tuple[list[str], list[list[str]]]:
+    """The example without its commented-out `# [meter]` blocks (another kind of meter, each up
+    to the next `# ---` rule or live section), and those blocks uncommented."""
+    main: list[str] = []
+    blocks: list[list[str]] = []
+    inside = False
+    for line in example.splitlines():
+        if line == "# [meter]":
+            inside = True
+            blocks.append(["[meter]"])
+            continue
+        if inside and (line.startswith("# ---") or line.startswith("[") or not line):
+            inside = False
+        if inside:
+            blocks[-1].append(line)
+        else:
+            main.append(line)
+    return main, blocks
+
+
 def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Path) -> None:
-    """The example documents each key as `# key = value`: every one of them must be real."""
+    """The example documents each key as `# key = value`: every one of them must be real, in
+    the live sections and in each alternative `# [meter]` section put in the live one's place."""
     from conftest import REPO_ROOT
 
     shipped = (REPO_ROOT / "deploy" / "config.example.toml").read_text()
@@ -165,21 +206,35 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     ]
     example = shipped.replace("REPLACE-WITH-YOUR-DSMR-READER-API-KEY", "a-real-key-0123456789")
     assert config.load(write(tmp_path, example)).sinks
-    switched_on = []
-    section, keys = "", set()
-    for line in example.splitlines():
-        if line.startswith("[") or line.startswith("# [[sink]]"):
-            section, keys = line, set()
-        uncommented = line[2:] if line.startswith("# ") else line
-        key, eq, value = uncommented.partition(" = ")
-        if not (eq and key.isidentifier()) or section.startswith("# [[sink]]"):
-            switched_on.append(line)
-            continue
-        if line.startswith("# ") and key not in keys:  # the first of alternatives
-            switched_on.append(f"{key} = {value}")
-        elif not line.startswith("# "):
-            switched_on.append(line)
-        keys.add(key)
+    main, alternatives = _alternative_meters(example)
+    switched_on = _switch_on(main)
     loaded = config.load(write(tmp_path, "\n".join(switched_on)))
+    assert isinstance(loaded.meter, config.MeterConfig)
     assert loaded.meter.decryption_key is not None
     assert loaded.http.listen == "127.0.0.1:8484"
+
+    meter_start = switched_on.index("[meter]")
+    meter_end = next(i for i, line in enumerate(switched_on) if line == "[spool]")
+    rest = [*switched_on[:meter_start], *switched_on[meter_end:]]
+    ca = tmp_path / "ca.pem"
+    ca.write_text("(a CA certificate)")
+    kinds = set()
+    for block in alternatives:
+        lines = [
+            f'ca_file = "{ca}"' if line.startswith("ca_file = ") else line
+            for line in _switch_on(block)
+        ]
+        variants = [lines]
+        if 'type = "http"' in lines:  # a token, or a username and password: not both
+            variants = [
+                [line for line in lines if not line.startswith("token = ")],
+                [line for line in lines if not line.startswith(("username = ", "password = "))],
+            ]
+        for variant in variants:
+            other = config.load(write(tmp_path, "\n".join([*variant, *rest]))).meter
+            kinds.add(other.type)
+            if isinstance(other, config.NeurioMeterConfig):
+                assert other.password is not None and other.username is not None
+            else:
+                assert other.ca_file == ca
+    assert kinds == {"neurio", "homewizard", "http"}

@@ -25,17 +25,22 @@ def test_readme_key_table_is_the_schemas() -> None:
     assert table == config.key_table(), "regenerate it: python -m dsmr_logger.config"
 
 
+ALTERNATIVE_METER = "# [meter]"
+"""A commented-out ``[meter]`` section: another kind of meter, documented key by key too."""
+
+
 def _example_sections() -> list[tuple[str, str, list[str]]]:
-    """(header, sink type or '', lines) for each live section of the example, in order."""
+    """(header, meter or sink type or '', lines) for each live section of the example and each
+    alternative ``# [meter]`` section, in order."""
     sections: list[tuple[str, str, list[str]]] = []
     for line in EXAMPLE.splitlines():
-        if re.fullmatch(r"\[\[?\w+\]\]?", line):
-            sections.append((line, "", []))
+        if re.fullmatch(r"\[\[?\w+\]\]?", line) or line == ALTERNATIVE_METER:
+            sections.append((line.removeprefix("# "), "", []))
         elif sections:
             sections[-1][2].append(line)
     result = []
     for header, _, lines in sections:
-        kinds = [m.group(1) for m in map(re.compile(r'type = "(.+)"').fullmatch, lines) if m]
+        kinds = [m.group(2) for m in map(re.compile(r'(# )?type = "(.+)"').fullmatch, lines) if m]
         kind = kinds[0] if kinds else ""
         result.append((header, kind, lines))
     return result

@@ -91,6 +91,11 @@ SKIPPED = {
     "sudo supervisorctl status dsmr-logger": "supervisor",
     "sudo supervisorctl tail -f dsmr-logger": "supervisor",
     "git -C dsmr-logger pull": "fetches from the remote repository",
+    "sudo /opt/dsmr-logger/venv/bin/dsmr-logger pair homewizard --host 192.168.1.20 "
+    "--config /etc/dsmr-logger/config.toml": (
+        "root, and a HomeWizard device on the LAN whose button is pressed (test_homewizard_pair "
+        "pairs with a fake one)"
+    ),
     "sudo systemctl restart dsmr-logger": "systemd",
 }
 

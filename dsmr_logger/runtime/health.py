@@ -17,13 +17,17 @@ class Health:
 
 
 def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
-    """Healthy: a valid frame within ``frame_window`` and no sink failing past ``sink_failing``."""
+    """Healthy: a valid frame within ``frame_window``, the meter's device not refusing us (a
+    token, a certificate), and no sink failing past ``sink_failing``."""
     reasons = []
     if snap.last_frame_at is None or now - snap.last_frame_at > limits.frame_window:
         since = "yet" if snap.last_frame_at is None else f"for {now - snap.last_frame_at:.0f} s"
-        reasons.append(
-            f"no valid telegram {since} (meter state: {snap.meter_state.replace('_', ' ')})"
-        )
+        state = snap.meter_state.replace("_", " ")
+        if snap.meter_error and snap.meter_state != "ok":
+            state = f"{state}: {snap.meter_error}"
+        reasons.append(f"no valid telegram {since} (meter state: {state})")
+    elif snap.meter_state == "misconfigured":  # refused for good: no need to wait for the window
+        reasons.append(f"meter misconfigured: {snap.meter_error}")
     for sink in snap.sinks:
         if sink.failing_since is not None and now - sink.failing_since > limits.sink_failing:
             reasons.append(
@@ -50,6 +54,9 @@ def status_document(snap: Snapshot, now: float, limits: HttpConfig) -> dict[str,
             "bytes": snap.bytes_in,
             "garbage_bytes": snap.garbage_bytes,
             "reconnects": snap.reconnects,
+            "last_error": snap.meter_error,
+            "polls": snap.polls,
+            "repeats": snap.repeats,
         },
         "reading": None
         if reading is None

@@ -36,3 +36,9 @@ class Snapshot:
     last_frame_at: float | None
     last_telegram: bytes | None
     sinks: tuple[SinkSnapshot, ...]
+    meter_error: str | None = None
+    """Why the meter link is not ok (last failure), kept until it is ok again."""
+    polls: int = 0
+    """Requests to a polled device (HomeWizard, HTTP); 0 for a port."""
+    repeats: int = 0
+    """Telegrams a polled device served again, skipped."""

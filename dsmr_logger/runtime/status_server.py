@@ -47,6 +47,22 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily(
             "dsmr_logger_meter_connected", "1 while the meter link is open", value=snap.connected
         )
+        if snap.polls:  # a polled device (HomeWizard, HTTP): a port has no polls
+            yield CounterMetricFamily(
+                "dsmr_logger_meter_polls", "Requests made to the meter's device", value=snap.polls
+            )
+            yield CounterMetricFamily(
+                "dsmr_logger_meter_repeats",
+                "Telegrams the device served again, skipped",
+                value=snap.repeats,
+            )
+        source = GaugeMetricFamily(
+            "dsmr_logger_meter_info",
+            "Where telegrams come from, and its state",
+            labels=["where", "state"],
+        )
+        source.add_metric([snap.port, snap.meter_state], 1)
+        yield source
         if snap.last_frame_at is not None:
             yield GaugeMetricFamily(
                 "dsmr_logger_last_frame_timestamp_seconds",

@@ -17,9 +17,16 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
-from dsmr_logger.config import MeterConfig, MeterTypeConfig
+from dsmr_logger.config import (
+    HomeWizardConfig,
+    HttpMeterConfig,
+    MeterConfig,
+    MeterTypeConfig,
+    NeurioMeterConfig,
+)
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
 
@@ -27,7 +34,13 @@ class MeterState(enum.StrEnum):
     DISCONNECTED = "disconnected"
     NO_BYTES = "no_bytes"
     NO_VALID_FRAMES = "bytes_but_no_valid_frames"
+    UNAUTHORIZED = "unauthorized"
+    """The device refuses the login (HTTP 401/403): configuration to fix, not a link to wait for."""
     OK = "ok"
+    SILENT = "meter_silent"
+    """A polled device answers, but has no new telegram from the meter (a 503, or repeats)."""
+    MISCONFIGURED = "misconfigured"
+    """A polled device refuses us for a reason retrying will not fix (token, address, name)."""
 
 
 @dataclass(slots=True)
@@ -44,6 +57,10 @@ class MeterStatus:
     last_frame_at: float | None = None
     last_error: str | None = None
     state: MeterState = MeterState.DISCONNECTED
+    polls: int = 0
+    """Requests made to a polled device (0 for a port, which is read, not polled)."""
+    repeats: int = 0
+    """Telegrams fetched again that were already taken (same meter timestamp): skipped."""
 
 
 class Source(Protocol):
@@ -66,10 +83,27 @@ def build_source(
     on_frame: Callable[[Frame], None],
     *,
     wall_clock: Callable[[], float] = time.time,
+    state_path: Path | None = None,
 ) -> Source:
-    """The source a ``[meter]`` section describes."""
+    """The source a ``[meter]`` section describes.
+
+    ``state_path``: where a polled source keeps the last telegram it took across a restart, so a
+    device still serving that telegram after the restart does not get it delivered twice.
+    """
     if isinstance(config, MeterConfig):
         from dsmr_logger.sources.p1.reader import MeterReader
 
         return MeterReader(config, on_frame, wall_clock=wall_clock)
+    if isinstance(config, NeurioMeterConfig):
+        from dsmr_logger.sources.neurio import NeurioSource
+
+        return NeurioSource(config, on_frame, wall_clock=wall_clock)
+    if isinstance(config, HomeWizardConfig):
+        from dsmr_logger.sources.homewizard import homewizard_source
+
+        return homewizard_source(config, on_frame, wall_clock=wall_clock, state_path=state_path)
+    if isinstance(config, HttpMeterConfig):
+        from dsmr_logger.sources.http_poll import http_source
+
+        return http_source(config, on_frame, wall_clock=wall_clock, state_path=state_path)
     raise ValueError(f"no source for meter type {config.type!r}")  # config validated the type

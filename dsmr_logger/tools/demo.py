@@ -1,17 +1,21 @@
 """``dsmr-logger demo``: the real pipeline on a machine with no meter and no server.
 
-A simulated meter plays the bundled capture into a virtual serial port; the daemon reads it like a
-real P1 cable and delivers to an archive folder (and to DSMR-reader when one is given), while a
-live line shows what flows. Logs go to a file in the demo folder so they do not scramble the line.
+A simulated meter plays the bundled capture into a virtual serial port (or, with ``--neurio``, a
+simulated Neurio sensor answers on 127.0.0.1); the daemon reads it like a real P1 cable (or
+sensor) and delivers to an archive folder (and to DSMR-reader when one is given), while a live
+line shows what flows. Logs go to a file in the demo folder so they do not scramble the line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
+import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +27,7 @@ from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.telegram.glance import glance
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
+from dsmr_logger.tools.simulate_neurio import FakeSensor
 
 _OPTIONS = {
     "sink[1] (dsmr-reader).url": "--dsmr-reader",
@@ -38,17 +43,29 @@ def run_demo(
     dsmr_reader: str | None,
     api_key: str | None,
     duration: float | None,
+    neurio: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
+    """``neurio``: a simulated Neurio sensor (solar shape) on 127.0.0.1, polled over HTTP,
+    instead of a meter on a virtual serial port."""
     directory = directory.resolve()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"dsmr-logger: demo: cannot use --dir {directory}: {exc.strerror}", file=sys.stderr)
         return 2
-    port = VirtualSerialPort()
+    port: VirtualSerialPort | None = None
+    sensor_socket: socket.socket | None = None
+    if neurio:
+        sensor_socket = socket.create_server(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sensor_socket.getsockname()[1]}"
+        meter: dict[str, Any] = {"type": "neurio", "url": url, "interval": max(1.0, interval)}
+        source = f"simulated Neurio sensor at {url}/current-sample"
+    else:
+        port = VirtualSerialPort()
+        meter, source = {"port": port.path}, f"simulated meter on {port.path}"
     document: dict[str, Any] = {
-        "meter": {"port": port.path},
+        "meter": meter,
         "spool": {"path": str(directory / "spool.sqlite3"), "flush_interval": 5.0},
         "sink": [{"name": "archive", "type": "archive", "directory": str(directory / "archive")}],
         "log": {"format": "keyvalue"},
@@ -57,22 +74,35 @@ def run_demo(
         document["sink"].append(
             {"name": "dsmr-reader", "url": dsmr_reader, "api_key": api_key, "timeout": 5.0}
         )
+
+    def release() -> None:
+        if port is not None:
+            port.close()
+        if sensor_socket is not None:
+            sensor_socket.close()
+
     try:
         config = from_mapping(document)
     except ConfigError as exc:
-        port.close()
+        release()
         for problem in exc.problems:
             for key, option in _OPTIONS.items():
                 problem = problem.replace(key, option)
             print(f"dsmr-logger: demo: {problem}", file=sys.stderr)
         return 2
+    if port is not None:
+        simulator = MeterSimulator(port, frames_in(default_capture()), interval=interval)
+        play: Callable[[], Awaitable[None]] = simulator.run
+    else:
+        assert sensor_socket is not None
+        play = functools.partial(_serve_sensor, FakeSensor("solar", sock=sensor_socket))
     log_path = directory / "dsmr-logger.log"
     with log_path.open("a", encoding="utf-8") as log_file:
         configure(config.log, stream=log_file)
-        print(f"demo: simulated meter on {port.path}, working folder {directory}", file=out)
+        print(f"demo: {source}, working folder {directory}", file=out)
         print(f"demo: log in {log_path}; Ctrl-C stops", file=out, flush=True)
         try:
-            status = asyncio.run(_demo(config, port, interval, duration, out))
+            status = asyncio.run(_demo(config, play, duration, out))
         except (SpoolError, StartupError) as exc:
             # A second demo in the same folder finds the first one's spool locked.
             print(f"dsmr-logger: demo: cannot start: {exc}", file=sys.stderr)
@@ -82,7 +112,7 @@ def run_demo(
             )
             return 1
         finally:
-            port.close()
+            release()
     archive = directory / "archive"
     print(f"\ndemo: stopped. Raw telegrams archived in {archive}:", file=out)
     for day in sorted(archive.glob("*.log*")):
@@ -91,18 +121,25 @@ def run_demo(
     return status
 
 
+async def _serve_sensor(sensor: FakeSensor) -> None:
+    await sensor.start()
+    try:
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        await sensor.stop()
+
+
 async def _demo(
-    config: Any, port: VirtualSerialPort, interval: float, duration: float | None, out: TextIO
+    config: Any, play: Callable[[], Awaitable[None]], duration: float | None, out: TextIO
 ) -> int:
     daemon = Daemon(config)
-    simulator = MeterSimulator(port, frames_in(default_capture()), interval=interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if duration is not None:
         loop.call_later(duration, stop.set)
-    meter = asyncio.create_task(simulator.run())
+    meter = asyncio.ensure_future(play())
     progress = asyncio.create_task(_show_progress(daemon, out))
     try:
         status = await daemon.run(stop)
@@ -130,8 +167,12 @@ async def _show_progress(daemon: Daemon, out: TextIO) -> None:
 
 
 def progress_line(snap: Snapshot) -> str:
-    power = glance(snap.last_telegram).power() if snap.last_telegram else None
-    parts = [f"frames {snap.frames}", f"power {power or '-'}"]
+    seen = glance(snap.last_telegram) if snap.last_telegram else None
+    parts = [f"frames {snap.frames}", f"power {(seen.power() if seen else None) or '-'}"]
+    returned = seen.values.get("power_returned", "").partition("*") if seen else ("", "", "")
+    with contextlib.suppress(ValueError):
+        if float(returned[0]) > 0:  # solar: what goes back to the grid
+            parts.append(f"returning {float(returned[0]):g} {returned[2]}")
     if snap.rejected:
         parts.append(f"rejected {sum(snap.rejected.values())}")
     for sink in snap.sinks:

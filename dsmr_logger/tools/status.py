@@ -43,7 +43,14 @@ def render(doc: dict[str, Any]) -> str:
         f"meter {meter['port']}: {meter['state'].replace('_', ' ')}, last telegram "
         f"{_ago(meter['last_frame_at'], now)}, {meter['frames']} frames, {rejected} rejected, "
         f"{meter['reconnects']} reconnects"
+        + (
+            f", {meter['polls']} polls, {meter['repeats']} repeats skipped"
+            if meter.get("polls")
+            else ""
+        )
     )
+    if meter.get("last_error") and meter["state"] != "ok":
+        lines.append(f"  last error: {meter['last_error']}")
     reading = doc.get("reading")
     if reading:
         parts = [f"power {reading.get('power') or '-'}"]

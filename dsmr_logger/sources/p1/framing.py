@@ -102,10 +102,10 @@ class FrameAssembler:
         """Bytes held while waiting for the rest of a frame (never above the cap plus a chunk)."""
         return len(self._buf)
 
-    def reset(self, received_at: float) -> None:
+    def reset(self, received_at: float, why: str = "link reopened") -> None:
         """Forget a partial frame (the link was reopened: its rest will never come)."""
         if self._in_frame:
-            self._reject(Rejection.INTERRUPTED, self._buf, received_at, "link reopened")
+            self._reject(Rejection.INTERRUPTED, self._buf, received_at, why)
         self._buf.clear()
         self._in_frame = False
         self._scan = 1
