@@ -529,7 +529,17 @@ def test_13_negative_and_zero_numbers_are_refused(
     assert not (tmp_path / "dsmr-logger-demo").exists()
 
 
-COMMANDS = ["run", "check-config", "simulate", "parse", "backfill", "status", "spool", "demo"]
+def _commands() -> list[str]:
+    """Every command the parser has, so a new one is held to the same standard."""
+    import argparse
+
+    from dsmr_logger.cli import _parser
+
+    (commands,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(commands.choices)
+
+
+COMMANDS = _commands()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
