@@ -343,13 +343,15 @@ def _file(value: Any) -> Path:
 
 
 def _plain_url(value: Any) -> str:
-    url = http_url(value)
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is not None or parts.password is not None:
+    """An endpoint: the client's base-URL rule, plus a query the request carries as written."""
+    base, mark, query = _str(value).strip().partition("?")
+    if "@" in base.partition("://")[2].partition("/")[0]:  # checked first: never echoed
         raise _Bad("put credentials in username and password, not in the URL")
-    if parts.fragment:
+    if "#" in base + query:
         raise _Bad("a URL with a #fragment cannot be polled")
-    return url
+    if not (query.isascii() and query.isprintable() and " " not in query):
+        raise _Bad("the query must be printable ASCII without spaces (percent-encode others)")
+    return http_url(base) + mark + query
 
 
 def _headers(value: Any) -> tuple[tuple[str, str], ...]:
@@ -545,6 +547,10 @@ def _sensor_url(value: Any) -> str:
     url = text.rstrip("/")
     if url.endswith("/current-sample"):
         url = url.removesuffix("/current-sample")
+    try:
+        check_base_url(url)  # the client's own rule, so what passes here cannot fail at start
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
     return url
 
 

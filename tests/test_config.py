@@ -83,7 +83,7 @@ def test_each_meter_mistake_names_its_key(
     [
         (
             GOOD.replace('url = "http://192.168.1.10/"', 'url = "192.168.1.10"'),
-            ".url: must start with",
+            ".url: must be an http",
         ),
         (GOOD.replace('api_key = "s3cr3t-api-key-0123456789"\n', ""), ".api_key: is required"),
         (GOOD + 'api = "v3"\n', ".api: must be one of 'v1', 'v2'"),

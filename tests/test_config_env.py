@@ -238,7 +238,7 @@ def test_missing_hosts_or_keys() -> None:
         ("DEBUG_LOGGING", "maybe", "must be true or false"),
         ("INPUT_METHOD", "usb", "must be 'serial' or 'ipv4'"),
         ("MIN_SLEEP_FOR_RECONNECT", "x", "must be a number"),
-        ("API_HOSTS", "192.168.1.10,http://b", "must start with http:// or https://"),
+        ("API_HOSTS", "192.168.1.10,http://b", "must be an http:// or https:// URL"),
         ("API_HOSTS", "http://u:pw@a,http://b", "must not contain a user name or password"),
         ("API_KEYS", "abc\u20acdef,second", "contains a character outside Latin-1"),
     ],

@@ -480,7 +480,7 @@ def check_base_url(url: str) -> tuple[SplitResult, str]:
     except ValueError:  # "http://[::1": an unclosed IPv6 bracket
         raise ValueError("is not a valid URL") from None
     if parts.scheme not in ("http", "https"):
-        raise ValueError("must start with http:// or https://")
+        raise ValueError("must be an http:// or https:// URL")
     if "@" in parts.netloc:
         raise ValueError("must not contain a user name or password (user:password@host)")
     if parts.query or parts.fragment or "?" in url or "#" in url:
