@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Micro-benchmark of two per-telegram hot spots: the CRC-16 check and the v1 form encoding.
+"""Micro-benchmark of per-telegram hot spots: the CRC-16 check, the v1 form, and frame assembly.
 
 Why: both are pure Python and run once per telegram for years on a Raspberry Pi; the in-process
 breakdown of ``bench/cpu_per_telegram.py`` put them at about 56 µs and 40 µs of a 778-byte
@@ -10,11 +10,15 @@ telegram. This times each against its named baseline, the implementation it repl
 - v1 form: baseline ``urllib.parse.urlencode({"telegram": telegram}).encode("ascii")``; now
   ``v1_form`` (latin-1 decode + ``str.translate``, ``dsmr_logger/delivery/sinks/dsmr_reader.py``).
 
-Both are checked to give the baseline's exact result before anything is timed. Input: every
-telegram of the bundled DSMR 5 capture (Iskra AM550, 778 bytes each, ``default_capture()``); time
-per telegram is the best of ``--repeat`` ``timeit`` runs over all of them, divided out. The price
-of the 64K table is shown too: the build time warm (in this process) and cold (a fresh interpreter),
-the whole import of the crc module in a fresh interpreter, and the table's memory.
+Both are checked to give the baseline's exact result before anything is timed. Frame assembly
+(``FrameAssembler.feed``, CRC included) is timed on the clean path: the same telegrams read
+whole, in 64-byte reads (about what a USB serial adapter hands over at 115200 baud) and in 8-byte
+reads, to compare the assembler with its earlier versions (their figures in ``bench/RESULTS.md``).
+Input: every telegram of the bundled DSMR 5 capture (Iskra AM550, 778 bytes each,
+``default_capture()``); time per telegram is the best of ``--repeat`` ``timeit`` runs over all of
+them, divided out. The price of the 64K table is shown too: the build time warm (in this process)
+and cold (a fresh interpreter), the whole import of the crc module in a fresh interpreter, and
+the table's memory.
 
 Not a test, and no budget is asserted. Usage: ``.venv/bin/python bench/hot_paths.py``
 (a few seconds; ``--repeat N``, ``--number N``).
@@ -37,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from dsmr_logger.delivery.sinks.dsmr_reader import v1_form  # noqa: E402
 from dsmr_logger.sources.p1 import crc  # noqa: E402
+from dsmr_logger.sources.p1.framing import FrameAssembler  # noqa: E402
 from dsmr_logger.telegram.capture import default_capture, frames_in  # noqa: E402
 
 # --- the baselines: the implementations replaced ---------------------------------------------
@@ -75,6 +80,24 @@ def per_call_us(
     return best / (number * len(telegrams)) * 1e6
 
 
+def framing_us(telegrams: list[bytes], read_size: int | None, repeat: int, number: int) -> float:
+    """Best-of-``repeat`` µs per telegram for ``FrameAssembler.feed`` on a clean stream read in
+    chunks of ``read_size`` bytes (None: one telegram per read); every telegram must come out."""
+    stream = b"".join(telegrams)
+    size = read_size or 0
+    chunks = telegrams if size == 0 else [stream[i : i + size] for i in range(0, len(stream), size)]
+    assembler = FrameAssembler()
+    assert [f.raw for c in chunks for f in assembler.feed(c, 0.0)] == telegrams
+
+    def run() -> None:
+        feed = assembler.feed
+        for chunk in chunks:
+            feed(chunk, 0.0)
+
+    best = min(timeit.repeat(run, repeat=repeat, number=number))
+    return best / (number * len(telegrams)) * 1e6
+
+
 def table_build_ms(repeat: int) -> float:
     return min(timeit.repeat(lambda: crc._make_table16(crc._TABLE), repeat=repeat, number=1)) * 1e3
 
@@ -90,9 +113,11 @@ def table_build_peak_kib() -> float:
 
 
 _IMPORT_PROBE = """
-import time, array, dsmr_logger.meter
+import array, importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("crc", sys.argv[1])
 started = time.perf_counter()
-import dsmr_logger.sources.p1.crc as crc
+crc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(crc)
 imported = time.perf_counter()
 crc._make_table16(crc._TABLE)
 print(imported - started, time.perf_counter() - imported)
@@ -100,13 +125,14 @@ print(imported - started, time.perf_counter() - imported)
 
 
 def import_ms(runs: int) -> tuple[float, float]:
-    """Best ms, in fresh interpreters, of ``import dsmr_logger.sources.p1.crc`` (``array`` and the
-    package already imported: the byte table, the 64K table and loading the cached bytecode),
-    and of one more 64K table build right after it (a cold process's build)."""
+    """Best ms, in fresh interpreters, of importing ``dsmr_logger/sources/p1/crc.py`` on its own
+    (``array`` already imported; loaded by path, since importing its package imports it too: the
+    byte table, the 64K table and loading the cached bytecode), and of one more 64K table build
+    right after it (a cold process's build)."""
     best_import = best_build = float("inf")
     for _ in range(runs):
         done = subprocess.run(
-            [sys.executable, "-c", _IMPORT_PROBE],
+            [sys.executable, "-c", _IMPORT_PROBE, crc.__file__],
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,
@@ -153,6 +179,13 @@ def main() -> None:
         saved += before - after
         print(f"{name:<10} {before:>8.1f}µs {after:>6.1f}µs {after / before:>8.2f}  {what}")
     print(f"{'saved':<10} {saved:>8.1f}µs per telegram\n")
+
+    print("FrameAssembler.feed on the clean path, CRC included:")
+    for read_size in (None, 64, 8):
+        label = "one telegram per read" if read_size is None else f"{read_size}-byte reads"
+        number = max(1, args.number // 4 if read_size is None else args.number * read_size // 512)
+        print(f"  {label:<22} {framing_us(telegrams, read_size, args.repeat, number):>7.1f}µs")
+    print()
 
     table = crc._TABLE16
     size = sys.getsizeof(table)

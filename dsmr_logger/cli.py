@@ -43,7 +43,7 @@ EXIT_INTERRUPTED = 130
 DEFAULT_CONFIG = Path("/etc/dsmr-logger/config.toml")
 CONFIG_VARIABLE = "DSMR_LOGGER_CONFIG"
 """Names the configuration file used when no --config is given (else DEFAULT_CONFIG)."""
-USES_CONFIG = frozenset({"run", "check-config", "backfill", "status", "spool", "pair"})
+USES_CONFIG = frozenset({"run", "check-config", "backfill", "import", "status", "spool", "pair"})
 CONFIG_HELP = (
     "TOML configuration file (default: the remote datalogger's DSMRREADER_REMOTE_DATALOGGER_* "
     f"variables when set, else ${CONFIG_VARIABLE}, else {DEFAULT_CONFIG})"
@@ -275,7 +275,27 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument("--sink", required=True, help="name of a dsmr-reader sink")
     fill.add_argument("--since", help="ISO date or time (meter's zone unless an offset is given)")
     fill.add_argument("--until", help="ISO date or time (meter's zone unless an offset is given)")
+    fill.add_argument(
+        "--restart", action="store_true", help="forget this request's saved progress; start afresh"
+    )
     fill.set_defaults(handler=_backfill)
+
+    imp = _command(
+        commands,
+        "import",
+        "bring history from an energy cloud into DSMR-reader",
+        "Bring a meter's history from an energy cloud (Climkit, Copper Labs, Neurio) into\n"
+        "DSMR-reader over API v2 (only the readings it lacks, oldest first), or into archive\n"
+        "day files. Resumable: the same command continues where it stopped.",
+    )
+    imp.add_argument("cloud", choices=("climkit", "copper", "neurio"))
+    _with_config(imp)
+    into = imp.add_mutually_exclusive_group(required=True)
+    into.add_argument("--sink", help="name of a dsmr-reader sink (sent over API v2)")
+    into.add_argument("--to-archive", type=Path, metavar="DIR", help="write archive day files")
+    imp.add_argument("--since", help="ISO date or time (default: where the cloud's data starts)")
+    imp.add_argument("--until", help="ISO date or time (default: now)")
+    imp.set_defaults(handler=_import)
 
     status = _command(
         commands,
@@ -639,7 +659,15 @@ def _backfill(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     try:
         return asyncio.run(
-            backfill(config, args.sink, args.source, since=since, until=until, out=sys.stdout)
+            backfill(
+                config,
+                args.sink,
+                args.source,
+                since=since,
+                until=until,
+                restart=args.restart,
+                out=sys.stdout,
+            )
         )
     except BackfillError as exc:
         _error(f"backfill: {exc}")
@@ -650,6 +678,24 @@ def _backfill(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _import(args: argparse.Namespace) -> int:
+    from dsmr_logger.imports.command import main as import_main
+
+    resolved = _config_or_exit(args)
+    if resolved is None:
+        return EXIT_CONFIG
+    config = resolved[0]
+    configure(config.log)
+    return import_main(
+        args.cloud,
+        config,
+        sink=args.sink,
+        archive=args.to_archive,
+        since=args.since,
+        until=args.until,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

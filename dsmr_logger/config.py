@@ -201,6 +201,54 @@ def _api_key(value: Any) -> str:
     return value
 
 
+def mqtt_url(value: Any) -> str:
+    url = _str(value).rstrip("/")
+    parsed = urllib.parse.urlsplit(url)
+    if "@" in parsed.netloc:  # before anything that repeats the URL: it holds a password
+        raise _Bad("put the credentials in the username and password keys, not in the URL")
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise _Bad(f"invalid port: {exc}") from None
+    if parsed.scheme not in ("mqtt", "mqtts") or not parsed.hostname:
+        raise _Bad(f"must be an mqtt:// or mqtts:// URL, e.g. mqtt://192.168.1.10, not {value!r}")
+    if parsed.username is not None or parsed.password is not None:
+        raise _Bad("put the credentials in the username and password keys, not in the URL")
+    if parsed.path or parsed.query or parsed.fragment:
+        raise _Bad(f"must be only mqtt[s]://host[:port], not {url!r}")
+    del port
+    return f"{parsed.scheme}://{parsed.netloc}"  # the scheme lower-cased: MQTTS:// is TLS too
+
+
+def _topic_prefix(value: Any) -> str:
+    topic = _str(value)
+    if any(c in topic for c in "+#\0") or topic.startswith(("$", "/")) or topic.endswith("/"):
+        raise _Bad(
+            f"{topic!r}: a topic prefix such as 'dsmr' or 'home/meter1' (no wildcards + or #, "
+            "no leading $ or /, no trailing /)"
+        )
+    if "" in topic.split("/"):
+        raise _Bad(f"{topic!r}: has an empty level ('//')")
+    return topic
+
+
+def _client_id(value: Any) -> str:
+    text = _str(value)
+    if len(text.encode()) > 128 or not text.isprintable():
+        raise _Bad("must be 1-128 printable characters")
+    return text
+
+
+def cloud_url(value: Any) -> str:
+    """An https:// URL; http:// only to this machine (a test server, a local proxy): the requests
+    carry passwords and tokens."""
+    url = http_url(value)
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme == "http" and parsed.hostname not in ("127.0.0.1", "::1", "localhost"):
+        raise _Bad(f"must be an https:// URL (it carries your credentials), not {value!r}")
+    return url
+
+
 def _sink_name(value: Any) -> str:
     name = _str(value)
     if not SINK_NAME.fullmatch(name):
@@ -529,6 +577,44 @@ class ArchiveSinkConfig:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class MqttSinkConfig:
+    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    url: str = key(check=mqtt_url, doc="the broker: mqtt://host[:1883] or mqtts://host[:8883]")
+    type: Literal["mqtt"] = key("mqtt", check=one_of("mqtt"), doc="what kind of sink")
+    username: str | None = key(None, check=_str, doc="the broker account's name")
+    password: str | None = key(None, check=_str, doc="the broker account's password", secret=True)
+    client_id: str | None = key(
+        None, check=_client_id, doc="default: dsmr-logger-<host name>-<sink name>"
+    )
+    topic: str = key(
+        "dsmr", check=_topic_prefix, doc="prefix of <topic>/reading, /telegram, /status"
+    )
+    qos: int = key(1, check=one_of(0, 1), doc="1: delivered when the broker acknowledged it")
+    discovery: bool = key(False, check=_bool, doc="announce the meter to Home Assistant")
+    discovery_prefix: str = key(
+        "homeassistant", check=_topic_prefix, doc="Home Assistant's discovery topic prefix"
+    )
+    gas_channel: int | None = key(
+        None, check=one_of(1, 2, 3, 4), doc="M-Bus channel of the gas meter"
+    )
+    ca_file: Path | None = key(None, check=_path, doc="mqtts: the CA certificate(s) to trust")
+    verify_tls: bool = key(True, check=_bool, doc="mqtts: check the broker's certificate")
+    timeout: float = key(
+        10.0, check=number(0.05, 600.0), doc="seconds to connect, or for an acknowledgement"
+    )
+    min_interval: float = key(
+        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
+    )
+    retry_initial: float = key(
+        1.0, check=number(0.01, 3600.0), doc="first pause after a failed delivery"
+    )
+    retry_max: float = key(300.0, check=number(0.01, 86400.0), doc="longest pause between retries")
+    max_in_flight: int = key(
+        1, check=integer(1, 8), doc="telegrams at once while a backlog drains; 1 keeps order"
+    )
+
+
 def _sensor_url(value: Any) -> str:
     """The sensor's base URL; a pasted ``/current-sample`` is dropped, credentials are refused
     without being repeated (they belong in ``username``/``password``, which are masked)."""
@@ -592,7 +678,7 @@ class NeurioMeterConfig:
         return f"{self.url}/current-sample"
 
 
-SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig
+SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig | MqttSinkConfig
 MeterTypeConfig = MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig
 
 METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
@@ -605,7 +691,7 @@ METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
 )
 """``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
 SINK_TYPES: Mapping[str, type[SinkConfig]] = types.MappingProxyType(
-    {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig}
+    {"dsmr-reader": DsmrReaderSinkConfig, "archive": ArchiveSinkConfig, "mqtt": MqttSinkConfig}
 )
 """``[[sink]] type`` → its configuration; each has ``name``, ``type`` and ``min_interval``."""
 
@@ -644,12 +730,81 @@ class HttpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClimkitImportConfig:
+    """``dsmr-logger import climkit``: a meter of a Climkit site (Swiss ZEV/RCP communities)."""
+
+    username: str = key(check=_str, doc="Climkit API username (not the portal login)")
+    password: str = key(check=_str, doc="Climkit API password", secret=True)
+    site: str = key(check=_str, doc="the site's id (installation)")
+    meter: str = key(check=_str, doc="the electricity meter's id on that site")
+    base_url: str = key(
+        "https://api.climkit.io/api/v1", check=cloud_url, doc="Climkit API endpoint"
+    )
+    ca_file: Path | None = key(
+        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+    )
+    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+@dataclass(frozen=True, slots=True)
+class CopperImportConfig:
+    """``dsmr-logger import copper``: an enterprise account of Copper Labs."""
+
+    client_id: str = key(check=_str, doc="OAuth2 client id")
+    client_secret: str = key(check=_str, doc="OAuth2 client secret", secret=True)
+    enterprise_id: str = key(check=_str, doc="the enterprise (partner) id")
+    meter: str = key(check=_str, doc="the electric meter's id")
+    gas_meter: str | None = key(None, check=_str, doc="the gas meter's id, if any")
+    base_url: str = key(
+        "https://api.copperlabs.com/api/v2", check=cloud_url, doc="Copper API endpoint"
+    )
+    auth_url: str = key(
+        "https://auth.copperlabs.com/oauth/token", check=cloud_url, doc="OAuth2 token endpoint"
+    )
+    ca_file: Path | None = key(
+        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+    )
+    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+@dataclass(frozen=True, slots=True)
+class NeurioImportConfig:
+    """``dsmr-logger import neurio``: a Neurio sensor's history in the Neurio cloud."""
+
+    client_id: str = key(check=_str, doc="OAuth2 client id")
+    client_secret: str = key(check=_str, doc="OAuth2 client secret", secret=True)
+    sensor_id: str = key(check=_str, doc="the sensor's id, e.g. 0x0000C47F510179CF")
+    base_url: str = key("https://api.neur.io/v1", check=cloud_url, doc="Neurio API endpoint")
+    ca_file: Path | None = key(
+        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+    )
+    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+ImportSectionConfig = ClimkitImportConfig | CopperImportConfig | NeurioImportConfig
+IMPORT_TYPES: Mapping[str, type[ImportSectionConfig]] = types.MappingProxyType(
+    {"climkit": ClimkitImportConfig, "copper": CopperImportConfig, "neurio": NeurioImportConfig}
+)
+"""``[import.<cloud>]`` → its configuration (``dsmr-logger import <cloud>``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ImportsConfig:
+    """The ``[import.*]`` sections present; None where a cloud is not configured."""
+
+    climkit: ClimkitImportConfig | None = None
+    copper: CopperImportConfig | None = None
+    neurio: NeurioImportConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     meter: MeterTypeConfig
     spool: SpoolConfig = SpoolConfig()
     sinks: tuple[SinkConfig, ...] = ()
     log: LogConfig = LogConfig()
     http: HttpConfig = HttpConfig()
+    imports: ImportsConfig = ImportsConfig()
 
 
 SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
@@ -658,7 +813,12 @@ SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
 """Sections with one fixed shape (``meter`` and ``sink`` depend on their ``type``)."""
 SECRET_KEYS = frozenset(
     f.name
-    for cls in (*METER_TYPES.values(), *SINK_TYPES.values(), *SECTIONS.values())
+    for cls in (
+        *METER_TYPES.values(),
+        *SINK_TYPES.values(),
+        *SECTIONS.values(),
+        *IMPORT_TYPES.values(),
+    )
     for f in dataclasses.fields(cls)
     if f.metadata.get("secret")
 )
@@ -724,6 +884,17 @@ def _sink(index: int, table: Any, problems: list[str]) -> SinkConfig:
     return s.read(SINK_TYPES[kind], name=name or "", type=kind)  # type: ignore[no-any-return]
 
 
+def _imports(table: Any, problems: list[str]) -> ImportsConfig:
+    s = _Section("import", table, problems)
+    found = {}
+    for name, value in s.table.items():
+        if name not in IMPORT_TYPES:
+            problems.append(f"import.{name}: unknown cloud (expected {', '.join(IMPORT_TYPES)})")
+            continue
+        found[name] = _Section(f"import.{name}", value, problems).read(IMPORT_TYPES[name])
+    return ImportsConfig(**found)
+
+
 def _cross_rules(config: Config) -> Iterator[str]:
     """Rules that relate keys to each other (each key alone was checked as it was read)."""
     meter = config.meter
@@ -746,19 +917,16 @@ def _cross_rules(config: Config) -> Iterator[str]:
             'meter.token: api = "v2" needs a token; get one with: '
             f"dsmr-logger pair homewizard --host {meter.host} --config <this file>"
         )
+    for sink in config.sinks:
+        if isinstance(sink, MqttSinkConfig) and sink.ca_file and sink.url.startswith("mqtt:"):
+            yield f"sink ({sink.name}).ca_file: only for mqtts:// URLs (TLS)"
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         yield f"sink.name: {duplicate!r} is used by more than one sink"
     directories: dict[Path, str] = {}
     for index, sink in enumerate(config.sinks):
         where = f"sink[{index}] ({sink.name})"
-        if isinstance(sink, DsmrReaderSinkConfig):
-            if sink.retry_initial > sink.retry_max:
-                yield (
-                    f"{where}.retry_initial: {sink.retry_initial:g} is above "
-                    f"{where}.retry_max ({sink.retry_max:g})"
-                )
-        else:
+        if isinstance(sink, ArchiveSinkConfig):
             directory = Path(os.path.normpath(sink.directory))
             if directory in directories:
                 yield (
@@ -783,7 +951,7 @@ def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:
 def from_mapping(data: Mapping[str, Any]) -> Config:
     """Validate a parsed document; raises ConfigError listing every problem found."""
     problems: list[str] = []
-    known = ("meter", "sink", *SECTIONS)
+    known = ("meter", "sink", *SECTIONS, "import")
     for name in data:
         if name not in known:
             problems.append(f"{name}: unknown section (expected {', '.join(known)})")
@@ -799,9 +967,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         name: _Section(name, data.get(name, {}), problems).read(cls)
         for name, cls in SECTIONS.items()
     }
+    imports = _imports(data.get("import", {}), problems)
     if problems:
         raise ConfigError(problems)
-    config = Config(meter=meter, sinks=sinks, **sections)
+    config = Config(meter=meter, sinks=sinks, imports=imports, **sections)
     problems.extend(_cross_rules(config))
     if problems:
         raise ConfigError(problems)
@@ -855,6 +1024,9 @@ def effective_toml(config: Config) -> str:
                 table("[[sink]]", sink)
         else:
             table(f"[{name}]", getattr(config, name))
+    for name in IMPORT_TYPES:
+        if (section := getattr(config.imports, name)) is not None:
+            table(f"[import.{name}]", section)
     return "\n".join(lines)
 
 
@@ -914,6 +1086,8 @@ def key_table() -> str:
     for name, section in SECTIONS.items():
         if name != "spool":
             add(f"`[{name}]`", section)
+    for name, section in IMPORT_TYPES.items():
+        add(f"`[import.{name}]`", section)
     return "\n".join(rows)
 
 

@@ -21,6 +21,7 @@ from dsmr_logger.config import (
     Config,
     DsmrReaderSinkConfig,
     MeterTypeConfig,
+    MqttSinkConfig,
     SinkConfig,
 )
 from dsmr_logger.delivery.queue import Queues
@@ -54,12 +55,16 @@ def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
     return (ArchiveSinkConfig(name="archive", directory=config.spool.path.parent / "archive"),)
 
 
-def build_sink(config: SinkConfig, meter: MeterTypeConfig) -> Sink:
+def build_sink(config: SinkConfig, meter: MeterTypeConfig, *, strict: bool = False) -> Sink:
     if isinstance(config, DsmrReaderSinkConfig):
         if config.api == "v2":
             return DsmrReaderV2Sink(config, zone=ZoneInfo(meter.timezone))
         return DsmrReaderV1Sink(config)
-    return ArchiveSink(config)
+    if isinstance(config, MqttSinkConfig):
+        from dsmr_logger.delivery.sinks.mqtt import MqttSink  # only loaded when configured
+
+        return MqttSink(config, zone=ZoneInfo(meter.timezone))
+    return ArchiveSink(config, strict=strict)  # strict: fsync each telegram before confirming
 
 
 SYNC_FLUSHES = 6
@@ -92,7 +97,8 @@ class Daemon:
             flush_interval=config.spool.flush_interval,
             strict=config.spool.durability == "strict",
         )
-        self.sinks = [build_sink(sink, config.meter) for sink in self.sink_configs]
+        strict = config.spool.durability == "strict"
+        self.sinks = [build_sink(sink, config.meter, strict=strict) for sink in self.sink_configs]
         self.workers = [
             SinkWorker(
                 sink,

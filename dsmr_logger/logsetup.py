@@ -21,7 +21,7 @@ import structlog
 from dsmr_logger.config import LogConfig, mask
 from dsmr_logger.net.http import redact_url
 
-_SECRET_KEYS = ("api_key", "decryption_key", "authentication_key", "password", "token")
+_SECRET_KEYS = ("api_key", "decryption_key", "authentication_key", "password", "token", "secret")
 _TIME_SUFFIXES = ("_at", "_since")
 _PLAUSIBLE_EPOCH = 100_000_000.0  # 1973: smaller numbers under a *_at key are not times
 Processor = Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]

@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import pytest
 from conftest import CORPUS, require_corpus
 from dsmr_reader_server import DsmrReaderProcess, DsmrReaderServer, v2_reading
 
-from dsmr_logger.config import from_mapping
+from dsmr_logger.config import Config, from_mapping
+from dsmr_logger.telegram.build import restamp
 from dsmr_logger.telegram.capture import frames_in
-from dsmr_logger.tools.backfill import backfill, meter_time
+from dsmr_logger.tools.backfill import (
+    REORDER,
+    Source,
+    StreamStats,
+    Window,
+    backfill,
+    in_window,
+    meter_time,
+)
 
 KEY = "backfill-test-key-012345"
 CAPTURE = "nielsbasjes-dsmr-tools/ttyUSB0-raw-iskra-am550-dsmr5-566frames.log"
@@ -44,7 +55,7 @@ def write_config(tmp_path: Path, url: str, api: str = "v2") -> Path:
     path.write_text(
         f'[meter]\nport = "/dev/null"\n[spool]\npath = "{tmp_path / "spool.sqlite3"}"\n'
         f'[[sink]]\nname = "home"\nurl = "{url}"\napi_key = "{KEY}"\napi = "{api}"\n'
-        "timeout = 2.0\nretry_initial = 0.02\nretry_max = 0.2\n"
+        "timeout = 2.0\nretry_max = 0.2\n"
     )
     return path
 
@@ -129,3 +140,169 @@ def test_interrupted_backfill_continues_without_duplicates(tmp_path: Path) -> No
     sent = stamps(readings)
     assert sent == sorted(set(sent)), "twice or out of order"
     assert sent == [meter_time(t, ZONE) for t in telegrams]
+
+
+# --- progress belongs to one request -------------------------------------------------------------
+
+
+def v1_config(tmp_path: Path, url: str) -> Config:
+    return from_mapping(
+        {
+            "meter": {"port": "/dev/null"},
+            "spool": {"path": str(tmp_path / "spool.sqlite3")},
+            "sink": [{"name": "home", "url": url, "api_key": KEY, "retry_max": 0.2}],
+        }
+    )
+
+
+async def test_an_earlier_range_is_not_skipped_after_a_later_one(tmp_path: Path) -> None:
+    """Issue 19's case: after 15:10-15:11, 15:06-15:07 said "resuming after 15:11, 0 to send"."""
+    telegrams = capture()[:40]
+    times = [meter_time(t, ZONE) for t in telegrams]
+    folder = archive(tmp_path, telegrams)
+    async with DsmrReaderServer(api_key=KEY) as server:
+        config = v1_config(tmp_path, server.url)
+        await backfill(config, "home", folder, since=times[20], until=times[25], out=io.StringIO())
+        out = io.StringIO()
+        await backfill(config, "home", folder, since=times[6], until=times[11], out=out)
+        assert [t.encode() for t in server.received] == telegrams[20:26] + telegrams[6:12]
+        assert "resuming" not in out.getvalue()
+        assert "6 to send" in out.getvalue()
+
+
+async def test_the_same_request_resumes_and_restart_starts_it_afresh(tmp_path: Path) -> None:
+    """Interrupted, another range in between, the same request again: it continues where it
+    stopped, each telegram once and in order; run again it has nothing left; --restart (the
+    real command) sends the range again."""
+    telegrams = capture()[:60]
+    times = [meter_time(t, ZONE) for t in telegrams]
+    assert None not in times
+    folder = archive(tmp_path, telegrams)
+    async with DsmrReaderServer(api_key=KEY) as server:
+        config = v1_config(tmp_path, server.url)
+        server.delay = 0.02
+        first = asyncio.create_task(
+            backfill(config, "home", folder, since=times[10], until=times[50], out=io.StringIO())
+        )
+        while len(server.received) < 8:
+            await asyncio.sleep(0.01)
+        first.cancel()  # what Ctrl-C does to asyncio.run
+        await asyncio.gather(first, return_exceptions=True)
+        server.delay = 0
+        await asyncio.sleep(0.3)  # the post in flight at the interruption is stored meanwhile
+        interrupted = len(server.received)
+        assert 8 <= interrupted < 41
+        await backfill(config, "home", folder, since=times[0], until=times[3], out=io.StringIO())
+        resumed = io.StringIO()
+        await backfill(config, "home", folder, since=times[10], until=times[50], out=resumed)
+        # Answered ones are done; the one in flight, stored but not answered, comes again.
+        for answered in (interrupted, interrupted - 1):
+            if f"resuming after {times[9 + answered].isoformat()}," in resumed.getvalue():
+                break
+        else:
+            pytest.fail(f"not resumed after the last answered telegram: {resumed.getvalue()}")
+        sent = [t.encode() for t in server.received]
+        assert sent == (
+            telegrams[10 : 10 + interrupted] + telegrams[0:4] + telegrams[10 + answered : 51]
+        )
+
+        # The same request, its bounds written in UTC: nothing left to do.
+        again = io.StringIO()
+        utc = [times[10].astimezone(ZoneInfo("UTC")), times[50].astimezone(ZoneInfo("UTC"))]
+        await backfill(config, "home", folder, since=utc[0], until=utc[1], out=again)
+        assert "0 to send" in again.getvalue()
+        assert len(server.received) == len(sent)
+
+        config_file = write_config(tmp_path, server.url, api="v1")
+        command = [sys.executable, "-m", "dsmr_logger", "backfill", "--config", str(config_file)]
+        command += ["--from", str(folder), "--sink", "home", "--restart"]
+        command += ["--since", times[10].isoformat(), "--until", times[50].isoformat()]
+        process = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        output, errors = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 0, errors
+        assert b"resuming" not in output
+        assert [t.encode() for t in server.received[len(sent) :]] == telegrams[10:51]
+
+
+# --- a window in a big archive -------------------------------------------------------------------
+
+
+def stamped(telegram: bytes, when: datetime) -> bytes:
+    """``telegram`` with the meter timestamp of ``when`` in the meter's zone (and a fresh CRC)."""
+    local = when.astimezone(ZONE)
+    flag = b"S" if local.dst() else b"W"
+    return restamp(telegram, local.strftime("%y%m%d%H%M%S").encode() + flag)
+
+
+def day_files(folder: Path, telegrams: list[bytes], *, gzipped: set[str]) -> None:
+    """Day files named by the meter's local date, as the archive sink on a Pi in its zone."""
+    days: dict[str, list[bytes]] = {}
+    for telegram in telegrams:
+        moment = meter_time(telegram, ZONE)
+        assert moment is not None
+        days.setdefault(moment.date().isoformat(), []).append(telegram)
+    for day, content in days.items():
+        data = b"".join(content)
+        if day in gzipped:
+            (folder / f"{day}.log.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / f"{day}.log").write_bytes(data)
+
+
+async def test_a_window_in_a_big_archive_is_exactly_its_telegrams_in_order(
+    tmp_path: Path,
+) -> None:
+    """Four days of archive, a window across a midnight: exactly its telegrams, oldest first,
+    each once (a telegram written twice around a crash, one written a little out of order); a
+    damaged file of a day far from the window is never even opened."""
+    base = capture()
+    start = datetime(2024, 3, 8, tzinfo=ZONE)
+    step = timedelta(seconds=97)
+    written = [stamped(base[i % len(base)], start + i * step) for i in range(4 * 891)]  # 8-12 March
+    order = list(written)
+    order[1500], order[1503] = order[1503], order[1500]  # read out of order (a clock blip)
+    order.insert(2001, written[2000])  # written again after a restart
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    day_files(folder, order, gzipped={"2024-03-09"})
+    (folder / "2024-03-01.log.gz").write_bytes(b"not gzip: reading this file fails")
+    since, until = start + 1100 * step, start + 2400 * step
+    expected = written[1100:2401]
+    assert {meter_time(t, ZONE).date() for t in expected} == {  # type: ignore[union-attr]
+        datetime(2024, 3, 9).date(),
+        datetime(2024, 3, 10).date(),
+    }
+
+    async with DsmrReaderServer(api_key=KEY) as server:
+        out = io.StringIO()
+        status = await backfill(
+            v1_config(tmp_path, server.url), "home", folder, since=since, until=until, out=out
+        )
+        assert status == 0, out.getvalue()
+        assert [t.encode() for t in server.received] == expected
+    assert "in 4 of 6 file(s)" in out.getvalue()  # not 1 March, nor 12 March (one telegram)
+    assert "1 written twice (sent once), 0 out of order (skipped)" in out.getvalue()
+    assert f"{len(expected)} to send" in out.getvalue()
+
+
+def test_the_stream_holds_at_most_the_reorder_buffer(tmp_path: Path) -> None:
+    """Telegrams are passed on while the file is still being read: after the first one comes
+    out, at most REORDER more have been read (memory does not follow the archive)."""
+    base = capture()
+    start = datetime(2024, 3, 8, tzinfo=ZONE)
+    count = REORDER + 500
+    path = tmp_path / "2024-03-08.log"
+    path.write_bytes(
+        b"".join(
+            stamped(base[i % len(base)], start + i * timedelta(seconds=1)) for i in range(count)
+        )
+    )
+    stats = StreamStats()
+    stream = in_window([Source(path, path.stat().st_size)], ZONE, Window(None, None), stats)
+    first = next(stream)
+    assert meter_time(first.telegram, ZONE) == start
+    assert stats.telegrams <= REORDER + 1 + 400  # plus what one read of the file held
+    assert len(list(stream)) == count - 1
+    assert stats.telegrams == count

@@ -464,10 +464,6 @@ def test_12_a_missing_meter_device_is_a_warning(tmp_path: Path) -> None:
             "meter.reconnect_initial: 90 is above meter.reconnect_max (60)",
         ),
         (
-            {"extra": "retry_initial = 500.0\n"},
-            "sink[0] (home).retry_initial: 500 is above sink[0] (home).retry_max (300)",
-        ),
-        (
             {
                 "extra": '[[sink]]\nname = "a"\ntype = "archive"\ndirectory = "/srv/a"\n'
                 '[[sink]]\nname = "b"\ntype = "archive"\ndirectory = "/srv/a/"\n'
@@ -479,7 +475,7 @@ def test_12_a_missing_meter_device_is_a_warning(tmp_path: Path) -> None:
             "sink[1] (a).directory: must be an absolute path",
         ),
     ],
-    ids=["placeholder", "relative-spool", "reconnect", "retry", "one-archive-dir", "relative"],
+    ids=["placeholder", "relative-spool", "reconnect", "one-archive-dir", "relative"],
 )
 def test_12_check_config_refuses_what_run_would_trip_on(
     tmp_path: Path, change: dict[str, str], expected: str

@@ -157,6 +157,8 @@ def _switch_on(lines: list[str]) -> list[str]:
     switched_on = []
     section, keys = "", set()
     for line in lines:
+        if line.startswith("# [import."):  # an import section: switched on like its keys
+            line = line[2:]
         if line.startswith("[") or line.startswith("# [[sink]]"):
             section, keys = line, set()
         uncommented = line[2:] if line.startswith("# ") else line
@@ -212,6 +214,7 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     assert isinstance(loaded.meter, config.MeterConfig)
     assert loaded.meter.decryption_key is not None
     assert loaded.http.listen == "127.0.0.1:8484"
+    assert loaded.imports.climkit and loaded.imports.copper and loaded.imports.neurio
 
     meter_start = switched_on.index("[meter]")
     meter_end = next(i for i, line in enumerate(switched_on) if line == "[spool]")

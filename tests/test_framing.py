@@ -104,7 +104,6 @@ def assert_verified(frame: Frame) -> None:
     raw = frame.raw
     assert raw.startswith(b"/")
     assert raw.endswith(b"\r\n")
-    assert b"\n/" not in raw, "a line-start '/' inside a frame must have restarted it"
     bang = raw.rindex(b"!")
     assert raw.count(b"\n!") == 1
     assert raw.find(b"\n!") == bang - 1
@@ -309,7 +308,7 @@ def test_new_frame_at_line_start_interrupts_partial(how: str) -> None:
 
 
 def test_slash_inside_a_line_does_not_interrupt() -> None:
-    """Only a '/' at a line start restarts a frame; one inside a value is ordinary content."""
+    """A '/' inside a value is ordinary content, with or without a CRC."""
     telegram = make_telegram([b"0-0:96.13.0(see a/b)", b"1-0:1.8.1(000001.000*kWh)"])
     for how in ("whole", "bytewise"):
         frames, assembler = run(chunked(telegram, how))
@@ -465,13 +464,11 @@ def test_property_frames_in_slash_free_garbage_all_recovered(
 def test_property_frames_in_garbage_with_slashes(
     samples: list[bytes], layout: tuple[list[int], list[bytes]], data: st.DataObject
 ) -> None:
-    """Junk containing '/' may cost a telegram, but only where the code says it can.
+    """Junk containing '/' (a candidate start) never costs a telegram, wherever it falls.
 
-    A '/' in the junk opens a candidate frame. Inside a frame the assembler resyncs only on a
-    '/' at a line start, so the telegram after that junk is guaranteed only when the junk has no
-    '/' or ends with LF; otherwise it can be swallowed into the candidate, which then fails its
-    CRC (or, for a telegram without CRC, comes out merged with the junk). Read boundaries never
-    change the outcome, and nothing with a wrong CRC ever comes out.
+    The junk may itself hold frame-like bytes that come out (a CRC-less "/\r\n!\r\n"), but
+    every telegram comes out exactly once, whole and in order, read boundaries never change the
+    outcome, and nothing with a wrong CRC ever comes out.
     """
     picked, gaps = layout
     telegrams = [samples[i] for i in picked]
@@ -484,12 +481,7 @@ def test_property_frames_in_garbage_with_slashes(
     for frame in frames:
         assert_verified(frame)
         assert frame.raw in stream
-    recovered = [raw for raw in raws(frames) if raw in telegrams]
-    assert recovered == [t for t in telegrams if t in recovered], "out of order or duplicated"
-    guaranteed = [
-        t for t, g in zip(telegrams, gaps, strict=False) if b"/" not in g or g[-1:] == b"\n"
-    ]
-    assert set(guaranteed) <= set(recovered)
+    assert [raw for raw in raws(frames) if raw in telegrams] == telegrams
 
 
 _NOISE = st.lists(
@@ -527,3 +519,144 @@ def test_property_random_bytes_never_yield_an_unverified_frame(
             assert len(assembler.last_rejected.data) <= max_frame_bytes
     assert assembler.counters.frames == total
     assert assembler.counters.bytes_in == len(noise)
+
+
+# --- a cut frame costs only itself ---------------------------------------------------------------
+
+
+def assert_only_the_telegram_after(
+    cut_frame: bytes, telegram: bytes, frames: list[Frame], assembler: FrameAssembler
+) -> None:
+    """The telegram comes out whole; every byte of the cut frame is junk or one rejected frame."""
+    assert raws(frames) == [telegram]
+    assert assembler.counters.frames == 1
+    assert assembler.buffered == 0
+    reasons = rejected(assembler)
+    assert set(reasons) <= {Rejection.INTERRUPTED, Rejection.MALFORMED_END}
+    assert sum(reasons.values()) <= 1
+    kept = 0 if assembler.last_rejected is None else len(assembler.last_rejected.data)
+    assert assembler.counters.garbage_bytes + kept == len(cut_frame)
+
+
+@pytest.mark.parametrize("entry", entry_params("telegram"))
+def test_a_frame_cut_at_any_byte_costs_only_itself(
+    samples: list[bytes], entry: dict[str, Any]
+) -> None:
+    """A corpus frame cut at every byte (its rest lost on the wire, a meter reset), followed at
+    once by a telegram, with and without CRC in turn: only the cut frame is lost."""
+    frame = corpus_bytes(entry["file"])
+    for cut in range(len(frame)):
+        telegram = samples[cut % len(samples)]
+        frames, assembler = run([frame[:cut] + telegram])
+        assert_only_the_telegram_after(frame[:cut], telegram, frames, assembler)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_property_cut_frame_then_telegram_at_any_read_boundaries(
+    samples: list[bytes], data: st.DataObject
+) -> None:
+    """The same at arbitrary read boundaries, which never change the outcome."""
+    name = data.draw(st.sampled_from([e["file"] for e in corpus_entries("telegram")]))
+    frame = corpus_bytes(name)
+    cut_frame = frame[: data.draw(st.integers(0, len(frame) - 1), label="cut")]
+    telegram = data.draw(st.sampled_from(samples))
+    stream = cut_frame + telegram
+    frames, assembler = run(split_at(stream, _cuts(data, len(stream))))
+    assert outcome(frames, assembler) == outcome(*run([stream]))
+    assert_only_the_telegram_after(cut_frame, telegram, frames, assembler)
+
+
+@pytest.mark.parametrize("how", CHUNKINGS)
+@pytest.mark.parametrize("following", [DSMR5, DSMR22], ids=["crc", "no-crc"])
+def test_a_header_cut_short_does_not_take_the_next_telegram(how: str, following: str) -> None:
+    """Issue 19's case: a header cut mid-line, then a whole telegram; it used to yield nothing.
+
+    The cut header never got its line end, so it is junk, not a rejected frame.
+    """
+    cut = b"/ISK5\\2M550T-10"
+    telegram = corpus_bytes(following)
+    frames, assembler = run(chunked(cut + telegram, how, "cut-header"))
+    assert raws(frames) == [telegram]
+    assert rejected(assembler) == {}
+    assert assembler.counters.garbage_bytes == len(cut)
+
+
+@pytest.mark.parametrize("how", CHUNKINGS)
+def test_a_cut_frame_with_its_header_is_counted_as_interrupted(how: str) -> None:
+    """A frame cut after its header line is a rejected frame (INTERRUPTED), kept for diagnosis."""
+    t5, t22 = corpus_bytes(DSMR5), corpus_bytes(DSMR22)
+    cut = t5[: t5.index(b"(", 300) + 4]  # inside a value
+    frames, assembler = run(chunked(cut + t22 + cut + t5, how, "interrupted"))
+    assert raws(frames) == [t22, t5]
+    assert rejected(assembler) == {Rejection.INTERRUPTED: 2}
+    assert assembler.last_rejected is not None
+    assert assembler.last_rejected.data == cut
+    assert assembler.counters.garbage_bytes == 0
+
+
+@pytest.mark.parametrize("crc", [True, False], ids=["crc", "no-crc"])
+def test_a_slash_in_a_value_after_a_cut_frame_costs_nothing(crc: bool) -> None:
+    """A '/' inside a value is never taken for a start, even when a cut frame came before it."""
+    telegram = make_telegram([b"0-0:96.13.0(see a/b)", b"1-0:1.8.1(000001.000*kWh)"])
+    if not crc:
+        telegram = telegram[: telegram.rindex(b"!") + 1] + b"\r\n"
+    t5 = corpus_bytes(DSMR5)
+    for how in ("whole", "bytewise"):
+        frames, assembler = run(chunked(t5[:400] + telegram + telegram, how))
+        assert raws(frames) == [telegram, telegram]
+        assert rejected(assembler) == {Rejection.INTERRUPTED: 1}
+
+
+@pytest.mark.parametrize("how", ["whole", "random"])
+def test_a_mebibyte_of_random_bytes_then_a_telegram(how: str) -> None:
+    """After 1 MiB of noise (no line end before the telegram) the telegram comes out; so may
+    frames the noise happens to form, but only CRC-verified ones, and memory stays bounded."""
+    noise = random.Random(19).randbytes(1 << 20).rstrip(b"\r\n")
+    for name in (DSMR5, DSMR22):
+        telegram = corpus_bytes(name)
+        stream = noise + telegram
+        frames, assembler = run(chunked(stream, how, "noise"))
+        assert raws(frames)[-1:] == [telegram]
+        assert raws(frames).count(telegram) == 1
+        for frame in frames:
+            assert_verified(frame)
+        assert assembler.buffered == 0
+
+
+_JUNK = st.lists(_FRAGMENTS | st.binary(max_size=300), max_size=12).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(junk=_JUNK, data=st.data())
+def test_property_random_junk_then_a_telegram(
+    samples: list[bytes], junk: bytes, data: st.DataObject
+) -> None:
+    """Whatever junk came before, the telegram after it comes out, once, as the last frame."""
+    telegram = data.draw(st.sampled_from(samples))
+    stream = junk + telegram
+    frames, assembler = run(split_at(stream, _cuts(data, len(stream))))
+    assert outcome(frames, assembler) == outcome(*run([stream]))
+    assert raws(frames)[-1:] == [telegram]
+    for frame in frames[:-1]:
+        assert_verified(frame)
+        assert frame.raw in junk
+    assert assembler.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    noise=_NOISE,
+    data=st.data(),
+    max_frame_bytes=st.integers(8, 300),
+    require_crc=st.booleans(),
+)
+def test_property_read_boundaries_never_change_the_outcome(
+    noise: bytes, data: st.DataObject, max_frame_bytes: int, require_crc: bool
+) -> None:
+    """Frames, rejections (with the data kept), junk and what stays buffered depend only on the
+    bytes: one read, byte-wise reads and random reads agree, at any cap, whatever arrives."""
+    settings_ = {"max_frame_bytes": max_frame_bytes, "require_crc": require_crc}
+    whole = outcome(*run([noise], **settings_))
+    assert outcome(*run(chunked(noise, "bytewise"), **settings_)) == whole
+    assert outcome(*run(split_at(noise, _cuts(data, len(noise))), **settings_)) == whole

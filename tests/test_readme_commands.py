@@ -22,6 +22,7 @@ simulator, the daemon, the demo) are in ``LONG_RUNNING`` with what shows they wo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import os
@@ -31,22 +32,27 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import pytest
+from cloud_fakes import ClimkitFake, RealClock, climkit_series
 from conftest import REPO_ROOT
 from dsmr_reader_server import DsmrReaderProcess
 
 from dsmr_logger.telegram.build import meter_timestamp, restamp
 from dsmr_logger.telegram.capture import default_capture, frames_in
 
+T = TypeVar("T")
 README = REPO_ROOT / "README.md"
 KEY = "readme-test-api-key-0123456789"
 AMSTERDAM = ZoneInfo("Europe/Amsterdam")
@@ -205,12 +211,57 @@ def _copy_source(destination: Path) -> None:
     shutil.copytree(REPO_ROOT, destination, ignore=ignored)
 
 
+CLIMKIT = {"username": "api-user", "password": "climkit-s3cret", "site": "a1b2", "meter": "c3d4"}
+
+
+class Background:
+    """An event loop in a thread, serving the fakes of the clouds while the commands run."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result(timeout=30)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def climkit_fake() -> ClimkitFake:
+    """Climkit with a site created yesterday: the import's default range is a day and a bit,
+    a handful of requests at the API's one a second."""
+    now = datetime.now(UTC)
+    yesterday = now.astimezone(AMSTERDAM).date() - timedelta(days=1)
+    points = [
+        point
+        for point in climkit_series(yesterday, 2, AMSTERDAM, missing=lambda _: False)
+        if point.at <= now
+    ]
+    created = datetime.combine(yesterday, datetime.min.time(), AMSTERDAM).astimezone(UTC)
+    meter = {"id": CLIMKIT["meter"], "type": "electricity", "name": "General"}
+    return ClimkitFake(
+        RealClock(),
+        username=CLIMKIT["username"],
+        password=CLIMKIT["password"],
+        site=CLIMKIT["site"],
+        meters=[{**meter, "mode": "consumption", "prim_ad": "12", "is_rule_meter": False}],
+        data={CLIMKIT["meter"]: points},
+        zone=AMSTERDAM,
+        creation_date=created.replace(tzinfo=None).isoformat(timespec="seconds"),
+    )
+
+
 @dataclass
 class Sandbox:
     """The machine the README's commands run on, inside ``root``."""
 
     root: Path
     server: DsmrReaderProcess
+    climkit: ClimkitFake
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     service: subprocess.Popen[str] | None = None
 
@@ -266,6 +317,8 @@ class Sandbox:
             .replace(f'# path = "{self.root}/var/lib/', f'path = "{self.root}/var/lib/', 1)
         )
         assert edited.count(KEY) == 1 and self.server.url in edited and listen in edited
+        climkit = {**CLIMKIT, "base_url": self.climkit.api_url}  # the section, filled in
+        edited += "\n[import.climkit]\n" + "".join(f'{k} = "{v}"\n' for k, v in climkit.items())
         self.config.write_text(edited)
         self._archive_day(self.root / "var/lib/dsmr-logger/archive/2026-11-02.log.gz")
         self.service = self.start(
@@ -335,8 +388,6 @@ def _answers(url: str) -> int | None:
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -349,7 +400,6 @@ def _read_until(
 ) -> str:
     """Read the process's output until ``ready`` holds (bounded); the output so far."""
     import selectors
-    import time
 
     assert process.stdout is not None
     output = ""
@@ -410,12 +460,19 @@ def test_the_readme_is_read_as_a_user_reads_it() -> None:
 
 @contextlib.contextmanager
 def sandbox_at(root: Path) -> Iterator[Sandbox]:
-    with DsmrReaderProcess(api_key=KEY) as server:
-        sandbox = Sandbox(root, server)
-        try:
-            yield sandbox
-        finally:
-            sandbox.stop_all()
+    background = Background()
+    climkit = climkit_fake()
+    background.run(climkit.__aenter__())
+    try:
+        with DsmrReaderProcess(api_key=KEY) as server:
+            sandbox = Sandbox(root, server, climkit)
+            try:
+                yield sandbox
+            finally:
+                sandbox.stop_all()
+    finally:
+        background.run(climkit.__aexit__(None, None, None))
+        background.close()
 
 
 def test_every_command_line_of_the_readme_runs_as_written(tmp_path: Path) -> None:
@@ -442,6 +499,9 @@ def test_every_command_line_of_the_readme_runs_as_written(tmp_path: Path) -> Non
                 _check_wheel(sandbox.source / "dist")
         assert sandbox.service is not None and sandbox.service.poll() is None
         received = sandbox.server.received()
+        imported = sandbox.server.readings()
+        assert sandbox.climkit.violations == []
+    assert imported and len({r["timestamp"] for r in imported}) == len(imported)
     backfilled = [t for t in received if "0-0:1.0.0(261102" in t]
     assert len(backfilled) == len(frames_in(default_capture())), "backfill sent the archived day"
     assert len(ran) >= 15

@@ -2,23 +2,35 @@
 
 In time order, with the same answers table as the daemon (transient failures retried, refused
 telegrams dead-lettered into the spool, a misconfigured sink stops the run), resumable (a progress
-file next to the spool: Ctrl-C and rerun continues), and for API v2 it first asks DSMR-reader
-which timestamps it already holds and sends only the gaps. DSMR-reader does not rebuild day
-statistics for readings inserted afterwards, so it ends by printing the command that does.
+file next to the spool, per request: sink, source, --since and --until; Ctrl-C and the same
+command continues, another range starts afresh, ``--restart`` forgets the saved progress), and
+for API v2 it asks DSMR-reader which timestamps it already holds and sends only the gaps.
+DSMR-reader does not rebuild day statistics for readings inserted afterwards, so it ends by
+printing the command that does.
+
+Memory stays flat however big the archive is: only day files that can hold the window are read,
+a chunk at a time, and telegrams are passed on as they are found (reading a whole day into memory
+took 237 MiB for a 10 s window; ``bench/backfill_memory.py``). The archive is written in the order
+telegrams were read, so a small reordering buffer puts the stream in time order. A first pass
+counts the window (for the progress bar) and finds where in each file it lies; sending then reads
+only those parts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
+import heapq
+import io
 import json
 import random
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
@@ -34,13 +46,26 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderV2Sink,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
-from dsmr_logger.telegram.capture import frames_in
+from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
 
 REBUILD_COMMAND = "./manage.py dsmr_stats_reconstruct_missing_day_statistics"
+REBUILD_HINT = (
+    "DSMR-reader does not rebuild statistics of days it already processed; on the "
+    f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}"
+)
 SAVE_EVERY = 50
 SUSPECT_LIMIT = 3
 PAGE_LIMIT = 1000
+READ_SIZE = 256 * 1024
+REORDER = 3600
+"""Telegrams held to put the stream in time order: an hour of DSMR 5 (about 2.8 MB). Only a
+telegram written again after a crash (within seconds) or a meter clock step is out of order."""
+DAY_MARGIN = timedelta(days=1)
+"""A day file is named by the local date of the machine that wrote it, which may not be the
+meter's zone (UTC-12 to UTC+14): it is read if the window meets its day widened by a day."""
+LOOKUP_SPAN = timedelta(hours=1)
+"""API v2: stored readings are listed an hour at a time, just ahead of the telegrams sent."""
 
 
 class BackfillError(Exception):
@@ -55,20 +80,142 @@ class Recorded:
     telegram: bytes
 
 
-def source_files(source: Path) -> list[Path]:
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The request's --since and --until (either may be open), as instants."""
+
+    since: datetime | None
+    until: datetime | None
+
+    def contains(self, stamp: datetime) -> bool:
+        return (self.since is None or stamp >= self.since) and (
+            self.until is None or stamp <= self.until
+        )
+
+    def may_hold(self, day: date) -> bool:
+        """Can a day file of ``day`` hold a telegram of the window (see DAY_MARGIN)?"""
+        first = datetime(day.year, day.month, day.day, tzinfo=UTC) - DAY_MARGIN
+        last = first + timedelta(days=1) + 2 * DAY_MARGIN
+        return (self.until is None or first <= self.until) and (
+            self.since is None or last > self.since
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A file to read, and which part of it (offsets in its uncompressed bytes): a plain day file
+    still being written is read only as far as it was when the run began, so counting and sending
+    see the same telegrams; sending reads only the part where the count found the window."""
+
+    path: Path
+    stop: int | None  # None: to its end
+    start: int = 0
+
+    @property
+    def day(self) -> date | None:
+        """The day of an archive file ``YYYY-MM-DD.log[.gz]``; None for other names."""
+        try:
+            return date.fromisoformat(self.path.name.split(".", 1)[0])
+        except ValueError:
+            return None
+
+    @property
+    def gzipped(self) -> bool:
+        return self.path.name.endswith(".gz")
+
+
+@dataclass(slots=True)
+class StreamStats:
+    """What reading the sources met besides the telegrams passed on."""
+
+    telegrams: int = 0
+    undated: int = 0
+    """Without a timestamp (DSMR 2.2): cannot be placed in time, skipped."""
+    repeated: int = 0
+    """The same instant again (written twice around a crash): sent once."""
+    late: int = 0
+    """Older than a telegram already passed on by more than REORDER telegrams: skipped."""
+    spans: dict[Path, tuple[int, int]] = field(default_factory=dict)
+    """Per file, the offsets to read between to see all its telegrams of the window again."""
+
+    def narrowed(self, sources: Iterable[Source]) -> list[Source]:
+        """The sources again, each only where it holds telegrams of the window."""
+        return [
+            Source(s.path, self.spans[s.path][1], self.spans[s.path][0])
+            for s in sources
+            if s.path in self.spans
+        ]
+
+
+def source_files(source: Path) -> list[Source]:
     """A capture file, or an archive directory's day files (``YYYY-MM-DD.log[.gz]``) in order."""
-    if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.name.endswith((".log", ".log.gz")))
-    return [source]
+    paths = (
+        sorted(p for p in source.iterdir() if p.name.endswith((".log", ".log.gz")))
+        if source.is_dir()
+        else [source]
+    )
+    return [Source(p, None if p.name.endswith(".gz") else p.stat().st_size) for p in paths]
 
 
-def read_recorded(files: Iterable[Path], zone: ZoneInfo) -> Iterator[Recorded]:
-    for path in files:
-        data = path.read_bytes()
-        if path.name.endswith(".gz"):
-            data = gzip.decompress(data)
-        for telegram in frames_in(data):
-            yield Recorded(meter_time(telegram, zone), telegram)
+def frames_of(source: Source) -> Iterator[tuple[bytes, int, int]]:
+    """The valid frames of one file, read a chunk at a time; with each, the offsets to read
+    between to see it whole again (from the start of the read before the one that ended it:
+    a frame is far shorter than a read)."""
+    assembler = FrameAssembler()
+    file: io.BufferedIOBase
+    with gzip.open(source.path, "rb") if source.gzipped else source.path.open("rb") as file:
+        if source.start:
+            file.seek(source.start)
+        previous = position = source.start
+        while source.stop is None or position < source.stop:
+            wanted = READ_SIZE if source.stop is None else min(READ_SIZE, source.stop - position)
+            chunk = file.read(wanted)
+            if not chunk:
+                return
+            end = position + len(chunk)
+            for frame in assembler.feed(chunk, 0.0):
+                yield frame.raw, previous, end
+            previous, position = position, end
+
+
+def in_window(
+    sources: Iterable[Source], zone: ZoneInfo, window: Window, stats: StreamStats
+) -> Iterator[Recorded]:
+    """The dated telegrams of the window, oldest first, one per instant."""
+    held: list[tuple[datetime, int, bytes]] = []
+    last: datetime | None = None
+
+    def passed_on(entry: tuple[datetime, int, bytes]) -> Recorded | None:
+        nonlocal last
+        stamp = entry[0]
+        if last is not None and stamp <= last:
+            if stamp == last:
+                stats.repeated += 1
+            else:
+                stats.late += 1
+            return None
+        last = stamp
+        return Recorded(stamp, entry[2])
+
+    order = 0
+    for source in sources:
+        for telegram, start, stop in frames_of(source):
+            stats.telegrams += 1
+            stamp = meter_time(telegram, zone)
+            if stamp is None:
+                stats.undated += 1
+                continue
+            if not window.contains(stamp):
+                continue
+            first, _ = stats.spans.get(source.path, (start, stop))
+            stats.spans[source.path] = (first, stop)
+            order += 1
+            heapq.heappush(held, (stamp, order, telegram))
+            if len(held) > REORDER and (item := passed_on(heapq.heappop(held))):
+                yield item
+    while held:
+        if item := passed_on(heapq.heappop(held)):
+            yield item
 
 
 def meter_time(telegram: bytes, zone: ZoneInfo) -> datetime | None:
@@ -79,33 +226,12 @@ def meter_time(telegram: bytes, zone: ZoneInfo) -> datetime | None:
     return parse_timestamp(raw, zone)
 
 
-def plan(
-    recorded: Iterable[Recorded],
-    *,
-    since: datetime | None,
-    until: datetime | None,
-    done_until: datetime | None,
-    present: set[datetime],
-) -> tuple[list[Recorded], int]:
-    """What to send, oldest first: in range, after the saved progress, not already stored.
-
-    Returns the telegrams and how many were skipped because the server already has them.
-    """
-    chosen: dict[datetime, Recorded] = {}
-    already = 0
+def after(recorded: Iterable[Recorded], done_until: datetime | None) -> Iterator[Recorded]:
+    """What a resumed request still has to do: the telegrams after its saved progress."""
     for item in recorded:
-        stamp = item.timestamp
-        if stamp is None:
-            continue
-        if (since and stamp < since) or (until and stamp > until):
-            continue
-        if done_until is not None and stamp <= done_until:
-            continue
-        if stamp in present:
-            already += 1
-            continue
-        chosen.setdefault(stamp, item)  # one per instant: overlapping files repeat telegrams
-    return [chosen[stamp] for stamp in sorted(chosen)], already
+        assert item.timestamp is not None
+        if done_until is None or item.timestamp > done_until:
+            yield item
 
 
 async def stored_timestamps(
@@ -136,8 +262,33 @@ async def stored_timestamps(
             return found
 
 
+class StoredReadings:
+    """The readings DSMR-reader holds, listed an hour at a time just ahead of a sorted stream."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: DsmrReaderSinkConfig) -> None:
+        self._session = session
+        self._config = config
+        self._listed_until: datetime | None = None
+        self._found: set[datetime] = set()
+
+    async def has(self, stamp: datetime) -> bool:
+        """Asked in ascending order of ``stamp``."""
+        if self._listed_until is None or stamp > self._listed_until:
+            self._listed_until = stamp + LOOKUP_SPAN
+            self._found = await stored_timestamps(
+                self._session, self._config, stamp, self._listed_until
+            )
+        return stamp in self._found
+
+
+def request_key(sink: str, source: Path, window: Window) -> str:
+    """The progress of one request: the same sink, source, --since and --until."""
+    bounds = [b.astimezone(UTC).isoformat() if b else "" for b in (window.since, window.until)]
+    return "|".join([sink, str(source.resolve()), *bounds])
+
+
 class Progress:
-    """Where a backfill got to, per sink and source, saved atomically next to the spool."""
+    """Where a backfill request got to (see ``request_key``), saved atomically next to the spool."""
 
     def __init__(self, path: Path, key: str) -> None:
         self.path = path
@@ -151,12 +302,18 @@ class Progress:
         stamp = saved.get(self.key)
         return datetime.fromisoformat(stamp) if stamp else None
 
-    def save(self, stamp: datetime) -> None:
+    def save(self, stamp: datetime | None) -> None:
+        """Record ``stamp`` as done; None forgets the request's progress (``--restart``)."""
         try:
             saved = json.loads(self.path.read_text())
         except (OSError, ValueError):
             saved = {}
-        saved[self.key] = stamp.isoformat()
+        if stamp is None:
+            if self.key not in saved:
+                return
+            del saved[self.key]
+        else:
+            saved[self.key] = stamp.isoformat()
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text(json.dumps(saved, indent=1))
         temporary.replace(self.path)
@@ -172,7 +329,7 @@ class Bar:
         self.started = clock()
         self.shown = 0.0
 
-    def update(self, done: int, *, final: bool = False) -> None:
+    def update(self, done: int, *, final: bool = False, detail: str = "") -> None:
         now = self.clock()
         live = self.out.isatty()
         if not final and now - self.shown < (0.2 if live else 5.0):
@@ -185,7 +342,7 @@ class Bar:
         text = (
             f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
             f"{rate:.1f}/s ETA {timedelta(seconds=int(eta)) if eta != float('inf') else '-'}"
-        )
+        ) + (f"  {detail}" if detail else "")
         print(
             ("\r" + text) if live else text,
             end="" if live and not final else "\n",
@@ -219,22 +376,28 @@ async def backfill(
     *,
     since: datetime | None,
     until: datetime | None,
+    restart: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
     sink_config = next((s for s in config.sinks if s.name == sink_name), None)
     if not isinstance(sink_config, DsmrReaderSinkConfig):
         names = [s.name for s in config.sinks if isinstance(s, DsmrReaderSinkConfig)]
         raise BackfillError(f"--sink {sink_name!r}: not a dsmr-reader sink (have: {names})")
-    files = source_files(source)
-    if not files:
+    every = source_files(source)
+    if not every:
         raise BackfillError(f"{source}: no .log or .log.gz files in it")
+    window = Window(since, until)
+    sources = [f for f in every if f.day is None or window.may_hold(f.day)]
     zone = ZoneInfo(config.meter.timezone)
-    recorded = list(read_recorded(files, zone))
-    undated = sum(1 for r in recorded if r.timestamp is None)
     progress = Progress(
-        config.spool.path.with_name("backfill-progress.json"), f"{sink_name}:{source.resolve()}"
+        config.spool.path.with_name("backfill-progress.json"),
+        request_key(sink_name, source, window),
     )
+    if restart:
+        progress.save(None)
     done_until = progress.load()
+    stats = StreamStats()
+    total = sum(1 for _ in after(in_window(sources, zone, window, stats), done_until))
     sink: DsmrReaderSink = (
         DsmrReaderV2Sink(sink_config, zone=zone)
         if sink_config.api == "v2"
@@ -242,85 +405,137 @@ async def backfill(
     )
     await sink.start()
     try:
-        present: set[datetime] = set()
-        dated = [r.timestamp for r in recorded if r.timestamp is not None]
-        if sink_config.api == "v2" and dated:
-            async with aiohttp.ClientSession(
-                headers=sink.headers(),
-                connector=aiohttp.TCPConnector(ssl=sink_config.verify_tls),
-                timeout=aiohttp.ClientTimeout(total=sink_config.timeout),
-            ) as session:
-                present = await stored_timestamps(session, sink_config, min(dated), max(dated))
-        else:
+        async with _stored_readings(sink, sink_config) as stored:
+            if stored is None:
+                print(
+                    "note: API v1 cannot ask which readings DSMR-reader already has; a telegram "
+                    "it already stored is stored twice. If DSMR-reader's 'override telegram "
+                    'timestamp\' is on, v1 readings are dated by arrival: use an api = "v2" '
+                    "sink to backfill.",
+                    file=out,
+                )
             print(
-                "note: API v1 cannot ask which readings DSMR-reader already has; a telegram it "
-                "already stored is stored twice. If DSMR-reader's 'override telegram timestamp' "
-                'is on, v1 readings are dated by arrival: use an api = "v2" sink to backfill.',
+                f"{stats.telegrams} telegrams in {len(sources)} of {len(every)} file(s) (the "
+                f"others cannot hold the range); {stats.undated} without timestamp (skipped), "
+                f"{stats.repeated} written twice (sent once), {stats.late} out of order "
+                "(skipped); "
+                f"{'resuming after ' + done_until.isoformat() + ', ' if done_until else ''}"
+                f"{total} to send to {sink_name}"
+                f"{' unless DSMR-reader already has them' if stored is not None else ''}",
                 file=out,
+                flush=True,
             )
-        todo, already = plan(
-            recorded, since=since, until=until, done_until=done_until, present=present
-        )
-        print(
-            f"{len(recorded)} telegrams in {len(files)} file(s); {already} already stored, "
-            f"{undated} without timestamp (skipped), "
-            f"{'resuming after ' + done_until.isoformat() + ', ' if done_until else ''}"
-            f"{len(todo)} to send to {sink_name}",
-            file=out,
-            flush=True,
-        )
-        return await _send_all(config, sink, sink_config, todo, progress, out)
+            todo = after(
+                in_window(stats.narrowed(sources), zone, window, StreamStats()), done_until
+            )
+            return await _send_all(config, sink, sink_config, todo, total, stored, progress, out)
     finally:
         await sink.close()
+
+
+@contextlib.asynccontextmanager
+async def _stored_readings(
+    sink: DsmrReaderSink, config: DsmrReaderSinkConfig
+) -> AsyncIterator[StoredReadings | None]:
+    """API v2: DSMR-reader's stored readings, asked over a session of their own; v1: None."""
+    if config.api != "v2":
+        yield None
+        return
+    async with aiohttp.ClientSession(
+        headers=sink.headers(),
+        connector=aiohttp.TCPConnector(ssl=config.verify_tls),
+        timeout=aiohttp.ClientTimeout(total=config.timeout),
+    ) as session:
+        yield StoredReadings(session, config)
+
+
+class DeadLetters:
+    """Telegrams a sink refused for good, kept in the spool's dead letters (opened at the first)."""
+
+    def __init__(self, config: Config, label: str = "backfill") -> None:
+        self.config = config
+        self.label = label
+        self.count = 0
+        self._spool: Spool | None = None
+
+    def add(self, sink: str, stored: StoredTelegram, answer: Answer) -> None:
+        if self._spool is None:
+            self._spool = Spool(self.config.spool.path, max_bytes=self.config.spool.max_bytes)
+            self._spool.open(shared=True)
+        self._spool.dead_letter(
+            sink,
+            stored,
+            status=answer.status,
+            body=answer.body,
+            reason=f"{self.label}: {answer.error or answer.describe()}",
+        )
+        self.count += 1
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+
+async def deliver(
+    sink: DsmrReaderSink,
+    sink_config: DsmrReaderSinkConfig,
+    item: Recorded,
+    dead_letters: DeadLetters,
+    out: TextIO,
+) -> bool:
+    """Send one dated telegram until its answer is final; False when it was dead-lettered.
+
+    A misconfigured sink ends the run (``BackfillError``).
+    """
+    assert item.timestamp is not None
+    stored = StoredTelegram(0, item.telegram, item.timestamp.timestamp())
+    answer = await send_one(sink, stored, retry_max=sink_config.retry_max, log=out)
+    if answer.verdict is Verdict.MISCONFIGURED:
+        raise BackfillError(f"sink {sink.name}: {answer.describe()}")
+    if answer.verdict is not Verdict.DELIVERED:
+        dead_letters.add(sink.name, stored, answer)
+        return False
+    return True
 
 
 async def _send_all(
     config: Config,
     sink: DsmrReaderSink,
     sink_config: DsmrReaderSinkConfig,
-    todo: list[Recorded],
+    todo: Iterator[Recorded],
+    total: int,
+    stored: StoredReadings | None,
     progress: Progress,
     out: TextIO,
 ) -> int:
-    bar = Bar(len(todo), out)
-    dead = 0
-    spool: Spool | None = None
+    bar = Bar(total, out)
+    dead_letters = DeadLetters(config)
+    already = done = 0
     last_done: datetime | None = None
     try:
-        for index, item in enumerate(todo, 1):
+        for done, item in enumerate(todo, 1):
             assert item.timestamp is not None
-            stored = StoredTelegram(0, item.telegram, item.timestamp.timestamp())
-            answer = await send_one(sink, stored, retry_max=sink_config.retry_max, log=out)
-            if answer.verdict is Verdict.MISCONFIGURED:
-                raise BackfillError(f"sink {sink.name}: {answer.describe()}")
-            if answer.verdict is not Verdict.DELIVERED:
-                if spool is None:
-                    spool = Spool(config.spool.path, max_bytes=config.spool.max_bytes)
-                    spool.open(shared=True)
-                spool.dead_letter(
-                    sink.name,
-                    stored,
-                    status=answer.status,
-                    body=answer.body,
-                    reason=f"backfill: {answer.error or answer.describe()}",
-                )
-                dead += 1
+            if stored is not None and await stored.has(item.timestamp):
+                already += 1
+            else:
+                await deliver(sink, sink_config, item, dead_letters, out)
             last_done = item.timestamp
-            if index % SAVE_EVERY == 0:
+            if done % SAVE_EVERY == 0:
                 progress.save(last_done)
-            bar.update(index, final=index == len(todo))
+            bar.update(done, final=done == total)
     finally:  # also on Ctrl-C: a rerun continues after the last answered telegram
         if last_done is not None:
             progress.save(last_done)
-        if spool is not None:
-            spool.close()
-    sent = len(todo) - dead
-    print(f"done: {sent} stored, {dead} dead-lettered (see: dsmr-logger spool list)", file=out)
+        dead_letters.close()
+    dead = dead_letters.count
+    sent = done - dead - already
     print(
-        "DSMR-reader does not rebuild statistics of days it already processed; on the "
-        f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}",
+        f"done: {sent} stored, {already} already stored (skipped), {dead} dead-lettered "
+        "(see: dsmr-logger spool list)",
         file=out,
     )
+    print(REBUILD_HINT, file=out)
     return 0 if dead == 0 else 1
 
 
