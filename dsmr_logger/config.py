@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 import types
@@ -25,10 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dsmr_logger.net.http import check_base_url, field_value_problem
+
 BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEFAULT_SPOOL_PATH = Path("/var/lib/dsmr-logger/spool.sqlite3")
 DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 SMARTY_AUTHENTICATION_KEY = "00112233445566778899AABBCCDDEEFF"
+PLACEHOLDER_PREFIX = "REPLACE-WITH-"
+"""How the example configuration's placeholder keys start."""
 SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """A sink's name is part of the spool's records and of metric labels: a plain word."""
 
@@ -140,7 +145,11 @@ def _zone(value: Any) -> str:
 
 
 def _path(value: Any) -> Path:
-    return Path(_str(value)).expanduser()
+    path = Path(_str(value)).expanduser()
+    if not path.is_absolute():
+        # A service starts in /, a shell wherever it is: a relative path would mean two places.
+        raise _Bad(f"must be an absolute path (starting with /), not {str(path)!r}")
+    return path
 
 
 def _port(value: Any) -> str:
@@ -164,16 +173,39 @@ def _port(value: Any) -> str:
 
 
 def http_url(value: Any) -> str:
-    url = _str(value).rstrip("/")
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise _Bad(f"must be an http:// or https:// URL, e.g. http://192.168.1.10, not {value!r}")
+    """A base URL the HTTP client accepts (its own rule, ``check_base_url``); never echoed, as it
+    may carry a password."""
+    url = _str(value).strip().rstrip("/")
+    try:
+        check_base_url(url)
+    except ValueError as exc:
+        raise _Bad(f"{exc}; write it like http://192.168.1.10 or https://host:8443") from None
     return url
+
+
+def _api_key(value: Any) -> str:
+    """A key the HTTP client can send as a header (``field_value_problem``), never the example's
+    placeholder. The message never shows the key."""
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise _Bad("must not be empty")
+    problem = field_value_problem(value)
+    if problem is not None:
+        raise _Bad(f"{problem} (the key is not shown); copy it again from DSMR-reader")
+    if value.startswith(PLACEHOLDER_PREFIX):
+        raise _Bad(
+            "is still the example's placeholder; copy the key from DSMR-reader "
+            "(Configuration > API)"
+        )
+    return value
 
 
 def mqtt_url(value: Any) -> str:
     url = _str(value).rstrip("/")
     parsed = urllib.parse.urlsplit(url)
+    if "@" in parsed.netloc:  # before anything that repeats the URL: it holds a password
+        raise _Bad("put the credentials in the username and password keys, not in the URL")
     try:
         port = parsed.port
     except ValueError as exc:
@@ -359,13 +391,15 @@ def _file(value: Any) -> Path:
 
 
 def _plain_url(value: Any) -> str:
-    url = http_url(value)
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is not None or parts.password is not None:
+    """An endpoint: the client's base-URL rule, plus a query the request carries as written."""
+    base, mark, query = _str(value).strip().partition("?")
+    if "@" in base.partition("://")[2].partition("/")[0]:  # checked first: never echoed
         raise _Bad("put credentials in username and password, not in the URL")
-    if parts.fragment:
+    if "#" in base + query:
         raise _Bad("a URL with a #fragment cannot be polled")
-    return url
+    if not (query.isascii() and query.isprintable() and " " not in query):
+        raise _Bad("the query must be printable ASCII without spaces (percent-encode others)")
+    return http_url(base) + mark + query
 
 
 def _headers(value: Any) -> tuple[tuple[str, str], ...]:
@@ -503,7 +537,7 @@ class SpoolConfig:
 class DsmrReaderSinkConfig:
     name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
     url: str = key(check=http_url, doc="DSMR-reader's base URL")
-    api_key: str = key(check=_str, doc="DSMR-reader's API key", secret=True)
+    api_key: str = key(check=_api_key, doc="DSMR-reader's API key", secret=True)
     type: Literal["dsmr-reader"] = key(
         "dsmr-reader", check=one_of("dsmr-reader"), doc="what kind of sink"
     )
@@ -599,6 +633,10 @@ def _sensor_url(value: Any) -> str:
     url = text.rstrip("/")
     if url.endswith("/current-sample"):
         url = url.removesuffix("/current-sample")
+    try:
+        check_base_url(url)  # the client's own rule, so what passes here cannot fail at start
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
     return url
 
 
@@ -885,6 +923,19 @@ def _cross_rules(config: Config) -> Iterator[str]:
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         yield f"sink.name: {duplicate!r} is used by more than one sink"
+    directories: dict[Path, str] = {}
+    for index, sink in enumerate(config.sinks):
+        where = f"sink[{index}] ({sink.name})"
+        if isinstance(sink, ArchiveSinkConfig):
+            directory = Path(os.path.normpath(sink.directory))
+            if directory in directories:
+                yield (
+                    f"{where}.directory: {directory} is also {directories[directory]}'s; two "
+                    "archives in one directory would write into each other's day files"
+                )
+            directories.setdefault(directory, where)
+            if directory == Path(os.path.normpath(f"{config.spool.path}-telegrams")):
+                yield f"{where}.directory: {directory} is where the spool keeps its telegrams"
 
 
 def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:

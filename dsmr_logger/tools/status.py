@@ -66,7 +66,7 @@ def render(doc: dict[str, Any]) -> str:
     for sink in doc["sinks"]:
         text = (
             f"sink {sink['name']}: {sink['delivered']} delivered, backlog {sink['backlog']}"
-            f", dead letters {sink['dead_letters']}"
+            f", dead-lettered since start {sink['dead_letters']}"
         )
         if sink.get("possible_duplicates"):
             text += f", possibly sent twice {sink['possible_duplicates']}"
@@ -118,7 +118,7 @@ def render_offline(doc: dict[str, Any]) -> str:
         waiting = f", oldest read {_ago(oldest, now)}" if oldest else ""
         lines.append(
             f"sink {sink['name']}: backlog {sink['backlog']}{waiting}, "
-            f"dead letters {sink['dead_letters']}"
+            f"dead letters held {sink['dead_letters']}"
         )
     if not doc["sinks"]:
         lines.append("  (no spool file, or nothing in it)")
