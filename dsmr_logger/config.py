@@ -657,7 +657,7 @@ def _topic_name(value: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class MqttMeterConfig:
-    """Raw telegrams published on an MQTT broker (ESPHome, Tasmota and other P1 dongles)."""
+    """Raw telegrams published on an MQTT broker, one per message (ESPHome and other dongles)."""
 
     url: str = key(check=mqtt_url, doc="the broker: mqtt://host[:1883] or mqtts://host[:8883]")
     topic: str = key(check=_topic_name, doc="the topic the dongle publishes each telegram to")

@@ -1,12 +1,12 @@
 """A meter behind an MQTT broker: subscribe to the topic a P1 dongle publishes raw telegrams to.
 
-ESPHome and Tasmota dongles (and any P1 reader with an MQTT client) can publish each telegram as
-one message. dsmr-logger subscribes at QoS 1 in a session the broker keeps (MQTT 5: Clean Start
-0 and a Session Expiry Interval, ``session_expiry``, a day by default), so what the dongle
-publishes while dsmr-logger is stopped, restarting or cut off is queued by the broker and sent
-when it is back: in ``tests/test_mqtt_source.py`` the 566-frame capture, a stretch of it
-published while the daemon was stopped and another around a broker restart, reaches DSMR-reader
-complete, in order, none twice.
+ESPHome's ``dsmr`` telegram text sensor (and any P1 reader with an MQTT client: a Tasmota script, a
+home-made ESP) publishes each telegram as one message. dsmr-logger subscribes at QoS 1 in a session
+the broker keeps (MQTT 5: Clean Start 0 and a Session Expiry Interval, ``session_expiry``, a day by
+default), so what the dongle publishes while dsmr-logger is stopped, restarting or cut off is queued
+by the broker and sent when it is back: in ``tests/test_mqtt_source.py`` the 566-frame capture, a
+stretch of it published while the daemon was stopped and another around a broker restart, reaches
+DSMR-reader complete, in order, none twice.
 
 A message is acknowledged (PUBACK) only after its telegrams were handed to the daemon's queue
 (``on_frame``); one that could not be taken is not acknowledged, and the broker sends it again on
@@ -123,6 +123,8 @@ class MqttSource:
             remember=REMEMBER,
         )
         self._ran_before = self.intake.last_key is not None
+        self.client: mqtt.MqttClient | None = None
+        """The connection, while one is open."""
         self._tls: ssl.SSLContext | None = None
         self._down_reason: str | None = None
         self._last_new = 0.0  # loop time of the last new telegram (or of start)
@@ -184,6 +186,7 @@ class MqttSource:
             receive_maximum=RECEIVE_MAXIMUM,
             on_message=self._on_message,
         )
+        self.client = client
         try:
             try:
                 connack = await client.connect()
@@ -209,6 +212,7 @@ class MqttSource:
             self._went_down(self._why_lost(await self._serve(client)))
             return True
         finally:
+            self.client = None
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_GRACE):
                     await client.close()
