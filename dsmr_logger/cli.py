@@ -226,7 +226,8 @@ def _run(args: argparse.Namespace) -> int:
 async def _run_until_signalled(daemon: Daemon) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: an SSH session closing on a foreground run must stop it cleanly (spool closed).
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
     return await daemon.run(stop)
 

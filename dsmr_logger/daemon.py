@@ -1,16 +1,31 @@
 """Wires the pipeline — meter reader → per-sink queues and spool → sink workers — and runs it.
 
-Lifecycle: on stop (SIGTERM/SIGINT) reading stops first, each sink may finish the request in flight
-(bounded), everything still undelivered is committed to the spool, and the process exits 0 well
-within 10 s; the next start delivers that backlog before anything new.
+The structure, in ``run``: an ``AsyncExitStack`` holds every resource as it is opened — the spool,
+each sink's connections, the status port — so each is closed on every path out, a failed start
+included; only then does one ``TaskGroup`` start the tasks (the reader, a worker per sink, the
+helpers). The status port is bound before any task starts, so a port in use is one clear line
+naming ``http.listen`` (exit 1, the spool closed), not a traceback after telegrams were read.
+
+Every task runs under ``_supervised``: an ``OSError`` or SQLite operational error (a locked or
+briefly unwritable spool, a socket hiccup) is logged once and the task restarted with backoff; any
+other exception is a bug: it is logged once with its traceback, and the daemon stops cleanly with
+exit status 1 (everything undelivered committed to the spool) so the service manager restarts it.
+
+Lifecycle: on stop (SIGTERM, SIGINT, SIGHUP) reading stops first, each sink may finish the
+request in flight (bounded), everything still undelivered is committed to the spool, and the
+process exits 0 well within 10 s; the next start delivers that backlog before anything new.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import sqlite3
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
@@ -44,8 +59,17 @@ class StartupError(Exception):
     """The daemon cannot start (a sink's directory is unusable, ...); the message says which."""
 
 
+class TaskCrashed(Exception):
+    """A task failed with an unexpected exception (a bug); already logged with its traceback."""
+
+
 STOP_GRACE = 5.0
 """Seconds a sink may take to finish its in-flight request at shutdown."""
+TRANSIENT = (OSError, sqlite3.OperationalError)
+"""Errors a task is restarted after: the world failed (a socket, a locked spool), not the code."""
+RESTART_INITIAL = 1.0
+RESTART_MAX = 60.0
+"""Pauses before restarting a task after a transient error, doubling; reset after a good hour."""
 
 
 def default_sinks(config: Config) -> tuple[SinkConfig, ...]:
@@ -123,6 +147,7 @@ class Daemon:
             from dsmr_logger.runtime.status_server import StatusServer
 
             self.status_server = StatusServer(self.snapshot, config.http, wall_clock=wall_clock)
+        self.started_at: float | None = None
         self._last_telegram: bytes | None = None
         self._debug = config.log.level == "debug"
 
@@ -133,8 +158,22 @@ class Daemon:
             self._log.debug("telegram", **glance(frame.telegram).values, bytes=len(frame.raw))
 
     async def run(self, stop: asyncio.Event) -> int:
-        """Run until ``stop`` is set; returns the process exit status."""
+        """Run until ``stop`` is set; returns the process exit status (1 after a crash).
+
+        Raises ``StartupError`` or ``SpoolError`` when it cannot start; whatever it had opened is
+        closed by then.
+        """
+        self.started_at = self._wall()
+        async with contextlib.AsyncExitStack() as opened:
+            await self._open(opened)
+            crashed = await self._serve(stop)
+        self._log.info("stopped", undelivered=self.queues.undelivered())
+        return 1 if crashed else 0
+
+    async def _open(self, opened: contextlib.AsyncExitStack) -> None:
+        """Open the spool, start each sink, bind the status port: each closed by ``opened``."""
         orphans = await self.queues.open()
+        opened.push_async_callback(self.queues.close)  # commits everything undelivered
         for name, backlog in orphans.items():
             self._log.warning(
                 "spool holds telegrams for a sink that is no longer configured; they are kept",
@@ -147,8 +186,17 @@ class Daemon:
             try:
                 await sink.start()
             except OSError as exc:
-                await self.queues.close()
                 raise StartupError(f"sink {sink.name!r}: {exc}") from exc
+            opened.push_async_callback(_close_quietly, sink)
+        if self.status_server is not None:
+            listen = self.config.http.listen
+            try:
+                await self.status_server.start()
+            except OSError as exc:
+                raise StartupError(f"http.listen = {listen!r}: {_bind_error(exc)}") from exc
+            opened.push_async_callback(self.status_server.stop)
+            host = str(listen).rpartition(":")[0]
+            self._log.info("status endpoint", url=f"http://{host}:{self.status_server.port}/status")
         self._log.info(
             "started",
             port=self.config.meter.where,
@@ -156,48 +204,72 @@ class Daemon:
             spool=str(self.config.spool.path),
             durability=self.config.spool.durability,
         )
-        reader = asyncio.create_task(self.source.run(), name="source")
-        workers = [asyncio.create_task(w.run(), name=f"sink:{w.sink.name}") for w in self.workers]
-        helpers = [
-            asyncio.create_task(self.queues.run_flusher(), name="flusher"),
-            asyncio.create_task(self._summaries(), name="summary"),
+
+    async def _serve(self, stop: asyncio.Event) -> bool:
+        """Run every task until ``stop`` (then stop them in order); True if one crashed."""
+        crashed = False
+        try:
+            async with asyncio.TaskGroup() as group:
+                reader = group.create_task(self._supervised("source", self.source.run))
+                workers = [
+                    group.create_task(self._supervised(f"sink:{w.sink.name}", w.run))
+                    for w in self.workers
+                ]
+                helpers = [
+                    group.create_task(self._supervised(name, job), name=name)
+                    for name, job in self._helpers()
+                ]
+                self.notifier.ready(self.status_line())
+                await stop.wait()
+                self.notifier.stopping()
+                reader.cancel()
+                await asyncio.gather(*(w.stop(STOP_GRACE) for w in self.workers))
+                for task in (*workers, *helpers):
+                    task.cancel()
+        except* TaskCrashed:
+            self.notifier.stopping()
+            crashed = True
+        return crashed
+
+    def _helpers(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        helpers: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("flusher", self.queues.run_flusher),
+            ("summary", self._summaries),
         ]
         if self.queues.strict:
-            helpers.append(asyncio.create_task(self.queues.run_strict_committer(), name="strict"))
-        if self.status_server is not None:
-            await self.status_server.start()
-            host = str(self.config.http.listen).rpartition(":")[0]
-            self._log.info("status endpoint", url=f"http://{host}:{self.status_server.port}/status")
-        self.notifier.ready(self.status_line())
+            helpers.append(("strict", self.queues.run_strict_committer))
         if self.notifier.enabled:
-            helpers.append(asyncio.create_task(self._notify(), name="notify"))
-        everything = [reader, *workers, *helpers]
-        stopper = asyncio.create_task(stop.wait(), name="stop")
-        done, _ = await asyncio.wait([stopper, *everything], return_when=asyncio.FIRST_COMPLETED)
-        crashed = [t for t in done if t is not stopper and not t.cancelled() and t.exception()]
-        for task in crashed:
-            self._log.error("task failed", task=task.get_name(), error=repr(task.exception()))
-        stopper.cancel()
-        await self._shutdown(reader, workers, helpers)
-        return 1 if crashed else 0
+            helpers.append(("notify", self._notify))
+        return helpers
 
-    async def _shutdown(
-        self,
-        reader: asyncio.Task[None],
-        workers: list[asyncio.Task[None]],
-        helpers: list[asyncio.Task[None]],
-    ) -> None:
-        self.notifier.stopping()
-        await _cancel([reader])
-        await asyncio.gather(*(w.stop(STOP_GRACE) for w in self.workers))
-        await _cancel([*workers, *helpers])
-        await self.queues.close()
-        if self.status_server is not None:
-            await self.status_server.stop()
-        for sink in self.sinks:
-            with contextlib.suppress(Exception):
-                await sink.close()
-        self._log.info("stopped", undelivered=self.queues.undelivered())
+    async def _supervised(self, name: str, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job``; restart it after a transient error, report any other once and crash."""
+        loop = asyncio.get_running_loop()
+        pause, told = RESTART_INITIAL, None
+        while True:
+            began = loop.time()
+            try:
+                await job()
+                return
+            except TRANSIENT as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if loop.time() - began > 3600:
+                    pause = RESTART_INITIAL
+                if error != told:
+                    self._log.warning(
+                        "task failed; restarting it", task=name, error=error, restart_in=pause
+                    )
+                    told = error
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RESTART_MAX)
+            except Exception as exc:
+                self._log.error(
+                    "task crashed; stopping (the service manager restarts the daemon)",
+                    task=name,
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback="".join(traceback.format_exception(exc)),
+                )
+                raise TaskCrashed(name) from exc
 
     def snapshot(self) -> Snapshot:
         now = self._wall()
@@ -207,22 +279,27 @@ class Daemon:
         for worker in self.workers:
             queue = worker.queue
             oldest = queue.oldest_received_at()
+            stats = worker.stats
             sinks.append(
                 SinkSnapshot(
                     name=worker.sink.name,
-                    delivered=worker.stats.delivered,
+                    delivered=stats.delivered,
                     backlog=len(queue),
                     oldest_age=None if oldest is None else max(0.0, now - oldest),
-                    retries=worker.stats.retries,
-                    dead_letters=worker.stats.dead_letters,
+                    retries=stats.retries,
+                    dead_letters=stats.dead_letters,
                     dropped=queue.stats.dropped,
                     throttled=queue.stats.throttled,
-                    last_error=worker.stats.last_error,
-                    last_error_at=worker.stats.last_error_at,
-                    failing_since=worker.stats.failing_since,
-                    misconfigured=worker.stats.misconfigured,
+                    last_error=stats.last_error,
+                    last_error_at=stats.last_error_at,
+                    failing_since=stats.failing_since,
+                    misconfigured=stats.misconfigured,
+                    fix=stats.fix,
+                    possible_duplicates=stats.possible_duplicates,
+                    refused_in_a_row=stats.refused_in_a_row,
                 )
             )
+        attempts = max(status.attempts, status.connects)
         return Snapshot(
             port=self.config.meter.where,
             meter_state=status.state.value,
@@ -231,11 +308,14 @@ class Daemon:
             rejected=self.source.rejected(),
             bytes_in=counters.bytes_in,
             garbage_bytes=counters.garbage_bytes,
-            reconnects=max(0, status.connects - 1),
+            reconnects=max(0, attempts - 1),
             last_frame_at=status.last_frame_at,
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),
+            started_at=self.started_at,
             meter_error=status.last_error,
+            meter_error_at=status.last_error_at,
+            meter_attempts=attempts,
             polls=status.polls,
             repeats=status.repeats,
         )
@@ -271,6 +351,8 @@ class Daemon:
             reconnects=snap.reconnects,
             **({"polls": snap.polls, "repeats": snap.repeats} if snap.polls else {}),
         )
+        for worker in self.workers:
+            worker.report()
         for sink in snap.sinks:
             self._log.info(
                 "sink summary",
@@ -280,14 +362,24 @@ class Daemon:
                 oldest_age=None if sink.oldest_age is None else round(sink.oldest_age, 1),
                 retries=sink.retries,
                 dead_letters=sink.dead_letters,
+                possible_duplicates=sink.possible_duplicates,
                 dropped=sink.dropped,
                 last_error=sink.last_error,
             )
 
 
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+def _bind_error(exc: OSError) -> str:
+    """Why the status port cannot be had, and what to do, in one line."""
+    if exc.errno == errno.EADDRINUSE:
+        return "the port is in use (another program, or another dsmr-logger): choose another"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return "no such address on this machine: use 127.0.0.1, 0.0.0.0 or one of its own"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges): choose a higher port"
+    return f"cannot listen there: {os.strerror(exc.errno) if exc.errno else exc}"
+
+
+async def _close_quietly(sink: Sink) -> None:
+    """A sink's close must not keep the others (and the spool) from closing."""
+    with contextlib.suppress(Exception):
+        await sink.close()

@@ -47,7 +47,13 @@ connection is closed unanswered and nothing is stored; with ``"process"`` the re
 under the new mode, the "timed out but stored anyway" duplicate case); ``html500`` (500 HTML
 page; ``html500_page`` = ``"plain"`` Django production page or ``"debug"`` Django technical
 traceback page), ``parse_failure``, ``bad_request``, ``forbidden``, ``disabled`` (405),
-``rate_limited`` (429 with ``Retry-After: <retry_after>``). Forced modes answer every request.
+``rate_limited`` (429 with ``Retry-After: <retry_after>``), ``redirect`` (301 to the same path
+under ``redirect_to``, by default ``https://`` + the server's own address: what an http → https
+redirect looks like), ``proxy_bad_request`` (400 with nginx's own HTML page to every request on
+every path, GETs too: a reverse proxy that passes nothing on). Forced modes answer every request.
+``flapping`` answers each request (a post or a v2 list) with the HTML 500 page with probability
+``flap_rate`` and normally otherwise, drawing from ``random.Random(flap_seed)``: a server failing
+at random, the same way on every run of a test that sends the same requests in the same order.
 
 As a process (daemon tests)::
 
@@ -56,10 +62,10 @@ As a process (daemon tests)::
 prints the API port on the first stdout line and a control port on the second, then serves until
 SIGTERM/SIGINT. The control port (never refused) takes ``POST /_control`` with JSON
 ``{"mode", "poison_substring", "poison_answer", "delay", "retry_after", "hang_outcome",
-"v2_reject_timestamps", "reset"}`` (all optional; answers the state) and ``GET /_control``
-(state), ``GET /_received`` (JSON list of stored telegrams), ``GET /_readings`` (JSON list of
-stored v2 readings); the API port serves the same too. ``DsmrReaderProcess``
-below wraps all of that for synchronous use.
+"v2_reject_timestamps", "flap_rate", "flap_seed", "redirect_to", "reset"}`` (all optional;
+answers the state) and ``GET /_control`` (state), ``GET /_received`` (JSON list of stored
+telegrams), ``GET /_readings`` (JSON list of stored v2 readings); the API port serves the same
+too. ``DsmrReaderProcess`` below wraps all of that for synchronous use.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import re
 import signal
 import socket
@@ -104,6 +111,9 @@ MODES = (
     "forbidden",
     "disabled",
     "rate_limited",
+    "flapping",
+    "redirect",
+    "proxy_bad_request",
 )
 PARSE_FAILURE = "Failed to parse telegram"
 INVALID_AUTH = "Invalid auth key"
@@ -122,6 +132,16 @@ PLAIN_500_PAGE = """
 </head>
 <body>
   <h1>Server Error (500)</h1><p></p>
+</body>
+</html>
+"""
+
+# What nginx answers itself to a request it will not pass on (a misconfigured reverse proxy).
+PROXY_400_PAGE = """<html>
+<head><title>400 Bad Request</title></head>
+<body>
+<center><h1>400 Bad Request</h1></center>
+<hr><center>nginx</center>
 </body>
 </html>
 """
@@ -437,6 +457,9 @@ class DsmrReaderServer:
         control: bool = False,
         zone: str = "Europe/Amsterdam",
         v2_reject: Callable[[dict[str, str]], dict[str, list[str]] | None] | None = None,
+        flap_rate: float = 0.2,
+        flap_seed: int | str = 0,
+        redirect_to: str | None = None,
     ) -> None:
         self._check_mode(mode)
         self.api_key = api_key
@@ -457,6 +480,9 @@ class DsmrReaderServer:
         self.zone = ZoneInfo(zone)
         self.v2_reject = v2_reject
         """Called with a valid reading's fields: an error body to answer 400 with, or None."""
+        self.flap_rate = flap_rate
+        self._flaps = random.Random(flap_seed)
+        self.redirect_to = redirect_to
         self.answers: list[Served] = []
         self.requests = 0
         self.hanging = 0
@@ -606,6 +632,13 @@ class DsmrReaderServer:
         telegram = await self._form_telegram(request)
         async with self._worker():
             await self._delay_or_hang(request)
+        redirect = self._redirect(request)
+        if redirect is not None:
+            status, body, location = redirect
+            self.answers.append(Served(status, body, telegram, auth, "redirect"))
+            return web.Response(
+                status=status, text=body, headers=location, content_type="text/html"
+            )
         status, body, reason = self._decide(auth, telegram)
         headers: dict[str, str] = {}
         content_type = "text/html"
@@ -654,9 +687,12 @@ class DsmrReaderServer:
             "forbidden": (403, INVALID_AUTH, "forbidden"),
             "disabled": (405, API_DISABLED, "disabled"),
             "rate_limited": (429, "Too Many Requests", "rate_limited"),
+            "proxy_bad_request": (400, PROXY_400_PAGE, "proxy_bad_request"),
         }
         if self._mode in forced:
             return forced[self._mode]
+        if self._flapped():
+            return 500, self._html500(), "flapping"
         if auth is None:
             return 403, INVALID_AUTH, "bad or missing key"
         if telegram is None or not telegram.strip():
@@ -670,6 +706,20 @@ class DsmrReaderServer:
         if why is not None:
             return 500, PARSE_FAILURE, why
         return 201, "", ""
+
+    def seed(self, flap_seed: int | str) -> None:
+        """Restart the ``flapping`` draws from this seed."""
+        self._flaps = random.Random(flap_seed)
+
+    def _flapped(self) -> bool:
+        """In ``flapping`` mode: does this request fail? (One draw per request, in order.)"""
+        return self._mode == "flapping" and self._flaps.random() < self.flap_rate
+
+    def _redirect(self, request: web.Request) -> tuple[int, str, dict[str, str]] | None:
+        if self._mode != "redirect":
+            return None
+        base = self.redirect_to or f"https://{self.host}:{self.port}"
+        return 301, "<h1>301 Moved Permanently</h1>", {"Location": base + request.path_qs}
 
     def _html500(self) -> str:
         return DEBUG_500_PAGE if self.html500_page == "debug" else PLAIN_500_PAGE
@@ -714,6 +764,13 @@ class DsmrReaderServer:
         else:
             fields = self._v2_query(request)
         await self._delay_or_hang(request)
+        redirect = self._redirect(request)
+        if redirect is not None:
+            status, text, location = redirect
+            self.answers.append(Served(status, text, None, auth, "redirect", fields, V2_PATH))
+            return web.Response(
+                status=status, text=text, headers=location, content_type="text/html"
+            )
         forced = self._v2_forced()
         if forced is not None:
             status, text, reason, content_type = forced
@@ -750,7 +807,10 @@ class DsmrReaderServer:
             "forbidden": (403, json.dumps({"detail": INVALID_AUTH}), "forbidden", data),
             "disabled": (405, API_DISABLED, "disabled", html),
             "rate_limited": (429, "Too Many Requests", "rate_limited", text),
+            "proxy_bad_request": (400, PROXY_400_PAGE, "proxy_bad_request", html),
         }
+        if self._flapped():
+            return 500, self._html500(), "flapping", html
         return forced.get(self._mode)
 
     def _v2_create(self, fields: dict[str, str]) -> tuple[int, str, str]:
@@ -898,6 +958,7 @@ class DsmrReaderServer:
             "workers": self.workers,
             "retry_after": self.retry_after,
             "hang_outcome": self.hang_outcome,
+            "flap_rate": self.flap_rate,
             "statuses": [served.status for served in self.answers],
         }
 
@@ -915,9 +976,13 @@ class DsmrReaderServer:
             self.poison = None if needle is None else (lambda telegram: needle in telegram)
         if "v2_reject_timestamps" in changes:
             self.v2_reject = _reject_timestamps(changes["v2_reject_timestamps"])
-        for key in ("poison_answer", "delay", "retry_after", "hang_outcome"):
+        for key in ("poison_answer", "delay", "retry_after", "hang_outcome", "flap_rate"):
             if key in changes:
                 setattr(self, key, changes[key])
+        if "redirect_to" in changes:
+            self.redirect_to = changes["redirect_to"]
+        if "flap_seed" in changes:
+            self.seed(changes["flap_seed"])
         if "workers" in changes:
             self.workers, self._worker_slots = changes["workers"], None
         response = web.json_response(self.state())

@@ -306,3 +306,55 @@ def test_the_stream_holds_at_most_the_reorder_buffer(tmp_path: Path) -> None:
     assert stats.telegrams <= REORDER + 1 + 400  # plus what one read of the file held
     assert len(list(stream)) == count - 1
     assert stats.telegrams == count
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "expected"),
+    [
+        (302, {"Location": "https://dsmr.example/"}, b"", "redirected to https://dsmr.example/"),
+        (200, {"Content-Type": "text/html"}, b"<html>Proxy login</html>", "not DSMR-reader's"),
+        (200, {"Content-Type": "application/json"}, b'{"detail": "x"}', "not DSMR-reader's"),
+    ],
+    ids=["redirect", "html", "other-json"],
+)
+def test_a_listing_that_is_not_dsmr_readers_is_one_clear_line_not_a_traceback(
+    tmp_path: Path, status: int, headers: dict[str, str], body: bytes, expected: str
+) -> None:
+    """A proxy or a wrong URL in front of DSMR-reader answers the v2 listing with something
+    else: the command says what came back, with exit 2, and sends nothing."""
+    from aiohttp import web
+
+    posts: list[str] = []
+
+    async def listing(request: web.Request) -> web.Response:
+        if request.method == "POST":
+            posts.append(request.path)
+        return web.Response(status=status, headers=headers, body=body)
+
+    async def run() -> subprocess.CompletedProcess[str]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", listing)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        config = write_config(tmp_path, f"http://127.0.0.1:{port}")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "dsmr_logger", "backfill", "--config", str(config),
+                "--from", str(archive(tmp_path, capture()[:20])), "--sink", "home",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(process.communicate(), 60)
+        finally:
+            await runner.cleanup()
+        assert process.returncode is not None
+        return subprocess.CompletedProcess([], process.returncode, out.decode(), err.decode())
+
+    result = asyncio.run(run())
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert posts == []

@@ -18,6 +18,7 @@ from dsmr_reader_server import (
     DEBUG_500_PAGE,
     PLAIN_500_PAGE,
     V1_PATH,
+    V2_PATH,
     DsmrReaderProcess,
     DsmrReaderServer,
     lacks_required_registers,
@@ -25,8 +26,15 @@ from dsmr_reader_server import (
 )
 
 from dsmr_logger.config import DsmrReaderSinkConfig
-from dsmr_logger.delivery.answers import Verdict, classify, no_answer, parse_retry_after
+from dsmr_logger.delivery.answers import (
+    Verdict,
+    advice,
+    classify,
+    no_answer,
+    parse_retry_after,
+)
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink
+from dsmr_logger.net.http import ConnectError, ReadTimeout
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler
 
 KEY = "s3cr3t-api-key"
@@ -425,7 +433,11 @@ PARSE_FAILURE = "Failed to parse telegram"
         (502, "", Verdict.RETRY),
         (503, "", Verdict.RETRY),
         (504, "", Verdict.RETRY),
-        (302, "", Verdict.RETRY),
+        (301, "", Verdict.MISCONFIGURED),
+        (302, "", Verdict.MISCONFIGURED),
+        (307, "", Verdict.MISCONFIGURED),
+        (308, "", Verdict.MISCONFIGURED),
+        (304, "", Verdict.RETRY),
     ],
 )
 def test_classify(status: int, body: str, verdict: Verdict):
@@ -472,3 +484,94 @@ def test_no_answer_is_retry():
     assert answer.verdict is Verdict.RETRY and answer.status is None
     assert answer.error == "ConnectionRefusedError: [Errno 111] Connection refused"
     assert no_answer(TimeoutError()).error == "TimeoutError: TimeoutError"
+
+
+# --- redirects, "not sent" vs "maybe stored", the health probe -----------------------------------
+
+
+async def test_redirect_is_misconfigured_and_names_the_url_to_use(
+    server: DsmrReaderServer, make_sink: SinkFactory
+):
+    """http → https redirect: not retried for ever; the advice is the URL to configure."""
+    server.mode = "redirect"
+    sink = await make_sink()
+    answer = await sink.send(Item(1, raw(NL_DSMR42)))
+    https = f"https://127.0.0.1:{server.port}"
+    assert answer.verdict is Verdict.MISCONFIGURED
+    assert answer.location == https + V1_PATH
+    assert advice(answer) == f"the server redirects to {https + V1_PATH}: use {https} as url"
+    assert answer.describe() == f"HTTP 301 redirect to {https + V1_PATH}"
+    assert server.received == []
+
+
+async def test_redirect_elsewhere_and_credentials_never_echoed(
+    server: DsmrReaderServer, make_sink: SinkFactory
+):
+    server.mode = "redirect"
+    server.redirect_to = "https://user:secret@login.example/portal"
+    answer = await (await make_sink()).send(Item(1, raw(NL_DSMR42)))
+    assert answer.verdict is Verdict.MISCONFIGURED
+    assert answer.location == "https://login.example/portal/api/v1/datalogger/dsmrreading"
+    assert advice(answer).endswith("use https://login.example/portal as url")
+    assert "secret" not in advice(answer) + answer.describe()
+    tokened = classify(302, "", location="https://h.example:8443/x?token=abc#frag")
+    assert tokened.location == "https://h.example:8443/x" and "abc" not in advice(tokened)
+    server.redirect_to = "/elsewhere"  # relative: resolved against the sink's URL
+    answer = await (await make_sink()).send(Item(2, raw(NL_DSMR42)))
+    assert answer.location == f"http://127.0.0.1:{server.port}/elsewhere{V1_PATH}"
+    assert "as url" in advice(answer)
+
+
+async def test_refused_stored_nothing_a_timeout_may_have(
+    server: DsmrReaderServer, make_sink: SinkFactory
+):
+    """The HTTP client's ConnectError (not sent) vs ReadTimeout (sent: maybe stored), carried
+    into the answer the worker counts possible duplicates by."""
+    sink = await make_sink(timeout=0.3)
+    await server.set_mode("refuse")
+    refused = await sink.send(Item(1, raw(NL_DSMR42)))
+    assert (refused.verdict, refused.maybe_stored) == (Verdict.RETRY, False)
+    assert refused.error and refused.error.startswith("ConnectError")
+    await server.set_mode("ok")
+    server.hang_outcome = "process"  # the timed-out request is stored after all
+    await server.set_mode("hang")
+    timed_out = await sink.send(Item(2, raw(NL_DSMR5)))
+    assert (timed_out.verdict, timed_out.maybe_stored) == (Verdict.RETRY, True)
+    assert timed_out.error and timed_out.error.startswith("ReadTimeout")
+    await server.set_mode("ok")
+    answer = await sink.send(Item(3, raw(NL_DSMR42)))
+    assert (answer.verdict, answer.maybe_stored) == (Verdict.DELIVERED, False)
+    async with asyncio.timeout(5):
+        while len(server.received) < 2:  # the held one is stored when the server resumes
+            await asyncio.sleep(0.01)
+    assert sorted(server.received) == sorted([raw(NL_DSMR5).decode(), raw(NL_DSMR42).decode()])
+
+
+def test_gateway_failures_may_have_stored():
+    assert classify(504, "").maybe_stored and classify(502, "").maybe_stored
+    assert not classify(503, "").maybe_stored and not classify(500, PLAIN_500_PAGE).maybe_stored
+    assert not no_answer(ConnectError("refused")).maybe_stored
+    assert no_answer(ReadTimeout("no answer")).maybe_stored
+    assert no_answer(ConnectionResetError()).maybe_stored  # unknown: the honest side
+
+
+@pytest.mark.parametrize(
+    ("mode", "verdict"),
+    [
+        ("ok", Verdict.DELIVERED),
+        ("html500", Verdict.SUSPECT),
+        ("proxy_bad_request", Verdict.REJECTED),
+        ("forbidden", Verdict.MISCONFIGURED),
+        ("refuse", Verdict.RETRY),
+    ],
+)
+async def test_health_probe_reads_and_stores_nothing(
+    mode: str, verdict: Verdict, server: DsmrReaderServer, make_sink: SinkFactory
+):
+    sink = await make_sink()
+    await server.set_mode(mode)
+    assert (await sink.probe()).verdict is verdict
+    assert server.received == [] and server.readings == []
+    if mode == "ok":
+        (served,) = server.answers
+        assert (served.path, served.status, served.reason) == (V2_PATH, 200, "list")

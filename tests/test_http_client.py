@@ -785,3 +785,93 @@ async def test_a_request_that_waits_for_a_pool_slot_and_times_out_was_not_sent()
         with pytest.raises(ReadTimeout):
             await first
     assert [body for _, _, body in raw.requests] == [b"a"]
+
+
+# --- Happy Eyeballs: a dead first address -------------------------------------------------------
+
+
+@asynccontextmanager
+async def dead_v4_live_v6(
+    monkeypatch: pytest.MonkeyPatch, answer: Callable[[web.Request], Awaitable[web.Response]]
+) -> AsyncIterator[tuple[str, Seen]]:
+    """A name whose first address is black-holed and whose second one serves.
+
+    127.0.0.1:PORT is a listener whose accept queue is full, so the kernel drops every further
+    SYN, exactly as a dead address (a stale AAAA record, a host that went away) does; [::1]:PORT
+    is an aiohttp server. The name ``dual.test`` resolves to both, the dead one first: the
+    resolution is the test's (the loop's ``getaddrinfo``), the connections are real.
+    """
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # the one place in the queue
+    probe = socket.socket()
+    probe.settimeout(0.3)
+    with pytest.raises(TimeoutError):  # the black hole works: a connect gets no answer at all
+        probe.connect(("127.0.0.1", port))
+    probe.close()
+    seen = Seen()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        seen.requests.append(request)
+        seen.bodies.append(await request.read())
+        return await answer(request)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    loop = asyncio.get_running_loop()
+    real = loop.getaddrinfo
+
+    async def resolve(host: Any, service: Any, **hints: Any) -> Any:
+        if host != "dual.test":
+            return await real(host, service, **hints)
+        stream, tcp = socket.SOCK_STREAM, socket.IPPROTO_TCP
+        return [
+            (socket.AF_INET, stream, tcp, "", ("127.0.0.1", int(service))),
+            (socket.AF_INET6, stream, tcp, "", ("::1", int(service), 0, 0)),
+        ]
+
+    try:
+        await web.TCPSite(runner, "::1", port).start()
+        monkeypatch.setattr(loop, "getaddrinfo", resolve)
+        yield f"http://dual.test:{port}", seen
+    finally:
+        await runner.cleanup()
+        filler.close()
+        listener.close()
+
+
+async def test_a_black_holed_first_address_costs_a_moment_not_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Connections race the addresses as RFC 8305 says: the live one is tried 0.25 s after the
+    dead one, so the post succeeds long before the client's 20 s timeout."""
+    async with (
+        dead_v4_live_v6(monkeypatch, created) as (url, seen),
+        http_client(url, timeout=20.0) as client,
+    ):
+        async with asyncio.timeout(5.0):  # a quarter of the timeout a dead address would cost
+            response = await client.post(PATH, TELEGRAM, FORM)
+        assert response.status == 201
+        assert seen.bodies == [TELEGRAM]
+        assert seen.requests[0].host == url.removeprefix("http://")
+
+
+async def test_without_happy_eyeballs_the_dead_address_takes_the_whole_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The control: connecting one address after the other, the black hole swallows the post
+    (so the test above proves the racing, not a lucky setup)."""
+    monkeypatch.setattr("dsmr_logger.net.http.HAPPY_EYEBALLS_DELAY", None)
+    async with (
+        dead_v4_live_v6(monkeypatch, created) as (url, seen),
+        http_client(url, timeout=1.0) as client,
+    ):
+        with pytest.raises(ConnectTimeout):
+            await client.post(PATH, TELEGRAM, FORM)
+        assert seen.bodies == []

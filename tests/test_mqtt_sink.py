@@ -32,6 +32,7 @@ from test_daemon_process import (  # the daemon-process harness, shared
     FILLERS,
     Processes,
     capture_telegrams,
+    dead_letters_in_spool,
     log_events,
     log_tail,
     pending_in_spool,
@@ -278,6 +279,22 @@ async def test_a_topic_the_acl_forbids_is_a_misconfigured_sink(
     assert answer.verdict is Verdict.MISCONFIGURED
     assert "0x87 not authorized" in answer.describe() and fix in answer.describe()
     await sink.close()
+
+
+async def test_the_health_probe_says_whether_the_broker_takes_the_client(tmp_path: Path) -> None:
+    """The worker asks it after an ambiguous hang-up (0x95, 0x99): a message the broker chokes
+    on while it takes the client counts a strike; a broker that is gone does not."""
+    with broker_at(tmp_path / "b") as broker:
+        url = broker.url
+        sink = await started_sink(sink_config(url))
+        assert (await sink.probe()).verdict is Verdict.DELIVERED
+        await sink.close()
+        wrong = await started_sink(sink_config(url, password="not-the-password"))
+        assert (await wrong.probe()).verdict is Verdict.MISCONFIGURED
+        await wrong.close()
+    gone = await started_sink(sink_config(url))
+    assert (await gone.probe()).verdict is Verdict.RETRY
+    await gone.close()
 
 
 async def test_a_message_over_the_brokers_size_limit_is_rejected(tmp_path: Path) -> None:
@@ -758,15 +775,15 @@ def test_oversized_messages_are_dead_lettered_and_listed(tmp_path: Path, procs: 
         wait_until(lambda: started(log), 10.0, "the daemon to start")
         read = read_to_the_end(log, play(procs, tmp_path, 60))
         wait_until(
-            lambda: (
-                sum(e.get("event") == "telegram dead-lettered" for e in log_events(log))
-                >= len(read)
-            ),
+            lambda: len(dead_letters_in_spool(tmp_path / "spool.sqlite3")) >= len(read),
             15.0,
             "every telegram dead-lettered",
         )
         status, _ = terminate(daemon)
         assert status == 0
+    # Warned about with a count (the first at once, the rest summarised), not a line each.
+    warned = [e for e in log_events(log) if e.get("event") == "telegrams dead-lettered"]
+    assert sum(e["count"] for e in warned) == len(read) and len(warned) <= 2
     assert pending_in_spool(tmp_path / "spool.sqlite3", SINK) == []
     listing = subprocess.run(
         [sys.executable, "-m", "dsmr_logger", "spool", "--config", str(config), "list"],

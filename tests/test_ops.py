@@ -19,10 +19,12 @@ from waiting import wait_until
 
 from dsmr_logger.config import Config, HttpConfig, from_mapping
 from dsmr_logger.daemon import Daemon
+from dsmr_logger.runtime.health import judge, status_document
 from dsmr_logger.runtime.notify import Notifier
+from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
-from dsmr_logger.tools.status import status
+from dsmr_logger.tools.status import render, status
 
 KEY = "ops-test-key-0123456789"
 TELEGRAMS = frames_in(default_capture())
@@ -69,36 +71,50 @@ async def get(daemon: Daemon, path: str) -> tuple[int, str]:
         return answer.status, await answer.text()
 
 
+async def healthz_until(daemon: Daemon, wanted: int, timeout: float = 10.0) -> list[str]:
+    """Poll /healthz (every 20 ms) until it answers ``wanted``; returns that answer's reasons."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status, body = await get(daemon, "/healthz")
+            if status == wanted:
+                reasons: list[str] = json.loads(body)["reasons"]
+                return reasons
+            await asyncio.sleep(0.02)
+
+
 async def test_healthz_follows_the_meter_and_the_sink(tmp_path: Path) -> None:
     port = VirtualSerialPort()
     try:
         async with (
             DsmrReaderServer(api_key=KEY) as server,
-            running(Daemon(make_config(tmp_path, port.path, server.url))) as daemon,
+            running(
+                Daemon(make_config(tmp_path, port.path, server.url, frame_window=2.0))
+            ) as daemon,
         ):
+            # Just started: no telegram yet, and none expected yet (frame_window is 2 s).
             status, body = await get(daemon, "/healthz")
-            assert status == 503
-            assert "no valid telegram for ever" in json.loads(body)["reasons"][0]
+            assert (status, json.loads(body)["state"]) == (200, "starting")
+            reasons = await healthz_until(daemon, 503)  # past frame_window without a telegram
+            assert "no valid telegram since the start" in reasons[0]
 
             meter = asyncio.create_task(MeterSimulator(port, TELEGRAMS, interval=0.05).run())
             await wait_until(lambda: len(server.received) >= 2, "deliveries")
             status, body = await get(daemon, "/healthz")
-            assert (status, json.loads(body)) == (200, {"healthy": True, "reasons": []})
+            assert (status, json.loads(body)) == (
+                200,
+                {"healthy": True, "state": "healthy", "reasons": []},
+            )
 
             server.mode = "refuse"  # the sink fails past sink_failing (0.3 s)
-            await asyncio.sleep(0.6)
-            status, body = await get(daemon, "/healthz")
-            assert status == 503
-            assert "sink home failing" in " ".join(json.loads(body)["reasons"])
+            reasons = await healthz_until(daemon, 503)
+            assert "sink home failing" in " ".join(reasons)
             await server.set_mode("ok")
             await wait_until(lambda: daemon.workers[0].stats.failing_since is None, "recovery")
             assert (await get(daemon, "/healthz"))[0] == 200
 
-            meter.cancel()  # the meter falls silent: past frame_window (0.5 s) → 503
-            await asyncio.sleep(0.7)
-            status, body = await get(daemon, "/healthz")
-            assert status == 503
-            assert "no valid telegram for" in json.loads(body)["reasons"][0]
+            meter.cancel()  # the meter falls silent: past frame_window (2 s) → 503
+            reasons = await healthz_until(daemon, 503)
+            assert "no valid telegram for" in reasons[0]
     finally:
         port.close()
 
@@ -191,20 +207,26 @@ async def test_systemd_notify_ready_status_and_watchdog(tmp_path: Path) -> None:
         async with DsmrReaderServer(api_key=KEY) as server:
             daemon = Daemon(make_config(tmp_path, port.path, server.url), notifier=notifier)
             async with running(daemon):
-                await asyncio.sleep(0.3)
-                first = drain()
+                first: list[str] = []
+
+                def three_pings() -> bool:
+                    first.extend(drain())
+                    return sum(m.startswith("WATCHDOG=1") for m in first) >= 3
+
+                await wait_until(three_pings, "three watchdog pings")
                 assert first[0].startswith("READY=1\nSTATUS=")
                 assert f"{port.path}, 1/1 sinks ok, backlog 0" in first[0]
                 pings = [m for m in first[1:] if m.startswith("WATCHDOG=1")]
-                assert len(pings) >= 3
                 assert all("\nSTATUS=" in m for m in pings)
 
+                drain()
                 time.sleep(0.4)  # a wedged event loop: no pings may be sent meanwhile
                 blocked_at = time.monotonic()
                 during = [m for m in drain() if m.startswith("WATCHDOG=1")]
                 assert len(during) <= 1, during  # at most one that was already due
-                await asyncio.sleep(0.2)
-                assert any(m.startswith("WATCHDOG=1") for m in drain())
+                await wait_until(
+                    lambda: any(m.startswith("WATCHDOG=1") for m in drain()), "pings again"
+                )
                 assert time.monotonic() - blocked_at < 5
             assert "STOPPING=1" in " ".join(drain())
     finally:
@@ -217,3 +239,46 @@ def test_no_notify_socket_means_no_op() -> None:
     assert not notifier.enabled
     assert notifier.watchdog_interval is None
     notifier.ready("fine")  # must not raise
+
+
+def test_the_verdict_over_a_start_that_never_sees_the_meter() -> None:
+    """The pure verdict with a clock: "starting" for frame_window, then unhealthy with the
+    link's last error, its age and the attempts; ``status`` renders each as a person reads it."""
+    limits = HttpConfig(frame_window=60.0, sink_failing=900.0)
+    t0 = 1_800_000_000.0
+
+    def snapshot(now: float) -> Snapshot:
+        return Snapshot(
+            port="/dev/ttyUSB0",
+            meter_state="disconnected",
+            connected=False,
+            frames=0,
+            rejected={},
+            bytes_in=0,
+            garbage_bytes=0,
+            reconnects=8,
+            last_frame_at=None,
+            last_telegram=None,
+            sinks=(),
+            started_at=t0,
+            meter_error="cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'",
+            meter_error_at=now - 2,
+            meter_attempts=9,
+        )
+
+    early = judge(snapshot(t0 + 1), t0 + 1, limits)
+    assert (early.ok, early.state, early.reasons) == (True, "starting", ())
+    text = render(status_document(snapshot(t0 + 1), t0 + 1, limits))
+    assert text.splitlines()[0] == "dsmr-logger: starting (started 1 s ago, no telegram yet)"
+    late = judge(snapshot(t0 + 61), t0 + 61, limits)
+    assert (late.ok, late.state) == (False, "unhealthy")
+    assert late.reasons == (
+        "no valid telegram since the start 61 s ago (meter state: disconnected; last error 2 s "
+        "ago: cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0'; 9 attempts)",
+    )
+    lines = render(status_document(snapshot(t0 + 61), t0 + 61, limits)).splitlines()
+    assert lines[0] == "dsmr-logger: UNHEALTHY"
+    assert lines[3] == (
+        "  last error: cannot open: FileNotFoundError: [Errno 2] No such file: '/dev/ttyUSB0' "
+        "(2 s ago)"
+    )

@@ -1,14 +1,39 @@
 """One task per sink: send the head of its queue until the answer says what to do with it.
 
-Delivered → next. Rejected (``Failed to parse telegram``, 400) → dead-letter, next. Transient →
-capped exponential backoff with full jitter (``Retry-After`` honoured), same telegram again.
-Misconfigured (401/403/404/405) → one clear error naming the sink, keep queueing, probe slowly.
+Delivered → next. Transient → capped exponential backoff with full jitter (``Retry-After``
+honoured), same telegram again. Misconfigured (401/403/404/405, a redirect) → one clear error
+naming the sink, keep queueing, probe slowly. The head is the only telegram on its way (with the
+default ``max_in_flight = 1``), so the server stores telegrams in the order they were read: nothing
+behind the head is sent before the head is stored or dead-lettered.
 
-An HTML 500 is ambiguous: DSMR-reader answers it both for a database outage and for a telegram it
-chokes on. After ``SUSPECT_LIMIT`` such answers for the same telegram the worker sends the telegram
-*behind* it once: if that one is not stored, the server is down and nothing is dead-lettered; if
-it is, the head gets one more try (an outage may just have ended) and is dead-lettered only if it
-is refused again, so it no longer blocks the queue.
+**Refusals** (400, ``Failed to parse telegram``) may be about the telegram or about the *sink*:
+a reverse proxy answering 400 to everything, a URL pointing at some other web server (39 of 39
+telegrams were dead-lettered behind such a proxy, with health OK). So before a refused telegram is
+dead-lettered, the worker asks the sink's health probe (``probe()``, a read that stores nothing)
+whether the server answers like DSMR-reader. If it does, the refusal is the telegram's and it is
+dead-lettered (also a run of them, e.g. a bad gas value repeated until the next M-Bus reading); if
+not, the sink is misconfigured: nothing is dead-lettered, everything stays queued, ``/healthz``
+names the sink. Dead-letter warnings are summarised: the first at once, then one line with a count
+at most every ``REPORT_INTERVAL``.
+
+**The poison rule** (an HTML 500): DSMR-reader answers the same page for a database outage and for
+a telegram it chokes on (registers missing, a value too large). A poison telegram fails *every*
+time while the server otherwise works; an outage fails everything; a flapping server fails at
+random. So each HTML 500 of the head is followed by the health probe, and it counts as a strike
+only if the probe shows the server answering. ``POISON_STRIKES`` strikes dead-letter the head. A
+good telegram on a server failing a fraction ``p`` of requests at random gets a strike before its
+success with odds ``p / (1 + p)`` (a failure, then a probe that got through, before a success), so
+ten strikes are ``(1/6)^10 = 1.7e-8`` at p = 0.2 — one good telegram in 60 million — and
+``(1/3)^10 = 1.7e-5`` even at p = 0.5; an outage, whose probe fails, never strikes. The old rule
+(three 500s, then send the telegram behind the head, then the head once more) dead-lettered 1 of
+566 good telegrams at p = 0.2, stored the one behind before the head (7 out-of-order pairs in
+1,500), and blocked for ever on two poison telegrams in a row (the probe failed too, so it took
+the server for down). A run of poison telegrams now costs each of them ten posts and ten probes,
+``retry_initial / 4`` apart.
+
+What the server may hold twice is counted, not guessed: a failure that may have stored the
+telegram (``Answer.maybe_stored``: a read timeout, a connection lost after sending, a gateway's
+502/504) followed by a success is a possible duplicate (``possible_duplicates``, an upper bound).
 """
 
 from __future__ import annotations
@@ -19,7 +44,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -27,7 +52,20 @@ from dsmr_logger.delivery.answers import Answer, Verdict, advice
 from dsmr_logger.delivery.queue import Item, Queues, SinkQueue
 from dsmr_logger.delivery.sinks import Sink
 
-SUSPECT_LIMIT = 3
+POISON_STRIKES = 10
+"""HTML 500s of one telegram, each while the server answered its health probe, before it is
+dead-lettered as poison (see the module docstring for the odds)."""
+REFUSED_RUN_REASON = 10
+"""Telegrams dead-lettered in a row (nothing delivered between) that make ``/healthz`` say so."""
+REPORT_INTERVAL = 60.0
+"""Seconds between dead-letter warnings: the first is logged at once, later ones as a count."""
+
+
+@runtime_checkable
+class Probing(Protocol):
+    """A sink that can ask its server, without storing anything, whether it works."""
+
+    async def probe(self) -> Answer: ...
 
 
 @dataclass(slots=True)
@@ -35,10 +73,68 @@ class SinkStats:
     delivered: int = 0
     retries: int = 0
     dead_letters: int = 0
+    possible_duplicates: int = 0
+    """Failed attempts that may have stored a telegram that was then stored again."""
+    refused_in_a_row: int = 0
+    """Telegrams dead-lettered since the last delivery."""
     last_error: str | None = None
     last_error_at: float | None = None
     failing_since: float | None = None
     misconfigured: bool = False
+    fix: str | None = None
+    """What to change, while misconfigured."""
+
+
+class DeadLetterReport:
+    """Dead-letter warnings, and failures of a flapping server, rate-limited: the first at
+    once, then a count at most every ``interval`` (logs must never fill an SD card).
+
+    Invariant: every dead letter is in exactly one logged count (the rest by ``flush``)."""
+
+    def __init__(self, log: Any, clock: Callable[[], float], interval: float) -> None:
+        self._log = log
+        self._clock = clock
+        self._interval = interval
+        self._pending = 0
+        self._last: tuple[str, str] = ("", "")
+        self._logged_at: float | None = None
+        self._failure_logged_at: float | None = None
+        self._failures_unlogged = 0
+
+    def may_log_failure(self) -> bool:
+        """A sink starts failing: log it, unless one was logged within ``interval`` (counted)."""
+        now = self._clock()
+        if self._failure_logged_at is not None and now - self._failure_logged_at < self._interval:
+            self._failures_unlogged += 1
+            return False
+        self._failure_logged_at = now
+        return True
+
+    def unlogged_failures(self) -> dict[str, int]:
+        """For the next failure line: how many short failures went unlogged before it."""
+        count, self._failures_unlogged = self._failures_unlogged, 0
+        return {"short_failures_since_last_line": count} if count else {}
+
+    def add(self, reason: str, answer: str) -> None:
+        self._pending += 1
+        self._last = (reason, answer)
+        now = self._clock()
+        if self._logged_at is None or now - self._logged_at >= self._interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        reason, answer = self._last
+        self._log.warning(
+            "telegrams dead-lettered",
+            count=self._pending,
+            reason=reason,
+            answer=answer,
+            hint="list with: dsmr-logger spool list",
+        )
+        self._pending = 0
+        self._logged_at = self._clock()
 
 
 class SinkWorker:
@@ -51,6 +147,7 @@ class SinkWorker:
         retry_max: float,
         jitter: Callable[[], float] = random.random,
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         max_in_flight: int = 1,
         log: Any = None,
     ) -> None:
@@ -63,16 +160,21 @@ class SinkWorker:
         self._jitter = jitter
         self._wall = wall_clock
         self._log = (log or structlog.get_logger("dsmr_logger.delivery")).bind(sink=sink.name)
+        self._report = DeadLetterReport(self._log, clock, REPORT_INTERVAL)
         self.max_in_flight = max_in_flight
-        # The probe sends the telegram behind the head, pipelining up to max_in_flight - 1 more:
-        # the spool's size cap must spare those while they may be on their way.
-        self.queue.lookahead = max(1, max_in_flight - 1)
+        # Pipelining sends up to max_in_flight - 1 telegrams behind the head: the spool's size cap
+        # must spare those while they may be on their way.
+        self.queue.lookahead = max_in_flight - 1
         self._stopping = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._in_flight = 0
+        self._episode_logged = False
+        """The current failure was logged (so its recovery is); short ones are only counted."""
+        self._maybe_stored: dict[int, int] = {}
+        """Failed attempts per telegram that may have reached the server's database."""
         self._delivered_ahead: set[int] = set()
-        """Telegrams behind the head already stored (probe, pipelining): confirmed, not resent."""
+        """Telegrams behind the head already stored (pipelining): confirmed, not resent."""
         self._window: dict[int, asyncio.Task[Answer]] = {}
         """Requests on their way (``max_in_flight`` > 1), by telegram."""
 
@@ -82,15 +184,22 @@ class SinkWorker:
         finally:
             for task in list(self._window.values()):
                 task.cancel()
+            self._report.flush()
+
+    def report(self) -> None:
+        """Log the dead letters not yet reported (the periodic summary calls this)."""
+        self._report.flush()
 
     async def _run(self) -> None:
-        attempt = 0
-        suspects = 0
+        head: int | None = None
+        attempt = strikes = 0
         while not self._stopping.is_set():
             item = await self.queue.head()
             if self._stopping.is_set():
                 return
-            if item.seq in self._delivered_ahead:  # stored by the probe or a pipelined send
+            if item.seq != head:
+                head, attempt, strikes = item.seq, 0, 0
+            if item.seq in self._delivered_ahead:  # stored by a pipelined send
                 self._delivered_ahead.discard(item.seq)
                 await self._delivered(item)
                 continue
@@ -99,33 +208,32 @@ class SinkWorker:
             verdict = answer.verdict
             if verdict is Verdict.DELIVERED:
                 await self._delivered(item)
-                attempt = suspects = 0
                 continue
             if verdict is Verdict.REJECTED:
-                await self._dead_letter(item, answer, answer.error or "the server refused it")
-                attempt = suspects = 0
+                refusal = await self._whose_refusal(answer)
+                if refusal is None:
+                    await self._dead_letter(item, answer, answer.error or "the server refused it")
+                    continue
+                self._failed(answer, fix=refusal)
+                await self._pause(self.retry_max)
                 continue
             self._failed(answer)
             if verdict is Verdict.MISCONFIGURED:
                 await self._pause(self.retry_max)
                 continue
-            if verdict is Verdict.SUSPECT:
-                suspects += 1
-                if suspects >= SUSPECT_LIMIT and await self._behind_head_is_stored():
-                    # The server stores others; one more try tells a just-ended outage apart.
-                    answer = await self._send(item)
-                    if answer.verdict is Verdict.DELIVERED:
-                        await self._delivered(item)
-                        attempt = suspects = 0
-                        continue
-                    if answer.verdict in (Verdict.SUSPECT, Verdict.REJECTED):
-                        await self._dead_letter(
-                            item, answer, "server error for this telegram only (others are stored)"
-                        )
-                        attempt = suspects = 0
-                        continue
-            attempt += 1
             self.stats.retries += 1
+            if verdict is Verdict.SUSPECT and await self._server_answers():
+                strikes += 1
+                if strikes >= POISON_STRIKES:
+                    reason = (
+                        f"server error for this telegram {strikes} times while the server "
+                        "answered other requests (poison)"
+                    )
+                    await self._dead_letter(item, answer, reason)
+                    continue
+                await self._pause(self.retry_initial / 4)
+                continue
+            attempt += 1
             await self._pause(self._backoff(attempt, answer.retry_after))
 
     async def stop(self, grace: float) -> None:
@@ -134,6 +242,31 @@ class SinkWorker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._idle.wait()
+
+    async def _whose_refusal(self, answer: Answer) -> str | None:
+        """None if a refusal is about the telegram; else what to fix in the sink.
+
+        Refused by the daemon itself (no HTTP status: it cannot be mapped), it is the telegram's.
+        A server's refusal is, if the server shows by its health probe that it is DSMR-reader.
+        """
+        if answer.status is None:
+            return None
+        if not isinstance(self.sink, Probing):
+            return "the sink refuses every telegram; check its configuration"
+        probe = await self.sink.probe()
+        if probe.verdict is Verdict.DELIVERED:
+            return None
+        return (
+            "the server refuses every telegram and does not answer like DSMR-reader "
+            f"(its health probe got: {probe.describe()}); check the sink's url (a proxy or "
+            "another web server at that address?)"
+        )
+
+    async def _server_answers(self) -> bool:
+        """The health probe: does the server work otherwise? (No probe: cannot tell, so no.)"""
+        if not isinstance(self.sink, Probing):
+            return False
+        return (await self.sink.probe()).verdict is Verdict.DELIVERED
 
     async def _send_from(self, head: Item) -> Answer:
         """Send the head, keeping up to ``max_in_flight`` requests going behind it (a window).
@@ -167,58 +300,44 @@ class SinkWorker:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self.sink.send(item)
+            answer = await self.sink.send(item)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+        if answer.maybe_stored:
+            self._maybe_stored[item.seq] = self._maybe_stored.get(item.seq, 0) + 1
+        return answer
 
     async def _delivered(self, item: Item) -> None:
         await self.queues.confirm(self.sink.name, item)
         self.stats.delivered += 1
+        self.stats.possible_duplicates += self._maybe_stored.pop(item.seq, 0)
+        self.stats.refused_in_a_row = 0
         if self.stats.failing_since is not None:
-            self._log.info(
-                "sink recovered",
-                failing_for=round(self._wall() - self.stats.failing_since, 1),
-                backlog=len(self.queue),
-            )
+            if self._episode_logged or self.stats.misconfigured:
+                self._log.info(
+                    "sink recovered",
+                    failing_for=round(self._wall() - self.stats.failing_since, 1),
+                    backlog=len(self.queue),
+                )
             self.stats.failing_since = None
             self.stats.misconfigured = False
+            self.stats.fix = None
 
     async def _dead_letter(self, item: Item, answer: Answer, reason: str) -> None:
         await self.queues.dead_letter(
             self.sink.name, item, status=answer.status, body=answer.body, reason=reason
         )
+        self._maybe_stored.pop(item.seq, None)
         self.stats.dead_letters += 1
-        self._log.warning(
-            "telegram dead-lettered",
-            reason=reason,
-            answer=answer.describe(),
-            received_at=item.received_at,
-            hint="list with: dsmr-logger spool list",
-        )
+        self.stats.refused_in_a_row += 1
+        self.stats.last_error = answer.describe()
+        self.stats.last_error_at = self._wall()
+        self._report.add(reason, answer.describe())
 
-    async def _behind_head_is_stored(self) -> bool:
-        behind = await self.queue.peek_behind_head()
-        if behind is None:
-            return False
-        if behind.seq in self._delivered_ahead:  # stored by an earlier probe or pipelined send
-            return True
-        in_flight = self._window.get(behind.seq)
-        answer = await (in_flight if in_flight is not None else self._send(behind))
-        if answer.verdict is Verdict.DELIVERED:
-            self._delivered_ahead.add(behind.seq)
-            return True
-        if answer.verdict is Verdict.SUSPECT:
-            self._log.warning(
-                "server answers 500 to consecutive telegrams; if DSMR-reader works otherwise, "
-                "the meter's telegrams may lack registers it needs over v1 (1.8.1, 2.8.1, 1.7.0, "
-                "2.7.0)",
-                answer=answer.describe(),
-            )
-        return False
-
-    def _failed(self, answer: Answer) -> None:
+    def _failed(self, answer: Answer, *, fix: str | None = None) -> None:
+        """Note a failed attempt; log a state change once. ``fix``: the sink is misconfigured."""
         now = self._wall()
         description = answer.describe()
         first = self.stats.failing_since is None
@@ -227,20 +346,33 @@ class SinkWorker:
         self.stats.last_error_at = now
         if first:
             self.stats.failing_since = now
-        if answer.verdict is Verdict.MISCONFIGURED:
+        if answer.verdict is Verdict.MISCONFIGURED and fix is None:
+            fix = advice(answer)
+        if fix is not None:
             if not self.stats.misconfigured or changed:
                 self._log.error(
-                    "sink misconfigured; telegrams stay queued until it is fixed",
+                    "sink misconfigured; nothing is dead-lettered, telegrams stay queued until "
+                    "it is fixed",
                     answer=description,
-                    fix=advice(answer),
+                    fix=fix,
                     url=getattr(self.sink, "endpoint", None),
                     next_probe_in=self.retry_max,
+                    backlog=len(self.queue),
                 )
             self.stats.misconfigured = True
+            self.stats.fix = fix
         elif first or changed:
-            self._log.warning(
-                "delivery failing, retrying", answer=description, backlog=len(self.queue)
-            )
+            self.stats.misconfigured = False
+            self.stats.fix = None
+            if first:
+                self._episode_logged = self._report.may_log_failure()
+            if self._episode_logged:
+                self._log.warning(
+                    "delivery failing, retrying",
+                    answer=description,
+                    backlog=len(self.queue),
+                    **self._report.unlogged_failures(),
+                )
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:

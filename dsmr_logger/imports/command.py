@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-import aiohttp
-
 from dsmr_logger.config import IMPORT_TYPES, Config, DsmrReaderSinkConfig
 from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.imports.cloud import Clock, CloudConfigError, CloudError, SystemClock
@@ -153,7 +151,7 @@ def main(
         # BackfillError: the sink refused the key or the listing (as for backfill: exit 2).
         print(f"dsmr-logger: import: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (CloudError, SpoolError, OSError, aiohttp.ClientError) as exc:
+    except (CloudError, SpoolError, OSError) as exc:
         print(f"dsmr-logger: import: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

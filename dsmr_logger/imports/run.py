@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 from zoneinfo import ZoneInfo
 
-import aiohttp
-
 from dsmr_logger.config import Config, DsmrReaderSinkConfig
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV2Sink
 from dsmr_logger.imports.cloud import Clock, CloudError, write_atomically
 from dsmr_logger.imports.series import Window
+from dsmr_logger.net.http import HttpClient
 from dsmr_logger.telegram.build import MeterReading, build_telegram
 from dsmr_logger.tools.backfill import (
     REBUILD_HINT,
@@ -46,6 +45,7 @@ from dsmr_logger.tools.backfill import (
     Source,
     deliver,
     frames_of,
+    listing_client,
     meter_time,
     stored_timestamps,
 )
@@ -114,19 +114,15 @@ class DsmrReaderTarget:
         self.out = out
         self.sink = DsmrReaderV2Sink(self.sink_config, zone=zone)
         self.dead_letters = DeadLetters(config, label)
-        self._session: aiohttp.ClientSession | None = None
+        self._client: HttpClient | None = None
 
     async def start(self) -> None:
         await self.sink.start()
-        self._session = aiohttp.ClientSession(
-            headers=self.sink.headers(),
-            connector=aiohttp.TCPConnector(ssl=self.sink_config.verify_tls),
-            timeout=aiohttp.ClientTimeout(total=self.sink_config.timeout),
-        )
+        self._client = listing_client(self.sink, self.sink_config)
 
     async def present(self, window: Window) -> set[datetime]:
-        assert self._session is not None, "start() first"
-        return await stored_timestamps(self._session, self.sink_config, window.start, window.end)
+        assert self._client is not None, "start() first"
+        return await stored_timestamps(self._client, self.sink_config, window.start, window.end)
 
     async def send(self, item: Recorded) -> bool:
         return await deliver(self.sink, self.sink_config, item, self.dead_letters, self.out)
@@ -136,8 +132,9 @@ class DsmrReaderTarget:
 
     async def close(self) -> None:
         self.dead_letters.close()
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
         await self.sink.close()
 
     def closing_lines(self) -> list[str]:

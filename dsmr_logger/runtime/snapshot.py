@@ -19,6 +19,12 @@ class SinkSnapshot:
     last_error_at: float | None
     failing_since: float | None
     misconfigured: bool
+    fix: str | None = None
+    """What to change in the sink's configuration, while it is misconfigured."""
+    possible_duplicates: int = 0
+    """Failed attempts that may have stored a telegram that was then stored again."""
+    refused_in_a_row: int = 0
+    """Telegrams dead-lettered since the last delivery."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +43,15 @@ class Snapshot:
     last_telegram: bytes | None
     sinks: tuple[SinkSnapshot, ...]
     meter_error: str | None = None
-    """Why the meter link is not ok (last failure), kept until it is ok again."""
+    """Why the meter link last failed. A polled device clears it once it is ok again; the P1
+    reader keeps it, with ``meter_error_at``, so "why was it down?" has an answer later."""
     polls: int = 0
     """Requests to a polled device (HomeWizard, HTTP); 0 for a port."""
     repeats: int = 0
     """Telegrams a polled device served again, skipped."""
+    meter_error_at: float | None = None
+    """When ``meter_error`` happened (Unix time)."""
+    meter_attempts: int = 0
+    """Times the link was opened or tried, failed opens included (0 for a polled device)."""
+    started_at: float | None = None
+    """When the daemon started (Unix time): health allows ``frame_window`` for a first frame."""

@@ -41,9 +41,15 @@ class SnapshotCollector(Collector):
         )
         yield CounterMetricFamily(
             "dsmr_logger_meter_reconnects",
-            "Times the meter link was reopened",
+            "Attempts to reopen the meter link, failed ones included",
             value=snap.reconnects,
         )
+        if snap.meter_error_at is not None:
+            yield GaugeMetricFamily(
+                "dsmr_logger_meter_last_error_timestamp_seconds",
+                "Unix time the meter link last failed (the reason is in /status)",
+                value=snap.meter_error_at,
+            )
         yield GaugeMetricFamily(
             "dsmr_logger_meter_connected", "1 while the meter link is open", value=snap.connected
         )
@@ -73,6 +79,10 @@ class SnapshotCollector(Collector):
             "delivered": (CounterMetricFamily, "Telegrams the sink confirmed"),
             "retries": (CounterMetricFamily, "Failed attempts that will be retried"),
             "dead_letters": (CounterMetricFamily, "Telegrams the server refused for good"),
+            "possible_duplicates": (
+                CounterMetricFamily,
+                "Failed attempts that may have stored a telegram that was then stored again",
+            ),
             "dropped": (CounterMetricFamily, "Telegrams lost to the spool size cap"),
             "backlog": (GaugeMetricFamily, "Telegrams waiting for the sink"),
         }
@@ -89,11 +99,18 @@ class SnapshotCollector(Collector):
         failing = GaugeMetricFamily(
             "dsmr_logger_sink_failing", "1 while the sink's last attempt failed", labels=["sink"]
         )
+        misconfigured = GaugeMetricFamily(
+            "dsmr_logger_sink_misconfigured",
+            "1 while the sink needs its configuration fixed (nothing is dead-lettered)",
+            labels=["sink"],
+        )
         for sink in snap.sinks:
             age.add_metric([sink.name], sink.oldest_age or 0.0)
             failing.add_metric([sink.name], 0 if sink.failing_since is None else 1)
+            misconfigured.add_metric([sink.name], 1 if sink.misconfigured else 0)
         yield age
         yield failing
+        yield misconfigured
 
 
 class StatusServer:
@@ -122,11 +139,15 @@ class StatusServer:
     async def start(self) -> None:
         assert self._config.address is not None
         host, port = self._config.address
-        self._runner = web.AppRunner(self.app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        runner = web.AppRunner(self.app(), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:  # the port is taken: nothing may stay half-open
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -135,7 +156,7 @@ class StatusServer:
 
     async def _healthz(self, _: web.Request) -> web.Response:
         health = judge(self._snapshot(), self._wall(), self._config)
-        body = {"healthy": health.ok, "reasons": list(health.reasons)}
+        body = {"healthy": health.ok, "state": health.state, "reasons": list(health.reasons)}
         return web.json_response(body, status=200 if health.ok else 503)
 
     async def _status(self, _: web.Request) -> web.Response:

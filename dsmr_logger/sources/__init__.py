@@ -51,12 +51,17 @@ class MeterStatus:
     port: str
     """Where it reads: a device path, a ``socket://`` address or a URL (never with credentials)."""
     connected: bool = False
+    attempts: int = 0
+    """Times the link was opened or tried: a failed open counts (65 s of retrying is not "0")."""
     connects: int = 0
     disconnects: int = 0
     idle_reconnects: int = 0
     last_byte_at: float | None = None
     last_frame_at: float | None = None
     last_error: str | None = None
+    """Why the link last failed ("cannot open: ...", "no bytes for 30 s, ..."). The P1 reader
+    keeps it after the link is back, with ``last_error_at``; polled sources clear it when ok."""
+    last_error_at: float | None = None
     state: MeterState = MeterState.DISCONNECTED
     polls: int = 0
     """Requests made to a polled device (0 for a port, which is read, not polled)."""

@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-import aiohttp
-
 from dsmr_logger.config import Config, DsmrReaderSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict
 from dsmr_logger.delivery.sinks.dsmr_reader import (
@@ -46,6 +44,7 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderV2Sink,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
+from dsmr_logger.net.http import HttpClient
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
 
@@ -234,10 +233,29 @@ def after(recorded: Iterable[Recorded], done_until: datetime | None) -> Iterator
             yield item
 
 
+LISTING_MAX_BODY = 16 * 1024 * 1024
+"""A page of PAGE_LIMIT readings is about 0.6 MiB of JSON; a larger answer is not a listing."""
+
+
+def listing_client(sink: DsmrReaderSink, config: DsmrReaderSinkConfig) -> HttpClient:
+    """The project's HTTP client, for asking DSMR-reader what it holds (the sink's key)."""
+    return HttpClient(
+        config.url,
+        timeout=config.timeout,
+        headers=sink.headers(),
+        verify_tls=config.verify_tls,
+        max_body=LISTING_MAX_BODY,
+    )
+
+
 async def stored_timestamps(
-    session: aiohttp.ClientSession, config: DsmrReaderSinkConfig, start: datetime, end: datetime
+    client: HttpClient, config: DsmrReaderSinkConfig, start: datetime, end: datetime
 ) -> set[datetime]:
-    """Every reading DSMR-reader has between start and end (v2 list, paginated)."""
+    """Every reading DSMR-reader has between start and end (v2 list, paginated).
+
+    An answer that is not a listing (a redirect, an error page, a proxy's HTML) is a
+    ``BackfillError`` with its status and the start of its body; a failed request an ``OSError``.
+    """
     found: set[datetime] = set()
     offset = 0
     while True:
@@ -250,23 +268,35 @@ async def stored_timestamps(
                 "offset": offset,
             }
         )
-        async with session.get(f"{config.url}{V2_PATH}?{query}") as answer:
-            if answer.status != 200:
-                body = (await answer.text())[:200]
-                raise BackfillError(f"listing stored readings failed: HTTP {answer.status} {body}")
-            page = await answer.json()
-        for reading in page["results"]:
-            found.add(datetime.fromisoformat(reading["timestamp"]))
-        offset += len(page["results"])
-        if not page["results"] or offset >= page["count"]:
+        answer = await client.get(f"{V2_PATH}?{query}", headers={"Accept": "application/json"})
+        text = answer.body.decode("utf-8", "replace")
+        if answer.status != 200:
+            where = answer.headers.get("location")
+            moved = f" (redirected to {where}: use that as the sink's url)" if where else ""
+            raise BackfillError(
+                f"listing stored readings failed: HTTP {answer.status}{moved} "
+                f"{' '.join(text.split())[:200]}"
+            )
+        try:
+            page = json.loads(text)
+            stamps = [datetime.fromisoformat(r["timestamp"]) for r in page["results"]]
+            count = int(page["count"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BackfillError(
+                f"listing stored readings: not DSMR-reader's v2 list ({type(exc).__name__}: "
+                f"{' '.join(text.split())[:120]!r})"
+            ) from None
+        found.update(stamps)
+        offset += len(stamps)
+        if not stamps or offset >= count:
             return found
 
 
 class StoredReadings:
     """The readings DSMR-reader holds, listed an hour at a time just ahead of a sorted stream."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: DsmrReaderSinkConfig) -> None:
-        self._session = session
+    def __init__(self, client: HttpClient, config: DsmrReaderSinkConfig) -> None:
+        self._client = client
         self._config = config
         self._listed_until: datetime | None = None
         self._found: set[datetime] = set()
@@ -276,7 +306,7 @@ class StoredReadings:
         if self._listed_until is None or stamp > self._listed_until:
             self._listed_until = stamp + LOOKUP_SPAN
             self._found = await stored_timestamps(
-                self._session, self._config, stamp, self._listed_until
+                self._client, self._config, stamp, self._listed_until
             )
         return stamp in self._found
 
@@ -437,16 +467,15 @@ async def backfill(
 async def _stored_readings(
     sink: DsmrReaderSink, config: DsmrReaderSinkConfig
 ) -> AsyncIterator[StoredReadings | None]:
-    """API v2: DSMR-reader's stored readings, asked over a session of their own; v1: None."""
+    """API v2: DSMR-reader's stored readings, asked over a connection of their own; v1: None."""
     if config.api != "v2":
         yield None
         return
-    async with aiohttp.ClientSession(
-        headers=sink.headers(),
-        connector=aiohttp.TCPConnector(ssl=config.verify_tls),
-        timeout=aiohttp.ClientTimeout(total=config.timeout),
-    ) as session:
-        yield StoredReadings(session, config)
+    client = listing_client(sink, config)
+    try:
+        yield StoredReadings(client, config)
+    finally:
+        await client.close()
 
 
 class DeadLetters:

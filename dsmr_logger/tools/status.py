@@ -36,7 +36,11 @@ def _ago(timestamp: float | None, now: float) -> str:
 def render(doc: dict[str, Any]) -> str:
     now = doc["time"]
     meter = doc["meter"]
-    lines = [f"dsmr-logger: {'healthy' if doc['healthy'] else 'UNHEALTHY'}"]
+    state = doc.get("state") or ("healthy" if doc["healthy"] else "unhealthy")
+    headline = {"healthy": "healthy", "unhealthy": "UNHEALTHY"}.get(state, state)
+    if state == "starting" and doc.get("started_at") is not None:
+        headline += f" (started {_ago(doc['started_at'], now)}, no telegram yet)"
+    lines = [f"dsmr-logger: {headline}"]
     lines += [f"  ! {reason}" for reason in doc["reasons"]]
     rejected = sum(meter["rejected"].values())
     lines.append(
@@ -50,8 +54,9 @@ def render(doc: dict[str, Any]) -> str:
             else ""
         )
     )
-    if meter.get("last_error") and meter["state"] != "ok":
-        lines.append(f"  last error: {meter['last_error']}")
+    if meter.get("last_error"):  # kept once the link is back, with its time
+        when = f" ({_ago(meter['last_error_at'], now)})" if meter.get("last_error_at") else ""
+        lines.append(f"  last error: {meter['last_error']}{when}")
     reading = doc.get("reading")
     if reading:
         parts = [f"power {reading.get('power') or '-'}"]
@@ -64,9 +69,15 @@ def render(doc: dict[str, Any]) -> str:
             f"sink {sink['name']}: {sink['delivered']} delivered, backlog {sink['backlog']}"
             f", dead letters {sink['dead_letters']}"
         )
+        if sink.get("possible_duplicates"):
+            text += f", possibly sent twice {sink['possible_duplicates']}"
         if sink["oldest_age"]:
             text += f", oldest waiting {sink['oldest_age']:.0f} s"
-        if sink["failing_since"] is not None:
+        if sink.get("misconfigured"):
+            text += f"; MISCONFIGURED: {sink['last_error']}"
+            if sink.get("fix"):
+                text += f"; fix: {sink['fix']}"
+        elif sink["failing_since"] is not None:
             text += f"; failing since {_ago(sink['failing_since'], now)}: {sink['last_error']}"
         lines.append(text)
     return "\n".join(lines)

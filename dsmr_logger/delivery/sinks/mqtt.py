@@ -112,7 +112,8 @@ def answer_for(outcome: mqtt.PubAck | BaseException) -> Answer:
             fix = DISCONNECT_MISCONFIGURED[outcome.reason]
             return Answer(Verdict.MISCONFIGURED, error=_join(str(outcome), fix))
         if outcome.reason in (0x95, 0x99):
-            # Which in-flight message did it? The worker's probe of the one behind tells.
+            # Which in-flight message did it? The worker's strikes tell: one that makes the
+            # broker hang up every time while it takes the connection (``probe``) is poison.
             return Answer(Verdict.SUSPECT, error=str(outcome))
         if outcome.reason == 0x8E:
             return Answer(
@@ -338,6 +339,18 @@ class MqttSink:
         if not client.connected:
             self._forget(client)
         return answer
+
+    async def probe(self) -> Answer:
+        """Does the broker take this client? DELIVERED if it is (or gets) connected; publishes
+        nothing new. The worker asks after an ambiguous answer (SUSPECT) to tell a message the
+        broker chokes on from a broker that is down."""
+        try:
+            await self._connection()
+        except _Unusable as exc:
+            return exc.answer
+        except (mqtt.MqttError, OSError) as exc:
+            return answer_for(exc)
+        return Answer(Verdict.DELIVERED)
 
     async def _publish(self, client: mqtt.MqttClient, message: Message) -> mqtt.PubAck:
         return await client.publish(

@@ -73,6 +73,7 @@ class MeterReader:
     async def run(self) -> None:
         delay = self.config.reconnect_initial
         while True:
+            self.status.attempts += 1
             try:
                 async with asyncio.timeout(max(self.config.idle_timeout, 10.0)):
                     link = await self._open(self.config)
@@ -190,6 +191,7 @@ class MeterReader:
             self.status.disconnects += 1
         self.status.connected = False
         self.status.last_error = reason
+        self.status.last_error_at = self._wall()
         self._set_state(state)
         if reason != self._down_reason:
             self._log.warning("meter link down, retrying", port=self.config.port, reason=reason)
