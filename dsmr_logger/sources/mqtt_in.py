@@ -187,6 +187,7 @@ class MqttSource:
             on_message=self._on_message,
         )
         self.client = client
+        self.status.attempts += 1
         try:
             try:
                 connack = await client.connect()
@@ -305,7 +306,9 @@ class MqttSource:
                 "that the dongle publishes there"
             )
             state = MeterState.SILENT
-        self.status.last_error = reason
+        if state is self.status.state and self.status.last_error is not None:
+            return  # said when it began (the reason names how long it had been silent then)
+        self.status.last_error, self.status.last_error_at = reason, self._wall()
         self._set_state(state)
 
     # --- state ------------------------------------------------------------------------------
@@ -350,6 +353,7 @@ class MqttSource:
             self.status.disconnects += 1
         self.status.connected = False
         self.status.last_error = reason
+        self.status.last_error_at = self._wall()
         self._set_state(state, quiet=True)
         if reason != self._down_reason:
             if state is MeterState.MISCONFIGURED:
@@ -367,7 +371,7 @@ class MqttSource:
         if quiet:
             return
         if state is MeterState.OK:
-            self.status.last_error = None
+            self.status.last_error = self.status.last_error_at = None
             self._log.info("reading valid telegrams", port=self.config.where, was=previous.value)
         elif state is MeterState.SILENT:
             self._log.warning(
