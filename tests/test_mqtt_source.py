@@ -498,6 +498,17 @@ async def test_tls_is_verified_against_the_ca_file(tmp_path: Path) -> None:
         assert not untrusting.status.connected
 
 
+async def test_a_ca_file_that_holds_no_certificate_is_misconfigured(tmp_path: Path) -> None:
+    ca = TestCA(tmp_path / "ca")
+    garbage = tmp_path / "not-a-ca.pem"
+    garbage.write_text("not a certificate\n")
+    with broker_at(tmp_path / "broker", tls=ca) as secure:
+        settings = meter(secure, url=secure.tls_url, ca_file=garbage)
+        async with running(settings, []) as source:
+            await wait_until(lambda: source.status.state is MeterState.MISCONFIGURED, "refused")
+    assert (source.status.last_error or "").startswith(f"meter.ca_file: cannot load {garbage}")
+
+
 def test_configuration_checks_and_defaults() -> None:
     def load(**meter: Any) -> config.Config:
         return config.from_mapping({"meter": {"type": "mqtt", **meter}})
