@@ -678,8 +678,74 @@ class NeurioMeterConfig:
         return f"{self.url}/current-sample"
 
 
+def _topic_name(value: Any) -> str:
+    """One topic name (the meter's telegrams), not a filter: one meter, in its own order."""
+    topic = _str(value)
+    if any(c in topic for c in "+#\0"):
+        raise _Bad(
+            f"{topic!r}: the one topic the dongle publishes its telegrams to, e.g. "
+            "'p1meter/sensor/telegram/state' (no wildcards + or #: one meter per [meter])"
+        )
+    if topic.startswith("$"):
+        raise _Bad(f"{topic!r}: topics starting with $ are the broker's own")
+    if len(topic.encode()) > 0xFFFF:
+        raise _Bad("longer than 65,535 bytes")
+    return topic
+
+
+@dataclass(frozen=True, slots=True)
+class MqttMeterConfig:
+    """Raw telegrams published on an MQTT broker, one per message (ESPHome and other dongles)."""
+
+    url: str = key(check=mqtt_url, doc="the broker: mqtt://host[:1883] or mqtts://host[:8883]")
+    topic: str = key(check=_topic_name, doc="the topic the dongle publishes each telegram to")
+    type: Literal["mqtt"] = key("mqtt", check=one_of("mqtt"), doc="where readings come from")
+    username: str | None = key(None, check=_str, doc="the broker account's name")
+    password: str | None = key(None, check=_str, doc="the broker account's password", secret=True)
+    client_id: str | None = key(
+        None, check=_client_id, doc="default: dsmr-logger-<host name>; the broker's session key"
+    )
+    session_expiry: int = key(
+        86400,
+        check=integer(0, 0xFFFFFFFF),
+        doc="seconds the broker keeps telegrams for this client while it is away",
+    )
+    ca_file: Path | None = key(None, check=_file, doc="mqtts: the CA certificate(s) to trust")
+    timeout: float = key(
+        10.0, check=number(0.05, 600.0), doc="seconds to connect, or for the broker's answer"
+    )
+    idle_timeout: float = key(
+        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
+    )
+    reconnect_initial: float = key(
+        1.0, check=number(0.01), doc="first pause after a failed connection"
+    )
+    reconnect_max: float = key(
+        60.0, check=number(0.01), doc="longest pause between failed connections"
+    )
+    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+    timezone: str = key(
+        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
+    )
+
+    @property
+    def endpoint(self) -> str:
+        """scheme://host:port of the broker (the default port filled in; never credentials)."""
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.port is not None:
+            return self.url
+        return f"{self.url}:{8883 if parsed.scheme == 'mqtts' else 1883}"
+
+    @property
+    def where(self) -> str:
+        """What the logs and the status call the source: the broker and the topic."""
+        return f"{self.endpoint}/{self.topic}"
+
+
 SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig | MqttSinkConfig
-MeterTypeConfig = MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig
+MeterTypeConfig = (
+    MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig | MqttMeterConfig
+)
 
 METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
     {
@@ -687,6 +753,7 @@ METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
         "neurio": NeurioMeterConfig,
         "homewizard": HomeWizardConfig,
         "http": HttpMeterConfig,
+        "mqtt": MqttMeterConfig,
     }
 )
 """``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
@@ -920,6 +987,8 @@ def _cross_rules(config: Config) -> Iterator[str]:
     for sink in config.sinks:
         if isinstance(sink, MqttSinkConfig) and sink.ca_file and sink.url.startswith("mqtt:"):
             yield f"sink ({sink.name}).ca_file: only for mqtts:// URLs (TLS)"
+    if isinstance(meter, MqttMeterConfig):
+        yield from _mqtt_meter_rules(meter, config.sinks)
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         yield f"sink.name: {duplicate!r} is used by more than one sink"
@@ -946,6 +1015,23 @@ def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:
     extra = {name.lower() for name, _ in meter.headers or ()}
     if "authorization" in extra and (meter.token is not None or meter.username is not None):
         yield "meter.headers: Authorization is already set by token or username/password"
+
+
+def _mqtt_meter_rules(meter: MqttMeterConfig, sinks: tuple[SinkConfig, ...]) -> Iterator[str]:
+    if meter.ca_file and meter.url.startswith("mqtt:"):
+        yield "meter.ca_file: only for mqtts:// URLs (TLS)"
+    if meter.password is not None and meter.username is None:
+        yield "meter.password: is used only with meter.username"
+    for sink in sinks:
+        if (
+            isinstance(sink, MqttSinkConfig)
+            and meter.client_id
+            and sink.client_id == meter.client_id
+        ):
+            yield (
+                f"meter.client_id: {meter.client_id!r} is also sink ({sink.name}).client_id; "
+                "a broker keeps one connection per client id"
+            )
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:

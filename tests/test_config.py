@@ -233,6 +233,8 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
                 [line for line in lines if not line.startswith("token = ")],
                 [line for line in lines if not line.startswith(("username = ", "password = "))],
             ]
+        if 'type = "mqtt"' in lines:  # ca_file is for an mqtts:// broker only
+            variants = [[line.replace('"mqtt://', '"mqtts://') for line in lines]]
         for variant in variants:
             other = config.load(write(tmp_path, "\n".join([*variant, *rest]))).meter
             kinds.add(other.type)
@@ -240,4 +242,4 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
                 assert other.password is not None and other.username is not None
             else:
                 assert other.ca_file == ca
-    assert kinds == {"neurio", "homewizard", "http"}
+    assert kinds == {"neurio", "homewizard", "http", "mqtt"}

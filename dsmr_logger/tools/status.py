@@ -47,9 +47,10 @@ def render(doc: dict[str, Any]) -> str:
         f"meter {meter['port']}: {meter['state'].replace('_', ' ')}, last telegram "
         f"{_ago(meter['last_frame_at'], now)}, {meter['frames']} frames, {rejected} rejected, "
         f"{meter['reconnects']} reconnects"
+        + (f", {meter['polls']} polls" if meter.get("polls") else "")
         + (
-            f", {meter['polls']} polls, {meter['repeats']} repeats skipped"
-            if meter.get("polls")
+            f", {meter['repeats']} repeats skipped"
+            if meter.get("polls") or meter.get("repeats")
             else ""
         )
     )
