@@ -59,7 +59,7 @@ AMSTERDAM = ZoneInfo("Europe/Amsterdam")
 SHELL_BLOCKS = ("sh", "shell", "bash", "console")
 
 SKIPPED = {
-    "pip install -e '.[test]' && python -m pytest -q": "runs this test suite (recursion)",
+    "pip install -e '.[test]' && python -m pytest -q -n 4": "runs this test suite (recursion)",
     "sudo apt update": "changes the system's packages",
     "sudo apt install -y python3-venv git": "changes the system's packages",
     "sudo useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
