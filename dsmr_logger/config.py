@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 import types
@@ -25,10 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from dsmr_logger.net.http import check_base_url, field_value_problem
+
 BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEFAULT_SPOOL_PATH = Path("/var/lib/dsmr-logger/spool.sqlite3")
 DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 SMARTY_AUTHENTICATION_KEY = "00112233445566778899AABBCCDDEEFF"
+PLACEHOLDER_PREFIX = "REPLACE-WITH-"
+"""How the example configuration's placeholder keys start."""
 SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 """A sink's name is part of the spool's records and of metric labels: a plain word."""
 
@@ -140,7 +145,11 @@ def _zone(value: Any) -> str:
 
 
 def _path(value: Any) -> Path:
-    return Path(_str(value)).expanduser()
+    path = Path(_str(value)).expanduser()
+    if not path.is_absolute():
+        # A service starts in /, a shell wherever it is: a relative path would mean two places.
+        raise _Bad(f"must be an absolute path (starting with /), not {str(path)!r}")
+    return path
 
 
 def _port(value: Any) -> str:
@@ -164,16 +173,39 @@ def _port(value: Any) -> str:
 
 
 def http_url(value: Any) -> str:
-    url = _str(value).rstrip("/")
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise _Bad(f"must be an http:// or https:// URL, e.g. http://192.168.1.10, not {value!r}")
+    """A base URL the HTTP client accepts (its own rule, ``check_base_url``); never echoed, as it
+    may carry a password."""
+    url = _str(value).strip().rstrip("/")
+    try:
+        check_base_url(url)
+    except ValueError as exc:
+        raise _Bad(f"{exc}; write it like http://192.168.1.10 or https://host:8443") from None
     return url
+
+
+def _api_key(value: Any) -> str:
+    """A key the HTTP client can send as a header (``field_value_problem``), never the example's
+    placeholder. The message never shows the key."""
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string, not {type(value).__name__}")
+    if not value.strip():
+        raise _Bad("must not be empty")
+    problem = field_value_problem(value)
+    if problem is not None:
+        raise _Bad(f"{problem} (the key is not shown); copy it again from DSMR-reader")
+    if value.startswith(PLACEHOLDER_PREFIX):
+        raise _Bad(
+            "is still the example's placeholder; copy the key from DSMR-reader "
+            "(Configuration > API)"
+        )
+    return value
 
 
 def mqtt_url(value: Any) -> str:
     url = _str(value).rstrip("/")
     parsed = urllib.parse.urlsplit(url)
+    if "@" in parsed.netloc:  # before anything that repeats the URL: it holds a password
+        raise _Bad("put the credentials in the username and password keys, not in the URL")
     try:
         port = parsed.port
     except ValueError as exc:
@@ -359,13 +391,15 @@ def _file(value: Any) -> Path:
 
 
 def _plain_url(value: Any) -> str:
-    url = http_url(value)
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is not None or parts.password is not None:
+    """An endpoint: the client's base-URL rule, plus a query the request carries as written."""
+    base, mark, query = _str(value).strip().partition("?")
+    if "@" in base.partition("://")[2].partition("/")[0]:  # checked first: never echoed
         raise _Bad("put credentials in username and password, not in the URL")
-    if parts.fragment:
+    if "#" in base + query:
         raise _Bad("a URL with a #fragment cannot be polled")
-    return url
+    if not (query.isascii() and query.isprintable() and " " not in query):
+        raise _Bad("the query must be printable ASCII without spaces (percent-encode others)")
+    return http_url(base) + mark + query
 
 
 def _headers(value: Any) -> tuple[tuple[str, str], ...]:
@@ -503,7 +537,7 @@ class SpoolConfig:
 class DsmrReaderSinkConfig:
     name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
     url: str = key(check=http_url, doc="DSMR-reader's base URL")
-    api_key: str = key(check=_str, doc="DSMR-reader's API key", secret=True)
+    api_key: str = key(check=_api_key, doc="DSMR-reader's API key", secret=True)
     type: Literal["dsmr-reader"] = key(
         "dsmr-reader", check=one_of("dsmr-reader"), doc="what kind of sink"
     )
@@ -599,6 +633,10 @@ def _sensor_url(value: Any) -> str:
     url = text.rstrip("/")
     if url.endswith("/current-sample"):
         url = url.removesuffix("/current-sample")
+    try:
+        check_base_url(url)  # the client's own rule, so what passes here cannot fail at start
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
     return url
 
 
@@ -640,8 +678,74 @@ class NeurioMeterConfig:
         return f"{self.url}/current-sample"
 
 
+def _topic_name(value: Any) -> str:
+    """One topic name (the meter's telegrams), not a filter: one meter, in its own order."""
+    topic = _str(value)
+    if any(c in topic for c in "+#\0"):
+        raise _Bad(
+            f"{topic!r}: the one topic the dongle publishes its telegrams to, e.g. "
+            "'p1meter/sensor/telegram/state' (no wildcards + or #: one meter per [meter])"
+        )
+    if topic.startswith("$"):
+        raise _Bad(f"{topic!r}: topics starting with $ are the broker's own")
+    if len(topic.encode()) > 0xFFFF:
+        raise _Bad("longer than 65,535 bytes")
+    return topic
+
+
+@dataclass(frozen=True, slots=True)
+class MqttMeterConfig:
+    """Raw telegrams published on an MQTT broker, one per message (ESPHome and other dongles)."""
+
+    url: str = key(check=mqtt_url, doc="the broker: mqtt://host[:1883] or mqtts://host[:8883]")
+    topic: str = key(check=_topic_name, doc="the topic the dongle publishes each telegram to")
+    type: Literal["mqtt"] = key("mqtt", check=one_of("mqtt"), doc="where readings come from")
+    username: str | None = key(None, check=_str, doc="the broker account's name")
+    password: str | None = key(None, check=_str, doc="the broker account's password", secret=True)
+    client_id: str | None = key(
+        None, check=_client_id, doc="default: dsmr-logger-<host name>; the broker's session key"
+    )
+    session_expiry: int = key(
+        86400,
+        check=integer(0, 0xFFFFFFFF),
+        doc="seconds the broker keeps telegrams for this client while it is away",
+    )
+    ca_file: Path | None = key(None, check=_file, doc="mqtts: the CA certificate(s) to trust")
+    timeout: float = key(
+        10.0, check=number(0.05, 600.0), doc="seconds to connect, or for the broker's answer"
+    )
+    idle_timeout: float = key(
+        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
+    )
+    reconnect_initial: float = key(
+        1.0, check=number(0.01), doc="first pause after a failed connection"
+    )
+    reconnect_max: float = key(
+        60.0, check=number(0.01), doc="longest pause between failed connections"
+    )
+    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+    timezone: str = key(
+        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
+    )
+
+    @property
+    def endpoint(self) -> str:
+        """scheme://host:port of the broker (the default port filled in; never credentials)."""
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.port is not None:
+            return self.url
+        return f"{self.url}:{8883 if parsed.scheme == 'mqtts' else 1883}"
+
+    @property
+    def where(self) -> str:
+        """What the logs and the status call the source: the broker and the topic."""
+        return f"{self.endpoint}/{self.topic}"
+
+
 SinkConfig = DsmrReaderSinkConfig | ArchiveSinkConfig | MqttSinkConfig
-MeterTypeConfig = MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig
+MeterTypeConfig = (
+    MeterConfig | NeurioMeterConfig | HomeWizardConfig | HttpMeterConfig | MqttMeterConfig
+)
 
 METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
     {
@@ -649,6 +753,7 @@ METER_TYPES: Mapping[str, type[MeterTypeConfig]] = types.MappingProxyType(
         "neurio": NeurioMeterConfig,
         "homewizard": HomeWizardConfig,
         "http": HttpMeterConfig,
+        "mqtt": MqttMeterConfig,
     }
 )
 """``[meter] type`` → its configuration; each has ``type``, ``timezone`` and ``where``."""
@@ -882,9 +987,24 @@ def _cross_rules(config: Config) -> Iterator[str]:
     for sink in config.sinks:
         if isinstance(sink, MqttSinkConfig) and sink.ca_file and sink.url.startswith("mqtt:"):
             yield f"sink ({sink.name}).ca_file: only for mqtts:// URLs (TLS)"
+    if isinstance(meter, MqttMeterConfig):
+        yield from _mqtt_meter_rules(meter, config.sinks)
     names = [sink.name for sink in config.sinks]
     for duplicate in sorted({n for n in names if names.count(n) > 1}):
         yield f"sink.name: {duplicate!r} is used by more than one sink"
+    directories: dict[Path, str] = {}
+    for index, sink in enumerate(config.sinks):
+        where = f"sink[{index}] ({sink.name})"
+        if isinstance(sink, ArchiveSinkConfig):
+            directory = Path(os.path.normpath(sink.directory))
+            if directory in directories:
+                yield (
+                    f"{where}.directory: {directory} is also {directories[directory]}'s; two "
+                    "archives in one directory would write into each other's day files"
+                )
+            directories.setdefault(directory, where)
+            if directory == Path(os.path.normpath(f"{config.spool.path}-telegrams")):
+                yield f"{where}.directory: {directory} is where the spool keeps its telegrams"
 
 
 def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:
@@ -895,6 +1015,23 @@ def _http_meter_rules(meter: HttpMeterConfig) -> Iterator[str]:
     extra = {name.lower() for name, _ in meter.headers or ()}
     if "authorization" in extra and (meter.token is not None or meter.username is not None):
         yield "meter.headers: Authorization is already set by token or username/password"
+
+
+def _mqtt_meter_rules(meter: MqttMeterConfig, sinks: tuple[SinkConfig, ...]) -> Iterator[str]:
+    if meter.ca_file and meter.url.startswith("mqtt:"):
+        yield "meter.ca_file: only for mqtts:// URLs (TLS)"
+    if meter.password is not None and meter.username is None:
+        yield "meter.password: is used only with meter.username"
+    for sink in sinks:
+        if (
+            isinstance(sink, MqttSinkConfig)
+            and meter.client_id
+            and sink.client_id == meter.client_id
+        ):
+            yield (
+                f"meter.client_id: {meter.client_id!r} is also sink ({sink.name}).client_id; "
+                "a broker keeps one connection per client id"
+            )
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from dsmr_logger.config import Config, ConfigError, from_mapping, mask, read_text
+from dsmr_logger.net.http import redact_url
 
 T = TypeVar("T")
 
@@ -52,6 +53,8 @@ TIMEOUT = PREFIX + "TIMEOUT"
 SLEEP = PREFIX + "SLEEP"
 DEBUG_LOGGING = PREFIX + "DEBUG_LOGGING"
 MIN_SLEEP_FOR_RECONNECT = PREFIX + "MIN_SLEEP_FOR_RECONNECT"
+SPOOL = "DSMR_LOGGER_SPOOL"
+"""Our own variable: where the spool goes (the script had none)."""
 
 KNOWN = frozenset(
     {
@@ -324,8 +327,8 @@ def _translate(t: _Translation, spool_path: Path | None) -> dict[str, Any]:
                 t.origin[f"{prefix}.timeout"] = (TIMEOUT,)
                 t.origin[f"{prefix}.min_interval"] = (SLEEP,)
             t.notes.append(
-                f"sink {name!r}: {host} (API v1, key {mask(key)}), timeout {timeout} s, "
-                f"at most one telegram per {sleep} s"
+                f"sink {name!r}: {redact_url(host)} (API v1, key {mask(key)}), "
+                f"timeout {timeout} s, at most one telegram per {sleep} s"
             )
     document["sink"] = sinks
 
@@ -340,6 +343,7 @@ def _translate(t: _Translation, spool_path: Path | None) -> dict[str, Any]:
 
     if spool_path is not None:
         document["spool"] = {"path": str(spool_path)}
+        t.origin["spool.path"] = (SPOOL,)
     return document
 
 

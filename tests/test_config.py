@@ -81,7 +81,10 @@ def test_each_meter_mistake_names_its_key(
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (GOOD.replace('url = "http://192.168.1.10/"', 'url = "192.168.1.10"'), ".url: must be"),
+        (
+            GOOD.replace('url = "http://192.168.1.10/"', 'url = "192.168.1.10"'),
+            ".url: must be an http",
+        ),
         (GOOD.replace('api_key = "s3cr3t-api-key-0123456789"\n', ""), ".api_key: is required"),
         (GOOD + 'api = "v3"\n', ".api: must be one of 'v1', 'v2'"),
         (GOOD + "timeout = 0\n", ".timeout: must be between"),
@@ -196,8 +199,15 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     the live sections and in each alternative `# [meter]` section put in the live one's place."""
     from conftest import REPO_ROOT
 
-    example = (REPO_ROOT / "deploy" / "config.example.toml").read_text()
-    assert config.load(write(tmp_path, example)).sinks  # as shipped
+    shipped = (REPO_ROOT / "deploy" / "config.example.toml").read_text()
+    with pytest.raises(config.ConfigError) as refused:  # as shipped: the key is a placeholder
+        config.load(write(tmp_path, shipped))
+    assert [p.split(": ", 1)[1] for p in refused.value.problems] == [
+        "sink[0] (local).api_key: is still the example's placeholder; copy the key from "
+        "DSMR-reader (Configuration > API)"
+    ]
+    example = shipped.replace("REPLACE-WITH-YOUR-DSMR-READER-API-KEY", "a-real-key-0123456789")
+    assert config.load(write(tmp_path, example)).sinks
     main, alternatives = _alternative_meters(example)
     switched_on = _switch_on(main)
     loaded = config.load(write(tmp_path, "\n".join(switched_on)))
@@ -223,6 +233,8 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
                 [line for line in lines if not line.startswith("token = ")],
                 [line for line in lines if not line.startswith(("username = ", "password = "))],
             ]
+        if 'type = "mqtt"' in lines:  # ca_file is for an mqtts:// broker only
+            variants = [[line.replace('"mqtt://', '"mqtts://') for line in lines]]
         for variant in variants:
             other = config.load(write(tmp_path, "\n".join([*variant, *rest]))).meter
             kinds.add(other.type)
@@ -230,4 +242,4 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
                 assert other.password is not None and other.username is not None
             else:
                 assert other.ca_file == ca
-    assert kinds == {"neurio", "homewizard", "http"}
+    assert kinds == {"neurio", "homewizard", "http", "mqtt"}

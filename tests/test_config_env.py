@@ -239,6 +239,8 @@ def test_missing_hosts_or_keys() -> None:
         ("INPUT_METHOD", "usb", "must be 'serial' or 'ipv4'"),
         ("MIN_SLEEP_FOR_RECONNECT", "x", "must be a number"),
         ("API_HOSTS", "192.168.1.10,http://b", "must be an http:// or https:// URL"),
+        ("API_HOSTS", "http://u:pw@a,http://b", "must not contain a user name or password"),
+        ("API_KEYS", "abc\u20acdef,second", "contains a character outside Latin-1"),
     ],
 )
 def test_invalid_value_names_the_variable(variable: str, value: str, start: str) -> None:

@@ -8,28 +8,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_process import dsmr_logger
 from conftest import require_corpus
 
 from dsmr_logger.cli import main
+from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.obis import parse
 from dsmr_logger.telegram.v2 import to_v2
 
 FLUVIUS = "ndokter-dsmr_parser/fluvius_v171__flu5253769484_a.txt"
+CAPTURE = "nielsbasjes-dsmr-tools/ttyUSB0-raw-iskra-am550-dsmr5-566frames.log"
+SAGEMCOM = "esphome-libs-encrypted-packet-sagemcom-t210"
+LUXEMBOURG_AAD = "athombv-luxembourg-spec-example-with-aad"
 BAD_CRC = "wassasin-dsmr5/overflow.txt"
 HEAT = "ndokter-dsmr_parser/unpadded_crc__nwa-warmtelink.txt"
 
 
 def documents(text: str) -> list[dict[str, object]]:
-    decoder = json.JSONDecoder()
-    docs, at = [], 0
-    text = text.strip()
-    while at < len(text):
-        doc, end = decoder.raw_decode(text, at)
-        docs.append(doc)
-        at = end
-        while at < len(text) and text[at].isspace():
-            at += 1
-    return docs
+    """parse's output, which is one JSON document: a telegram's, or an array of them."""
+    parsed = json.loads(text)
+    return parsed if isinstance(parsed, list) else [parsed]
 
 
 def test_a_belgian_telegram_shows_reading_and_exact_v2_fields(
@@ -68,3 +66,81 @@ def test_no_telegram_at_all(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     path.write_bytes(b"\xff" * 100)
     assert main(["parse", str(path)]) == 1
     assert json.loads(capsys.readouterr().out)["status"] == "empty"
+
+
+# --- 15: output a program can read, and encrypted captures --------------------------------------
+
+
+def test_one_telegram_prints_one_indented_document_as_before(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = require_corpus() / FLUVIUS
+    assert main(["parse", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out == json.dumps(json.loads(out), indent=2) + "\n"
+    assert json.loads(out)["status"] == "ok"
+
+
+def test_several_telegrams_are_one_json_array_or_json_lines(tmp_path: Path) -> None:
+    capture = require_corpus() / CAPTURE
+    expected = len(frames_in(capture.read_bytes()))
+    array = dsmr_logger("parse", capture)
+    assert array.returncode == 0, array.stderr
+    docs = json.loads(array.stdout)
+    assert isinstance(docs, list) and len(docs) == expected
+    assert all(doc["status"] == "ok" for doc in docs)
+
+    lines = dsmr_logger("parse", capture, "--jsonl")
+    assert lines.returncode == 0
+    parsed = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert parsed == docs
+    stamps = [doc["v2"]["timestamp"] for doc in parsed]
+    assert stamps == sorted(stamps) and len(set(stamps)) == expected
+
+
+def _vector(name: str) -> tuple[Path, str, bytes]:
+    root = require_corpus() / "encrypted"
+    key = json.loads((root / f"{name}.json").read_text())["key"]
+    return root / f"{name}.frame.hex", key, (root / f"{name}.plaintext.txt").read_bytes()
+
+
+def test_an_encrypted_capture_is_read_with_its_key_and_the_key_never_shown() -> None:
+    frame, key, plaintext = _vector(SAGEMCOM)
+    result = dsmr_logger("parse", frame, "--decryption-key", key)
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["status"] == "ok"
+    assert doc["header"] == plaintext.split(b"\r\n", 1)[0].decode()
+    assert doc["v2"]["electricity_delivered_1"] == "5017.120"  # 1-0:1.8.1(005017120*Wh)
+    assert key not in result.stdout + result.stderr
+
+
+def test_an_encrypted_capture_without_or_with_a_wrong_key_says_what_to_do() -> None:
+    frame, _, _ = _vector(SAGEMCOM)
+    without = dsmr_logger("parse", frame)
+    assert without.returncode == 1
+    doc = json.loads(without.stdout)
+    assert (doc["status"], "--decryption-key" in doc["reason"]) == ("encrypted", True)
+
+    wrong_key = "0F" * 16
+    wrong = dsmr_logger("parse", frame, "--decryption-key", wrong_key)
+    assert wrong.returncode == 1
+    doc = json.loads(wrong.stdout)
+    assert doc["status"] == "undecryptable"
+    assert "GCM tag check" in doc["reason"]
+    assert wrong_key not in wrong.stdout + wrong.stderr
+
+
+def test_the_authentication_key_option_reads_a_meter_with_its_own() -> None:
+    frame, key, plaintext = _vector(LUXEMBOURG_AAD)
+    auth = json.loads((require_corpus() / "encrypted" / f"{LUXEMBOURG_AAD}.json").read_text())[
+        "aad"
+    ][2:]
+    result = dsmr_logger(
+        "parse", frame, "--decryption-key", key, "--authentication-key", auth, "--jsonl"
+    )
+    docs = [json.loads(line) for line in result.stdout.splitlines()]
+    # The specification's example carries a wrong CRC: decrypted, then rejected for it.
+    assert [doc["status"] for doc in docs] == ["rejected"]
+    assert docs[0]["reason"] == "crc_mismatch"
+    assert plaintext.split(b"\n", 1)[0].decode().strip() == docs[0]["header"]

@@ -83,7 +83,7 @@ async def test_dead_letter_listed_shown_and_requeued_into_a_running_daemon(
 
                 status, out = cli(config, "list", capsys=capsys)
                 assert status == 0
-                assert "dead letters: 1" in out
+                assert "dead letters held: 1" in out
                 assert "#1 home" in out
                 assert "HTTP 500 Failed to parse telegram" in out
 
@@ -102,7 +102,7 @@ async def test_dead_letter_listed_shown_and_requeued_into_a_running_daemon(
                 await wait_until(lambda: len(server.received) == 6, "the requeued telegram")
 
                 status, out = cli(config, "list", capsys=capsys)
-                assert "dead letters: none" in out
+                assert "dead letters held: none" in out
         finally:
             port.close()
     delivered = [t.encode() for t in server.received]

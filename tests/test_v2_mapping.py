@@ -41,6 +41,9 @@ UNMAPPABLE = {
     "mijnverbruik-dsmr/dsmr_test__kfm5kaifa-meter.txt": "electricity_delivered_2",
     "mijnverbruik-dsmr/telegram_fixtures__isk52mt382-1004.txt": "electricity_delivered_2",
     "mijnverbruik-dsmr/telegram_fixtures__isk52mt382-1000.txt": "electricity_delivered_2",
+    # Mangled fixtures: the lines that did not parse held required registers.
+    "athombv-node-dsmr-parser/esmr-5.0-ene5-211.txt": "electricity_delivered_2",
+    "nielsbasjes-dsmr-tools/dsmrparser__isk52mt382-1000-2.txt": "electricity_delivered_1",
 }
 
 
@@ -502,3 +505,60 @@ def test_random_readings_map_or_raise_mapping_error(lines: list[tuple[str, list[
     data = telegram(*BASIC, *body)  # a valid reading, then random registers over it
     with contextlib.suppress(MappingError):
         to_v2(parse(data), received_at=RECEIVED)
+
+
+# --- lines the parser could not read ---------------------------------------------------------
+
+
+def test_one_malformed_line_costs_nothing_but_a_note() -> None:
+    """The DSMR 4.0 specification's example: ``1-0:99:97.0`` and ``1-0:72:32.0`` are typos for
+    registers DSMR-reader does not take; the reading maps, and the notes name both lines."""
+    result = mapped("athombv-node-dsmr-parser/dsmr-4.0-spec-example.txt")
+    assert result.fields["electricity_delivered_1"] == "123456.789"
+    assert result.fields["timestamp"] == "2010-12-09T11:30:20+01:00"
+    skipped = [note for note in result.notes if note.startswith("line not read, left out: ")]
+    assert len(skipped) == 2
+    assert "'1-0:99:97.0(2)" in skipped[0]
+    assert "'1-0:72:32.0(00000)'" in skipped[1]
+
+
+def test_a_malformed_required_register_refuses_the_reading_naming_field_and_line() -> None:
+    lines = [line for line in BASIC if not line.startswith("1-0:1.8.1")]
+    with pytest.raises(MappingError) as caught:
+        to_v2(parse(telegram(*lines, "1-0:1.8.1(001234.567*kWh")), received_at=RECEIVED)
+    assert caught.value.field == "electricity_delivered_1"
+    assert "lines not read: line without a value: '1-0:1.8.1(001234.567*kWh'" in str(caught.value)
+
+
+def test_a_malformed_optional_line_keeps_every_other_field() -> None:
+    good = to_v2(parse(telegram(*BASIC)), received_at=RECEIVED)
+    bad = to_v2(parse(telegram(*BASIC, "1-0:99:97.0(1)(0-0:96.7.19)")), received_at=RECEIVED)
+    assert bad.fields == good.fields
+    skipped = "line not read, left out: not an OBIS id: '1-0:99:97.0(1)(0-0:96.7.19)'"
+    assert bad.notes == (skipped, *good.notes)
+
+
+def test_amperes_without_a_decimal_point_are_read() -> None:
+    """``(005A)``: a unit with no ``*`` and no decimal point, read like ``(234.5V)``."""
+    lines = [line for line in BASIC if not line.startswith(("1-0:31.7.0", "1-0:32.7.0"))]
+    fields = to_v2(parse(telegram(*lines, "1-0:31.7.0(005A)", "1-0:32.7.0(234.5V)"))).fields
+    assert (fields["phase_power_current_l1"], fields["phase_voltage_l1"]) == ("5", "234.5")
+
+
+def test_the_v2_sink_sends_a_reading_with_a_malformed_line_instead_of_dead_lettering_it() -> None:
+    from dsmr_logger.config import DsmrReaderSinkConfig
+    from dsmr_logger.delivery.answers import Answer
+    from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV2Sink
+    from dsmr_logger.delivery.spool import StoredTelegram as Telegram
+
+    sink = DsmrReaderV2Sink(
+        DsmrReaderSinkConfig(name="home", url="http://h", api_key="k" * 20, api="v2"),
+        zone=ZoneInfo("Europe/Amsterdam"),
+    )
+    good = telegram(*BASIC)
+    body = sink.form(Telegram(1, good.replace(b"\r\n!", b"\r\n1-0:99:97.0(1)\r\n!"), 1e9))
+    assert not isinstance(body, Answer)
+    assert body == sink.form(Telegram(1, good, 1e9))
+    lacking = good.replace(b"1-0:1.8.1(000001.000*kWh)", b"1-0:1.8.1(000001.000*kWh")
+    refused = sink.form(Telegram(1, lacking, 1e9))
+    assert isinstance(refused, Answer) and "electricity_delivered_1" in str(refused.error)

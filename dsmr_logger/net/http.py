@@ -25,13 +25,14 @@ reused connection may be sent again.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 MAX_HEAD = 64 * 1024  # response head (and any framing line) larger than this → HttpError
 MAX_DISCARD = 1024 * 1024  # body bytes past max_body read and dropped to keep the connection
@@ -41,6 +42,8 @@ _OWN_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-en
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _STATUS_LINE = re.compile(r"HTTP/1\.([01]) ([1-9][0-9]{2})(?: .*)?", re.DOTALL)
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;.*)?", re.DOTALL)
+_CREDENTIALS = re.compile(r"(\w+://)[^/?#@\s]*@")
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,16 +298,10 @@ class HttpClient:
         """``server_hostname``: the name the server's certificate must carry when it is not the
         URL's host (a device whose certificate names its serial number)."""
         try:
-            parts = urlsplit(base_url)
-            port = parts.port
-            host = parts.hostname
-            if parts.scheme not in ("http", "https") or not host:
-                raise ValueError("expected http:// or https:// and a host")
-            if parts.username is not None or parts.query or parts.fragment:
-                raise ValueError("credentials, query and fragment are not supported")
-            host_header = f"[{host}]" if ":" in host else host.encode("idna").decode("ascii")
-        except (ValueError, UnicodeError) as exc:
-            raise ValueError(f"bad base URL {base_url!r}: {exc}") from exc
+            parts, host_header = check_base_url(base_url)
+        except ValueError as exc:
+            raise ValueError(f"bad base URL {redact_url(base_url)!r}: {exc}") from None
+        host, port = str(parts.hostname), parts.port
         if max_connections < 1:
             raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         default_port = 443 if parts.scheme == "https" else 80
@@ -472,8 +469,69 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def check_base_url(url: str) -> tuple[SplitResult, str]:
+    """The rule a base URL must meet, and its ``Host`` header (the host IDNA-encoded).
+
+    The configuration checks sink URLs with this same function before anything starts, so a URL
+    that passes there cannot fail here. Messages never repeat the URL: it may carry a password.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # "http://[::1": an unclosed IPv6 bracket
+        raise ValueError("is not a valid URL") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if "@" in parts.netloc:
+        raise ValueError("must not contain a user name or password (user:password@host)")
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        raise ValueError("must not contain a query (?...) or fragment (#...)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError("port must be a number from 1 to 65535")
+    host = parts.hostname
+    if not host:
+        raise ValueError("has no host name")
+    if ":" in host:  # an IPv6 literal, written [::1]
+        try:
+            ipaddress.IPv6Address(host.partition("%")[0])
+        except ValueError:
+            raise ValueError("has an invalid IPv6 address in [...]") from None
+        host_header = f"[{host}]"
+    else:
+        try:
+            host_header = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("has an invalid host name") from None
+        if not _HOST.fullmatch(host_header):
+            raise ValueError("has an invalid host name (letters, digits, '-' and '.' only)")
+    if not (parts.path.isascii() and parts.path.isprintable() and " " not in parts.path):
+        raise ValueError("path must be printable ASCII without spaces (percent-encode others)")
+    return parts, host_header
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``****@``, for messages and logs."""
+    return _CREDENTIALS.sub(r"\1****@", url)
+
+
+def field_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as a header value, or None. HTTP/1.1 carries Latin-1 bytes
+    with no control characters but tab (RFC 9110, section 5.5). The configuration checks API
+    keys with this same function; the message never repeats the value (it may be a key)."""
+    if any(char in value for char in "\r\n\0"):
+        return "contains a line break or NUL"
+    if not value.isascii() and any(ord(char) > 0xFF for char in value):
+        return "contains a character outside Latin-1, which an HTTP header cannot carry"
+    if any((ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F for char in value):
+        return "contains a control character"
+    return None
+
+
 def _field_value(value: str) -> str:
-    if "\r" in value or "\n" in value or "\0" in value:
-        # The value itself stays out of the message: it may be an API key.
-        raise ValueError("a header value contains a line break or NUL")
+    problem = field_value_problem(value)
+    if problem is not None:
+        raise ValueError(f"a header value {problem}")
     return value

@@ -1,4 +1,4 @@
-"""The project's MQTT client: publish-only MQTT 5, where every message is acknowledged or fails.
+"""The project's MQTT client: MQTT 5, where every message is acknowledged or fails.
 
 Why not aiomqtt or paho-mqtt (measured against Mosquitto 2.0.11; ``bench/RESULTS.md``, issue 17):
 
@@ -16,8 +16,17 @@ Why not aiomqtt or paho-mqtt (measured against Mosquitto 2.0.11; ``bench/RESULTS
 
 What a telegram sink needs is small: CONNECT (clean start, last will, credentials), PUBLISH at QoS
 0 or 1, PUBACK with its reason code, PINGREQ to keep an idle connection alive, DISCONNECT, and TLS.
-There are no subscriptions, no QoS 2 and no session state: the spool is the session, so a message
-not acknowledged on this connection is simply sent again on the next one.
+A publisher keeps no session state: the spool is the session, so a message not acknowledged on
+this connection is simply sent again on the next one.
+
+What the MQTT meter source (``sources/mqtt_in.py``) adds is as small: CONNECT without Clean Start
+and with a Session Expiry Interval (the broker keeps the subscription, and queues QoS 1 messages
+while the client is away), SUBSCRIBE and UNSUBSCRIBE with the broker's reason codes (a topic its
+ACL denies is SUBACK 0x87, not a silence), and PUBLISH received at QoS 0 or 1, handed to
+``on_message`` in the order the broker sent them and acknowledged (PUBACK) only after
+``on_message`` returned: a message it could not take stays with the broker, which sends it again
+on the next connection. No QoS 2 either way (the broker downgrades a QoS 2 message to the
+subscription's QoS 1).
 
 Failures are mapped, as ``net/http.py`` does, into a small hierarchy of ``OSError``s that says what
 at-least-once delivery needs to know: ``ConnectError`` (never sent: no connection, TLS failed, no
@@ -41,14 +50,19 @@ from typing import Any
 
 PROTOCOL_LEVEL = 5
 MAX_INCOMING = 64 * 1024
-"""A broker only sends this client CONNACK, PUBACK, PINGRESP and DISCONNECT: small packets."""
+"""A publisher gets only CONNACK, PUBACK, PINGRESP and DISCONNECT (small packets); a subscriber
+announces this as its Maximum Packet Size, and the broker sends no larger PUBLISH (it drops it)."""
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 0x82, 0x90, 0xA2, 0xB0
 PINGREQ, PINGRESP, DISCONNECT = 0xC0, 0xD0, 0xE0
 
 REASONS: dict[int, str] = {
     0x00: "success",
+    0x01: "granted QoS 1",
+    0x02: "granted QoS 2",
     0x10: "no matching subscribers",
+    0x11: "no subscription existed",
     0x80: "unspecified error",
     0x81: "malformed packet",
     0x82: "protocol error",
@@ -64,6 +78,7 @@ REASONS: dict[int, str] = {
     0x8C: "bad authentication method",
     0x8D: "keep alive timeout",
     0x8E: "session taken over",
+    0x8F: "topic filter invalid",
     0x90: "topic name invalid",
     0x91: "packet identifier in use",
     0x93: "receive maximum exceeded",
@@ -76,7 +91,10 @@ REASONS: dict[int, str] = {
     0x9B: "QoS not supported",
     0x9C: "use another server",
     0x9D: "server moved",
+    0x9E: "shared subscriptions not supported",
     0x9F: "connection rate exceeded",
+    0xA1: "subscription identifiers not supported",
+    0xA2: "wildcard subscriptions not supported",
 }
 
 
@@ -139,6 +157,11 @@ class ProtocolError(MqttError):
     """The broker broke MQTT 5 (a packet this client cannot read)."""
 
 
+class NotTaken(MqttError):
+    """``on_message`` raised: the message was not acknowledged, and the connection was ended so
+    that the broker sends it again (its cause is the handler's exception)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Will:
     """The message the broker publishes when this client vanishes without DISCONNECT."""
@@ -152,11 +175,14 @@ class Will:
 @dataclass(frozen=True, slots=True)
 class ConnAck:
     session_present: bool
+    """The broker kept this client id's session (its subscriptions and queued messages)."""
     max_packet_size: int | None
     receive_maximum: int
     maximum_qos: int
     retain_available: bool
     assigned_client_id: str | None
+    session_expiry: int | None = None
+    """The broker's own Session Expiry Interval, when it overrides the one asked for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +199,38 @@ class PubAck:
     def describe(self) -> str:
         text = f"PUBACK {reason_text(self.reason)}"
         return f"{text} ({self.reason_string})" if self.reason_string else text
+
+
+@dataclass(frozen=True, slots=True)
+class SubAck:
+    """The broker's answer to one SUBSCRIBE (SUBACK) or UNSUBSCRIBE (UNSUBACK) of one topic
+    filter: below 0x80 done (for a SUBSCRIBE, the QoS granted); 0x80 and above refused."""
+
+    reason: int
+    reason_string: str | None = None
+    packet: str = "SUBACK"
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason < 0x80
+
+    def describe(self) -> str:
+        text = f"{self.packet} {reason_text(self.reason)}"
+        return f"{text} ({self.reason_string})" if self.reason_string else text
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One PUBLISH the broker sent this client."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    """The broker sent it before, on an earlier connection, without getting its PUBACK."""
+    packet_id: int | None
+    """Set for QoS 1: the identifier its PUBACK carries."""
 
 
 # --- encoding ------------------------------------------------------------------------------------
@@ -217,9 +275,17 @@ def connect_packet(
     username: str | None = None,
     password: str | None = None,
     will: Will | None = None,
+    clean_start: bool = True,
+    session_expiry: int = 0,
+    receive_maximum: int | None = None,
+    maximum_packet_size: int | None = None,
 ) -> bytes:
-    """CONNECT with Clean Start and no session kept (Session Expiry Interval 0, the default)."""
-    flags = 0x02
+    """CONNECT; by default with Clean Start and no session kept (Session Expiry Interval 0).
+
+    A subscriber that wants what was published while it was away asks for ``clean_start=False``
+    and a ``session_expiry`` in seconds (0xFFFFFFFF: never expires).
+    """
+    flags = 0x02 if clean_start else 0x00
     payload = utf8(client_id)
     if will is not None:
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
@@ -231,13 +297,39 @@ def connect_packet(
         flags |= 0x40
         payload += binary(password.encode("utf-8"))
     header = utf8("MQTT") + bytes((PROTOCOL_LEVEL, flags)) + keepalive.to_bytes(2, "big")
-    return packet(CONNECT, header + NO_PROPERTIES + payload)
+    props = b""
+    if session_expiry:
+        props += bytes((SESSION_EXPIRY,)) + session_expiry.to_bytes(4, "big")
+    if receive_maximum is not None:
+        props += bytes((RECEIVE_MAXIMUM,)) + receive_maximum.to_bytes(2, "big")
+    if maximum_packet_size is not None:
+        props += bytes((MAXIMUM_PACKET_SIZE,)) + maximum_packet_size.to_bytes(4, "big")
+    return packet(CONNECT, header + varint(len(props)) + props + payload)
 
 
 def publish_packet(topic: str, payload: bytes, *, qos: int, retain: bool, packet_id: int) -> bytes:
     first = PUBLISH | (qos << 1) | (1 if retain else 0)
     ident = packet_id.to_bytes(2, "big") if qos else b""
     return packet(first, utf8(topic) + ident + NO_PROPERTIES + payload)
+
+
+def subscribe_packet(
+    topic_filter: str, *, qos: int, packet_id: int, retain_handling: int = 0
+) -> bytes:
+    """SUBSCRIBE to one filter. ``retain_handling`` 1: the broker sends its retained message only
+    when the subscription is new (not again on every reconnect to a kept session)."""
+    options = qos | (retain_handling << 4)
+    body = packet_id.to_bytes(2, "big") + NO_PROPERTIES + utf8(topic_filter) + bytes((options,))
+    return packet(SUBSCRIBE, body)
+
+
+def unsubscribe_packet(topic_filter: str, *, packet_id: int) -> bytes:
+    return packet(UNSUBSCRIBE, packet_id.to_bytes(2, "big") + NO_PROPERTIES + utf8(topic_filter))
+
+
+def puback_packet(packet_id: int) -> bytes:
+    """PUBACK for a received QoS 1 message; without a reason code, which means success."""
+    return packet(PUBACK, packet_id.to_bytes(2, "big"))
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -273,7 +365,7 @@ _PROPERTY_KINDS: dict[int, str] = {
     0x2A: "byte",
 }
 MAXIMUM_PACKET_SIZE, RECEIVE_MAXIMUM, MAXIMUM_QOS, RETAIN_AVAILABLE = 0x27, 0x21, 0x24, 0x25
-ASSIGNED_CLIENT_ID, REASON_STRING = 0x12, 0x1F
+ASSIGNED_CLIENT_ID, REASON_STRING, SESSION_EXPIRY = 0x12, 0x1F, 0x11
 
 
 class _Reader:
@@ -357,6 +449,7 @@ def parse_connack(body: bytes) -> tuple[int, ConnAck]:
         maximum_qos=props.get(MAXIMUM_QOS, 2),
         retain_available=bool(props.get(RETAIN_AVAILABLE, 1)),
         assigned_client_id=props.get(ASSIGNED_CLIENT_ID),
+        session_expiry=props.get(SESSION_EXPIRY),
     )
 
 
@@ -369,16 +462,44 @@ def parse_puback(body: bytes) -> tuple[int, PubAck]:
     return ident, PubAck(reason, props.get(REASON_STRING))
 
 
+def parse_suback(body: bytes, packet: str = "SUBACK") -> tuple[int, SubAck]:
+    """(packet identifier, answer) from a SUBACK or UNSUBACK of one topic filter."""
+    reader = _Reader(body)
+    ident = reader.integer(2)
+    props = reader.properties()
+    if reader.left() != 1:
+        raise ProtocolError(f"broker sent a {packet} for {reader.left()} topic filters, not 1")
+    return ident, SubAck(reader.byte(), props.get(REASON_STRING), packet)
+
+
+def parse_publish(first: int, body: bytes) -> Message:
+    """A PUBLISH the broker sent: flags from the first byte, then topic, id, properties, payload."""
+    qos = (first >> 1) & 0x03
+    if qos > 1:
+        raise ProtocolError(f"broker sent a QoS {qos} PUBLISH; this client subscribes at QoS 1")
+    reader = _Reader(body)
+    topic = reader.string()
+    packet_id = reader.integer(2) if qos else None
+    if packet_id == 0:
+        raise ProtocolError("broker sent a QoS 1 PUBLISH with packet identifier 0")
+    reader.properties()  # topic aliases are off (this client allows none), the rest is not needed
+    if not topic:
+        raise ProtocolError("broker sent a PUBLISH without a topic name")
+    payload = reader.take(reader.left())
+    return Message(topic, payload, qos, bool(first & 0x01), bool(first & 0x08), packet_id)
+
+
 # --- the connection ------------------------------------------------------------------------------
 
 
 class MqttClient:
-    """One connection to one broker, for publishing.
+    """One connection to one broker, for publishing and (with ``on_message``) subscribing.
 
-    Invariant: every QoS 1 publish awaiting its PUBACK is in ``_pending``, and the moment the
-    connection ends (broker gone, DISCONNECT, keepalive or acknowledgement timeout, ``close``)
-    every one of them fails with :class:`ConnectionLost`. A client connects once; after it is
-    lost, make a new one.
+    Invariant: every QoS 1 publish awaiting its PUBACK is in ``_pending`` (every SUBSCRIBE or
+    UNSUBSCRIBE awaiting its answer in ``_requests``), and the moment the connection ends (broker
+    gone, DISCONNECT, keepalive or acknowledgement timeout, ``close``) every one of them fails
+    with :class:`ConnectionLost`. A message received is acknowledged only after ``on_message``
+    returned, in the order received. A client connects once; after it is lost, make a new one.
     """
 
     def __init__(
@@ -394,7 +515,16 @@ class MqttClient:
         timeout: float = 10.0,
         will: Will | None = None,
         clock: Callable[[], float] = time.monotonic,
+        clean_start: bool = True,
+        session_expiry: int = 0,
+        receive_maximum: int | None = None,
+        on_message: Callable[[Message], None] | None = None,
     ) -> None:
+        """``on_message``: called with each PUBLISH received, on the reading task (it must not
+        block); when it returns, a QoS 1 message is acknowledged; when it raises, the connection
+        ends with :class:`NotTaken` and the message stays with the broker. Give it to receive
+        what a kept session (``clean_start=False``) holds: the broker sends that right after
+        CONNACK. ``receive_maximum``: QoS 1 messages the broker may send before their PUBACK."""
         self.host = host
         self.port = port
         self.client_id = client_id
@@ -405,9 +535,16 @@ class MqttClient:
         self.timeout = timeout
         self._will = will
         self._clock = clock
+        self._clean_start = clean_start
+        self._session_expiry = session_expiry
+        self._receive_maximum = receive_maximum
+        self._on_message = on_message
         self.connack: ConnAck | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending: dict[int, asyncio.Future[PubAck]] = {}
+        self._requests: dict[int, asyncio.Future[SubAck]] = {}
+        self._ended = asyncio.Event()
+        self._closing = False
         self._next_id = 0
         self._window: asyncio.Semaphore | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -439,6 +576,10 @@ class MqttClient:
                         username=self._username,
                         password=self._password,
                         will=self._will,
+                        clean_start=self._clean_start,
+                        session_expiry=self._session_expiry,
+                        receive_maximum=self._receive_maximum,
+                        maximum_packet_size=MAX_INCOMING if self._on_message else None,
                     )
                 )
                 first, body = await _read_packet(reader)
@@ -523,10 +664,51 @@ class MqttClient:
                 "(its Maximum Packet Size)"
             )
 
+    async def subscribe(
+        self, topic_filter: str, *, qos: int = 1, retain_handling: int = 0
+    ) -> SubAck:
+        """SUBSCRIBE to one topic filter; returns the broker's SUBACK (the QoS it granted, or
+        its refusal: 0x87 when its ACL denies the filter to this account)."""
+        ident = self._allocate()
+        data = subscribe_packet(
+            topic_filter, qos=qos, packet_id=ident, retain_handling=retain_handling
+        )
+        return await self._request(ident, data, "SUBACK")
+
+    async def unsubscribe(self, topic_filter: str) -> SubAck:
+        """UNSUBSCRIBE one topic filter; the UNSUBACK (0x11: there was no such subscription)."""
+        ident = self._allocate()
+        return await self._request(
+            ident, unsubscribe_packet(topic_filter, packet_id=ident), "UNSUBACK"
+        )
+
+    async def _request(self, ident: int, data: bytes, answer_kind: str) -> SubAck:
+        if self._writer is None or self._lost is not None or self.connack is None:
+            raise NotConnected(f"{self.where}: not connected") from self._lost
+        self._check_size(data)
+        answer: asyncio.Future[SubAck] = asyncio.get_running_loop().create_future()
+        self._requests[ident] = answer
+        try:
+            await self._write(data)
+            async with asyncio.timeout(self.timeout):
+                return await answer
+        except TimeoutError:
+            lost = AckTimeout(f"{self.where}: no {answer_kind} within {self.timeout:g} s")
+            self._end(lost)
+            raise lost from None
+        finally:
+            self._requests.pop(ident, None)
+
+    async def wait_lost(self) -> MqttError:
+        """Wait until the connection ends; what ended it (``NotConnected`` after ``close``)."""
+        await self._ended.wait()
+        assert self._lost is not None
+        return self._lost
+
     def _allocate(self) -> int:
         for _ in range(0xFFFF):
             self._next_id = self._next_id % 0xFFFF + 1
-            if self._next_id not in self._pending:
+            if self._next_id not in self._pending and self._next_id not in self._requests:
                 return self._next_id
         raise RuntimeError("no free packet identifier")  # bounded by the window: cannot happen
 
@@ -562,6 +744,27 @@ class MqttClient:
                     waiter = self._pending.get(ident)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(ack)
+                elif kind == PUBLISH and self._on_message is not None:
+                    message = parse_publish(first, body)
+                    if self._closing:  # neither taken nor acknowledged: the broker keeps it
+                        continue
+                    try:
+                        self._on_message(message)
+                    except Exception as exc:
+                        lost = NotTaken(
+                            f"{self.where}: a message on {message.topic} was not taken "
+                            f"({type(exc).__name__}: {exc}); not acknowledged, so the broker "
+                            "sends it again"
+                        )
+                        lost.__cause__ = exc
+                        break
+                    if message.packet_id is not None:
+                        await self._write(puback_packet(message.packet_id))
+                elif kind in (SUBACK, UNSUBACK):
+                    ident, answer = parse_suback(body, "SUBACK" if kind == SUBACK else "UNSUBACK")
+                    request = self._requests.get(ident)
+                    if request is not None and not request.done():
+                        request.set_result(answer)
                 elif kind == PINGRESP:
                     continue
                 elif kind == DISCONNECT:
@@ -577,7 +780,7 @@ class MqttClient:
                     break
         except asyncio.IncompleteReadError:
             lost = ConnectionLost(f"{self.where}: broker closed the connection")
-        except ProtocolError as exc:
+        except MqttError as exc:  # a ProtocolError, or writing a PUBACK failed
             lost = exc
         except (ConnectionError, OSError) as exc:
             lost = ConnectionLost(f"{self.where}: connection lost: {_os_text(exc)}")
@@ -602,14 +805,16 @@ class MqttClient:
         """The connection is over: fail every publish awaiting its PUBACK, close the socket."""
         if self._lost is None:
             self._lost = lost
-        for waiter in self._pending.values():
+        failure = (
+            self._lost
+            if isinstance(self._lost, ConnectionLost | AckTimeout)
+            else ConnectionLost(str(self._lost))
+        )
+        waiters: list[asyncio.Future[Any]] = [*self._pending.values(), *self._requests.values()]
+        for waiter in waiters:
             if not waiter.done():
-                failure = (
-                    self._lost
-                    if isinstance(self._lost, ConnectionLost | AckTimeout)
-                    else ConnectionLost(str(self._lost))
-                )
                 waiter.set_exception(failure)
+        self._ended.set()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -621,7 +826,11 @@ class MqttClient:
             self._writer.close()
 
     async def close(self) -> None:
-        """DISCONNECT (the will is then not published) and close; safe to call at any time."""
+        """DISCONNECT (the will is then not published) and close; safe to call at any time.
+
+        A message arriving from here on is not handed to ``on_message`` (nor acknowledged), so
+        the broker, which keeps a session, sends it again on the next connection."""
+        self._closing = True
         if self._writer is not None and self._lost is None:
             with contextlib.suppress(MqttError):
                 await self._write(bytes((DISCONNECT, 0)))
@@ -647,7 +856,9 @@ async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     else:
         raise ProtocolError("broker sent a malformed remaining length")
     if length > MAX_INCOMING:
-        raise ProtocolError(f"broker sent a {length}-byte packet to a publisher")
+        raise ProtocolError(
+            f"broker sent a {length}-byte packet (this client takes {MAX_INCOMING})"
+        )
     return first, await reader.readexactly(length) if length else b""
 
 

@@ -57,11 +57,11 @@ class SnapshotCollector(Collector):
             yield CounterMetricFamily(
                 "dsmr_logger_meter_polls", "Requests made to the meter's device", value=snap.polls
             )
-            yield CounterMetricFamily(
-                "dsmr_logger_meter_repeats",
-                "Telegrams the device served again, skipped",
-                value=snap.repeats,
-            )
+        yield CounterMetricFamily(  # 0 for a port; polled devices and MQTT brokers repeat
+            "dsmr_logger_meter_repeats",
+            "Telegrams received again (a device polled, a broker resending), skipped",
+            value=snap.repeats,
+        )
         source = GaugeMetricFamily(
             "dsmr_logger_meter_info",
             "Where telegrams come from, and its state",

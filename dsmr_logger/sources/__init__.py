@@ -25,6 +25,7 @@ from dsmr_logger.config import (
     HttpMeterConfig,
     MeterConfig,
     MeterTypeConfig,
+    MqttMeterConfig,
     NeurioMeterConfig,
 )
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
@@ -92,8 +93,9 @@ def build_source(
 ) -> Source:
     """The source a ``[meter]`` section describes.
 
-    ``state_path``: where a polled source keeps the last telegram it took across a restart, so a
-    device still serving that telegram after the restart does not get it delivered twice.
+    ``state_path``: where a polled source (or the MQTT one) keeps the last telegram it took across
+    a restart, so a device still serving that telegram after the restart (or a broker sending it
+    again as retained) does not get it delivered twice.
     """
     if isinstance(config, MeterConfig):
         from dsmr_logger.sources.p1.reader import MeterReader
@@ -111,4 +113,8 @@ def build_source(
         from dsmr_logger.sources.http_poll import http_source
 
         return http_source(config, on_frame, wall_clock=wall_clock, state_path=state_path)
+    if isinstance(config, MqttMeterConfig):
+        from dsmr_logger.sources.mqtt_in import mqtt_source
+
+        return mqtt_source(config, on_frame, wall_clock=wall_clock, state_path=state_path)
     raise ValueError(f"no source for meter type {config.type!r}")  # config validated the type

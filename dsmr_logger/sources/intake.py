@@ -9,7 +9,10 @@ differ from a wire, and are handled here:
   A telegram with the same meter timestamp (``0-0:1.0.0``) as the previous one taken is skipped
   and counted; DSMR-reader stores a telegram sent twice twice, so skipping is the only defence.
   The last one taken survives a restart (``LastTaken``): a device still serving it then would
-  otherwise have it delivered a second time.
+  otherwise have it delivered a second time. A broker that sends again what it sent before
+  (MQTT: the messages whose acknowledgements a broken connection lost, at most the client's
+  Receive Maximum of them) repeats more than the last one: such a source remembers the keys of
+  the last ``remember`` telegrams taken, and skips a telegram matching any of them.
 - A payload is complete, so a telegram at its very end needs no CRLF after ``!XXXX`` to be known
   complete (one is added), and one cut off at its end is dropped (counted as interrupted) rather
   than left to swallow the next payload's first telegram.
@@ -27,6 +30,7 @@ import contextlib
 import dataclasses
 import os
 import re
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,8 +86,9 @@ class LastTaken:
 class Intake:
     """Payload in, each new valid telegram out to ``on_frame`` exactly once (in arrival order).
 
-    Invariant: ``taken`` counts the frames passed on; a frame whose ``repeat_key`` equals the
-    previous frame's is never passed on, only counted in ``repeats``.
+    Invariant: ``taken`` counts the frames passed on; a frame whose ``repeat_key`` equals that of
+    one of the last ``remember`` frames passed on (by default: the previous one) is never passed
+    on, only counted in ``repeats``.
     """
 
     def __init__(
@@ -94,15 +99,23 @@ class Intake:
         last_key: bytes | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
         where: str = "",
+        remember: int = 1,
     ) -> None:
         self.assembler = FrameAssembler(require_crc=require_crc)
-        self.last_key = last_key
+        self.recent: deque[bytes] = deque(maxlen=remember)
+        if last_key is not None:
+            self.recent.append(last_key)
         self.taken = 0
         self.repeats = 0
         self.crc_added = 0
         self._on_frame = on_frame
         self._log = log or structlog.get_logger("dsmr_logger.meter")
         self._where = where
+
+    @property
+    def last_key(self) -> bytes | None:
+        """The key of the last telegram passed on (what ``LastTaken`` keeps across a restart)."""
+        return self.recent[-1] if self.recent else None
 
     @property
     def counters(self) -> FramingCounters:
@@ -114,10 +127,10 @@ class Intake:
         taken = repeats = 0
         for frame in self.assembler.feed(closed(payload), received_at):
             key = repeat_key(frame.raw)
-            if key == self.last_key:
+            if key in self.recent:
                 repeats += 1
                 continue
-            self.last_key = key
+            self.recent.append(key)
             if frame.crc is None and _VERSION.search(frame.raw):
                 frame = self._completed(frame)
             self._on_frame(frame)

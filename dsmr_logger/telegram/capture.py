@@ -20,10 +20,13 @@ def default_capture() -> bytes:
 
 
 def read_capture(path: Path | None) -> bytes:
-    """A capture's bytes (``.gz`` decompressed); the bundled capture when ``path`` is None."""
+    """A capture's bytes (``.gz`` decompressed, ``.hex`` decoded); the bundled capture when
+    ``path`` is None."""
     if path is None:
         return default_capture()
     data = path.read_bytes()
+    if path.suffix == ".hex":  # an encrypted frame written as hex digits (the corpus's form)
+        return bytes.fromhex(data.decode("ascii", "replace"))
     return gzip.decompress(data) if path.suffix == ".gz" else data
 
 

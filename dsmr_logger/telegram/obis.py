@@ -6,6 +6,11 @@ next (long text messages). Values stay :class:`~decimal.Decimal` throughout, and
 to DSMR-reader's (Wh -> kWh, W -> kW, varh -> kvarh) by shifting the decimal point, so nothing is
 ever rounded here. Timestamps become aware datetimes with the offset the meter meant. The CRC is
 the framer's business (:mod:`dsmr_logger.sources.p1.framing`), not this module's.
+
+A CRC-valid telegram is what the meter meant to send, so one line this parser cannot read (a
+meter's ``1-0:99:97.0`` typo, a firmware's text banner) costs that line, not the reading: it is
+listed in ``Reading.unreadable`` with the reason, and every other register is read. Only a frame
+without its ``/`` start or ``!`` end is a :class:`ParseError`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ DEFAULT_ZONE = ZoneInfo("Europe/Amsterdam")
 
 _ZERO = timedelta(0)
 _OBIS = re.compile(r"(\d+)-(\d+):(\d+\.\d+\.\d+)(?:[.*](\d+))?", re.ASCII)
+_OBJECT_START = re.compile(r"\d+-\d+:\d+\.\d+\.\d+(?:[.*]\d+)?\(", re.ASCII)
 # Dates meters send for "never": the DLMS epochs, in the meter's two-digit-year form.
 _SENTINEL_DATES = frozenset({"000101", "700101"})
 # Lower-cased unit as sent -> (DSMR-reader's unit, power of ten to shift by).
@@ -101,6 +107,8 @@ class Reading:
     mbus: tuple[MBusDevice, ...]
     power_failures: tuple[PowerFailure, ...]
     messages: tuple[Message, ...]
+    unreadable: tuple[str, ...] = ()
+    """Lines left out, each as ``reason: 'line'`` (a malformed OBIS id, a line without a value)."""
 
     def value(self, obis: str) -> Value | None:
         """The object's first group, or None when the telegram does not carry it."""
@@ -116,10 +124,8 @@ def parse(telegram: bytes, *, zone: tzinfo = DEFAULT_ZONE) -> Reading:
     newline = text.find("\n")
     if newline < 0:
         raise ParseError("no '!' end line")
-    objects = {
-        obis: tuple(_value(group) for group in groups)
-        for obis, groups in _tokens(text, newline + 1)
-    }
+    tokens, unreadable = _tokens(text, newline + 1)
+    objects = {obis: tuple(_value(group) for group in groups) for obis, groups in tokens}
     stamp = objects.get("0-0:1.0.0")
     version = objects.get("1-3:0.2.8")
     return Reading(
@@ -134,6 +140,7 @@ def parse(telegram: bytes, *, zone: tzinfo = DEFAULT_ZONE) -> Reading:
             for obis, values in objects.items()
             if obis.startswith(_MESSAGES) and values and values[0].raw
         ),
+        unreadable=tuple(unreadable),
     )
 
 
@@ -176,10 +183,12 @@ def _fixed(local: datetime) -> datetime:
     return local.replace(tzinfo=timezone(local.utcoffset() or _ZERO), fold=0)
 
 
-def _tokens(text: str, start: int) -> list[tuple[str, list[str]]]:
-    """The body's (OBIS id, groups) in order, up to the line that starts with ``!``."""
+def _tokens(text: str, start: int) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """The body's (OBIS id, groups) in order, up to the line that starts with ``!``, and the
+    lines that could not be read, each with its reason."""
     lines = text[start:].split("\n")
     tokens: list[tuple[str, list[str]]] = []
+    unreadable: list[str] = []
     i = 0
     while i < len(lines):
         line = lines[i].removesuffix("\r")
@@ -187,9 +196,10 @@ def _tokens(text: str, start: int) -> list[tuple[str, list[str]]]:
         if not line:
             continue
         if line[0] == "!":
-            return tokens
+            return tokens, unreadable
         opens, closes = line.count("("), line.count(")")
-        while opens > closes and i < len(lines):  # a value continued on the next line
+        while opens > closes and i < len(lines) and not _starts_object(lines[i]):
+            # a value continued on the next line (never the end line or the next object)
             more = lines[i].removesuffix("\r")
             i += 1
             line += more
@@ -197,25 +207,34 @@ def _tokens(text: str, start: int) -> list[tuple[str, list[str]]]:
             closes += more.count(")")
         opening = line.find("(")
         if opening < 0 or line[-1] != ")":
-            raise ParseError(f"line without a value: {line[:60]!r}")
+            unreadable.append(f"line without a value: {line[:60]!r}")
+            continue
         groups = line[opening + 1 : -1].split(")(")
         if not opens == closes == len(groups):  # only the delimiters may be parentheses
-            raise ParseError(f"stray parenthesis in {line[:60]!r}")
-        if opening:
-            tokens.append((_obis(line[:opening]), groups))
-        elif tokens:
-            tokens[-1][1].extend(groups)
+            unreadable.append(f"stray parenthesis: {line[:60]!r}")
+        elif not opening:
+            if tokens:
+                tokens[-1][1].extend(groups)
+            else:
+                unreadable.append(f"value line before any object: {line[:60]!r}")
+        elif (obis := _obis(line[:opening])) is None:
+            unreadable.append(f"not an OBIS id: {line[:60]!r}")
         else:
-            raise ParseError("value line before any object")
+            tokens.append((obis, groups))
     raise ParseError("no '!' end line")
 
 
+def _starts_object(line: str) -> bool:
+    return line.startswith("!") or _OBJECT_START.match(line) is not None
+
+
 @functools.lru_cache(maxsize=512)
-def _obis(token: str) -> str:
-    """``A-B:C.D.E``; the ``.255``/``*255`` "current value" suffix is dropped, others kept."""
+def _obis(token: str) -> str | None:
+    """``A-B:C.D.E``; the ``.255``/``*255`` "current value" suffix is dropped, others kept.
+    None when ``token`` is not an OBIS id."""
     match = _OBIS.fullmatch(token)
     if match is None:
-        raise ParseError(f"not an OBIS id: {token[:40]!r}")
+        return None
     a, b, cde, f = match.groups()
     suffix = f"*{f}" if f is not None and f != "255" else ""
     return f"{a}-{b}:{cde}{suffix}"
@@ -231,17 +250,16 @@ def _value(raw: str) -> Value:
 
 
 def _split_unit(raw: str) -> tuple[str, str]:
-    """``12.5kWh`` -> (``12.5``, ``kWh``); only known units after a decimal number count.
+    """``12.5kWh`` -> (``12.5``, ``kWh``), ``005A`` -> (``005``, ``A``): only known units count.
 
-    The decimal point is required because a timestamp ``...W`` would otherwise read as watts.
+    A timestamp ``YYMMDDhhmmssW`` is twelve digits and a season flag, never watts (or seconds).
     """
-    if "." not in raw:
-        return raw, ""
     for i, char in enumerate(raw):
         if char.isalpha():
-            if raw[i:].lower() in _UNITS:
-                return raw[:i], raw[i:]
-            break
+            unit = raw[i:]
+            if unit.lower() not in _UNITS or (i == 12 and unit in ("S", "W") and "." not in raw):
+                break
+            return raw[:i], unit
     return raw, ""
 
 

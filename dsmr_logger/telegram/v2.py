@@ -3,7 +3,9 @@
 The rules follow what the registers say rather than a configured meter family, so one mapping
 serves them all: NL DSMR 2.2-5, Belgian e-MUCS (gas on ``0-n:24.2.3``), Luxembourg Smarty,
 Sweden, Austria, Hungary, EasyMeter Q3D and Iskra IE. Where a meter lacks what DSMR-reader wants
-(tariff registers, a timestamp, a returned-power register) the fallback is stated in ``notes``.
+(tariff registers, a timestamp, a returned-power register) the fallback is stated in ``notes``,
+and so are lines the parser could not read: they cost the reading nothing unless a field DSMR-reader
+requires came from them, and only then is the reading refused, naming the field and those lines.
 Values are rounded half-up to the server's precision (3 decimals; volts 1; amperes whole) and a
 value too large for its column is a :class:`MappingError`, since the server would refuse it.
 """
@@ -64,10 +66,16 @@ def to_v2(
     reading: Reading, *, gas_channel: int | None = None, received_at: datetime | None = None
 ) -> V2Fields:
     """Map a reading; ``received_at`` (aware) dates telegrams without a usable timestamp."""
-    notes: list[str] = []
-    energy = _energy(reading, notes)
-    fields = {"timestamp": _timestamp(reading, received_at, notes), **energy}
-    fields |= _power(reading, notes)
+    notes = [f"line not read, left out: {line}" for line in reading.unreadable]
+    try:
+        energy = _energy(reading, notes)
+        fields = {"timestamp": _timestamp(reading, received_at, notes), **energy}
+        fields |= _power(reading, notes)
+    except MappingError as exc:
+        if not reading.unreadable:
+            raise
+        lines = "; ".join(reading.unreadable)
+        raise MappingError(f"{exc.reason} (lines not read: {lines})", exc.field) from None
     fields |= _gas(reading, gas_channel, notes)
     return V2Fields(fields, tuple(notes))
 

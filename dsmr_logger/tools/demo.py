@@ -20,13 +20,20 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dsmr_logger.config import ConfigError, from_mapping
-from dsmr_logger.daemon import Daemon
+from dsmr_logger.daemon import Daemon, StartupError
+from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.logsetup import configure
 from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.telegram.glance import glance
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 from dsmr_logger.tools.simulate_neurio import FakeSensor
+
+_OPTIONS = {
+    "sink[1] (dsmr-reader).url": "--dsmr-reader",
+    "sink[1] (dsmr-reader).api_key": "--api-key",
+}
+"""Configuration keys the demo's options become, as the user wrote them."""
 
 
 def run_demo(
@@ -42,7 +49,11 @@ def run_demo(
     """``neurio``: a simulated Neurio sensor (solar shape) on 127.0.0.1, polled over HTTP,
     instead of a meter on a virtual serial port."""
     directory = directory.resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"dsmr-logger: demo: cannot use --dir {directory}: {exc.strerror}", file=sys.stderr)
+        return 2
     port: VirtualSerialPort | None = None
     sensor_socket: socket.socket | None = None
     if neurio:
@@ -75,7 +86,9 @@ def run_demo(
     except ConfigError as exc:
         release()
         for problem in exc.problems:
-            print(f"dsmr-logger: {problem}", file=sys.stderr)
+            for key, option in _OPTIONS.items():
+                problem = problem.replace(key, option)
+            print(f"dsmr-logger: demo: {problem}", file=sys.stderr)
         return 2
     if port is not None:
         simulator = MeterSimulator(port, frames_in(default_capture()), interval=interval)
@@ -90,6 +103,14 @@ def run_demo(
         print(f"demo: log in {log_path}; Ctrl-C stops", file=out, flush=True)
         try:
             status = asyncio.run(_demo(config, play, duration, out))
+        except (SpoolError, StartupError) as exc:
+            # A second demo in the same folder finds the first one's spool locked.
+            print(f"dsmr-logger: demo: cannot start: {exc}", file=sys.stderr)
+            print(
+                "dsmr-logger: demo: is another demo running? --dir DIR picks another folder",
+                file=sys.stderr,
+            )
+            return 1
         finally:
             release()
     archive = directory / "archive"
@@ -121,25 +142,27 @@ async def _demo(
     meter = asyncio.ensure_future(play())
     progress = asyncio.create_task(_show_progress(daemon, out))
     try:
-        return await daemon.run(stop)
+        status = await daemon.run(stop)
     finally:
         for task in (meter, progress):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        print("\n" + progress_line(daemon.snapshot()), file=out, flush=True)
+    print("\n" + progress_line(daemon.snapshot()), file=out, flush=True)
+    return status
 
 
 async def _show_progress(daemon: Daemon, out: TextIO) -> None:
     live = out.isatty()
-    last_printed = 0.0
+    last_printed: float | None = None
     while True:
         await asyncio.sleep(0.5)
-        line = progress_line(daemon.snapshot())
+        snap = daemon.snapshot()
+        line = progress_line(snap)
         if live:
             print("\r\033[K" + line, end="", file=out, flush=True)
-        elif time.monotonic() - last_printed >= 5.0:
-            print(line, file=out, flush=True)
+        elif snap.frames and (last_printed is None or time.monotonic() - last_printed >= 5.0):
+            print(line, file=out, flush=True)  # the first telegrams at once, then every 5 s
             last_printed = time.monotonic()
 
 

@@ -1,13 +1,18 @@
 """``dsmr-logger spool list | show | requeue | purge | export``: look into and repair the spool.
 
 Safe while the daemon runs: SQLite (WAL) lets this process read and write beside it; requeued
-dead letters are picked up by the running daemon within seconds.
+dead letters are picked up by the running daemon within 2 x ``flush_interval`` (10 s by default).
+Dead letters listed here are the ones held now; ``status`` counts those made since the daemon
+started, so the two differ after a requeue.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -16,6 +21,10 @@ from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.telegram.glance import glance
 
 EXPORT_PAGE = 1000
+
+
+def _size(count: int) -> str:
+    return f"{count} bytes" if count < 10_000 else f"{count / 1024 / 1024:.1f} MiB"
 
 
 def _when(timestamp: float | None) -> str:
@@ -40,7 +49,11 @@ def list_spool(spool: Spool, out: TextIO, *, now: float | None = None) -> int:
     now = time.time() if now is None else now
     backlogs = spool.backlogs()
     letters = spool.dead_letters()
-    print(f"spool {spool.path}: {spool.stored_bytes} bytes of telegrams", file=out)
+    waiting = sum(backlog.count for backlog in backlogs.values())
+    if waiting:
+        print(f"spool {spool.path}: {_size(spool.stored_bytes)} of segment files", file=out)
+    else:
+        print(f"spool {spool.path}: no telegram waiting", file=out)
     if not backlogs:
         print("backlog: none", file=out)
     for sink, backlog in sorted(backlogs.items()):
@@ -56,7 +69,7 @@ def list_spool(spool: Spool, out: TextIO, *, now: float | None = None) -> int:
     for sink, count in sorted((s, c.get("lost", 0)) for s, c in counters.items()):
         if count:
             print(f"lost {sink}: {count} (damaged or deleted spool files)", file=out)
-    print(f"dead letters: {len(letters) or 'none'}", file=out)
+    print(f"dead letters held: {len(letters) or 'none'}", file=out)
     for letter in letters:
         answer = f"HTTP {letter.status}" if letter.status is not None else "no answer"
         body = " ".join(letter.body.split())[:60]
@@ -81,14 +94,38 @@ def show(spool: Spool, letter_id: int, out: TextIO) -> int:
             print("telegram:", file=out)
             print(letter.telegram.decode("ascii", "replace").replace("\r\n", "\n"), file=out)
             return 0
-    print(f"dsmr-logger: no dead letter #{letter_id} (see: dsmr-logger spool list)", file=out)
-    return 1
+    print(
+        f"dsmr-logger: no dead letter #{letter_id} (see: dsmr-logger spool list)", file=sys.stderr
+    )
+    return 2
 
 
-def requeue(spool: Spool, ids: list[int], sink: str | None, out: TextIO) -> int:
+def requeue(
+    spool: Spool, ids: list[int], sink: str | None, out: TextIO, *, flush_interval: float
+) -> int:
+    """Requeue the given dead letters (all, or a sink's); an id that is not there changes
+    nothing and is a usage error (2), named."""
+    held = {letter.id: letter for letter in spool.dead_letters()}
+    unknown = sorted(set(ids) - set(held))
+    if unknown:
+        listed = ", ".join(f"#{number}" for number in unknown)
+        print(f"dsmr-logger: no dead letter {listed}; nothing requeued", file=sys.stderr)
+        print("dsmr-logger: see the ids with: dsmr-logger spool list", file=sys.stderr)
+        return 2
+    if sink is not None and ids and any(held[number].sink != sink for number in ids):
+        others = ", ".join(f"#{n}" for n in ids if held[n].sink != sink)
+        print(f"dsmr-logger: {others} not for sink {sink}; nothing requeued", file=sys.stderr)
+        return 2
     count = spool.requeue(ids or None, sink)
-    print(f"requeued {count} dead letter(s); the daemon sends them within seconds", file=out)
-    return 0 if count or not ids else 1
+    if not count:
+        print("no dead letters to requeue", file=out)
+        return 0
+    print(
+        f"requeued {count} dead letter(s); a running daemon sends them within "
+        f"{2 * flush_interval:g} s, a stopped one at its next start",
+        file=out,
+    )
+    return 0
 
 
 def purge(
@@ -116,23 +153,55 @@ def purge(
     return 0
 
 
+def export_problem(destination: Path) -> str | None:
+    """Why ``destination`` cannot be written (checked before the spool is opened), or None."""
+    folder = destination.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        return f"cannot write {destination}: the folder {folder} {what}"
+    if destination.is_dir():
+        return f"cannot write {destination}: it is a folder; name a file in it"
+    return None
+
+
 def export(spool: Spool, destination: Path, sink: str | None, out: TextIO) -> int:
     """Write the backlog (and dead letters) as raw telegrams, the archive/capture format."""
-    sinks = [sink] if sink else sorted(spool.backlogs())
     written = 0
-    seen: set[int] = set()
-    with destination.open("wb") as file:
-        for name in sinks:
-            after = 0
-            while page := spool.page(name, after, 2**62, EXPORT_PAGE):
-                for telegram in page:
-                    if telegram.seq not in seen:
-                        seen.add(telegram.seq)
-                        file.write(telegram.telegram)
-                        written += 1
-                after = page[-1].seq
-        for letter in spool.dead_letters(sink):
-            file.write(letter.telegram)
+    try:
+        file = destination.open("wb", buffering=0)  # unbuffered: a full disk fails the write
+    except OSError as exc:
+        return _cannot_write(destination, exc)
+    with file:
+        for telegram in _exported(spool, sink):  # the spool's errors are not the file's
+            try:
+                view = memoryview(telegram)
+                while view:  # an unbuffered write may be short (the disk filling up)
+                    done = file.write(view)
+                    if not done:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    view = view[done:]
+            except OSError as exc:
+                return _cannot_write(destination, exc)
             written += 1
     print(f"wrote {written} telegram(s) to {destination}", file=out)
     return 0
+
+
+def _exported(spool: Spool, sink: str | None) -> Iterator[bytes]:
+    """The backlog of ``sink`` (or every sink, each telegram once), then its dead letters."""
+    seen: set[int] = set()
+    for name in [sink] if sink else sorted(spool.backlogs()):
+        after = 0
+        while page := spool.page(name, after, 2**62, EXPORT_PAGE):
+            for telegram in page:
+                if telegram.seq not in seen:
+                    seen.add(telegram.seq)
+                    yield telegram.telegram
+            after = page[-1].seq
+    for letter in spool.dead_letters(sink):
+        yield letter.telegram
+
+
+def _cannot_write(destination: Path, exc: OSError) -> int:
+    print(f"dsmr-logger: export: cannot write {destination}: {exc.strerror}", file=sys.stderr)
+    return 1

@@ -59,9 +59,10 @@ def render(doc: dict[str, Any]) -> str:
         f"meter {meter['port']}: {meter['state'].replace('_', ' ')}, last telegram "
         f"{_ago(meter['last_frame_at'], now)}, {meter['frames']} frames, {rejected} rejected, "
         f"{meter['reconnects']} reconnects"
+        + (f", {meter['polls']} polls" if meter.get("polls") else "")
         + (
-            f", {meter['polls']} polls, {meter['repeats']} repeats skipped"
-            if meter.get("polls")
+            f", {meter['repeats']} repeats skipped"
+            if meter.get("polls") or meter.get("repeats")
             else ""
         )
     )
@@ -78,7 +79,7 @@ def render(doc: dict[str, Any]) -> str:
     for sink in doc["sinks"]:
         text = (
             f"sink {sink['name']}: {sink['delivered']} delivered, backlog {sink['backlog']}"
-            f", dead letters {sink['dead_letters']}"
+            f", dead-lettered since start {sink['dead_letters']}"
         )
         if sink.get("possible_duplicates"):
             text += f", possibly sent twice {sink['possible_duplicates']}"
@@ -135,7 +136,7 @@ def render_offline(doc: dict[str, Any]) -> str:
         lost = f", lost to a damaged spool {sink['lost']}" if sink.get("lost") else ""
         lines.append(
             f"sink {sink['name']}: backlog {sink['backlog']}{waiting}, "
-            f"dead letters {sink['dead_letters']}{lost}"
+            f"dead letters held {sink['dead_letters']}{lost}"
         )
     if not doc["sinks"]:
         lines.append("  (no spool file, or nothing in it)")

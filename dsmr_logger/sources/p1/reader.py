@@ -204,14 +204,20 @@ class MeterReader:
         if state is MeterState.NO_VALID_FRAMES:
             self._log.warning(
                 "receiving bytes but no valid telegram; check meter.baudrate/profile "
-                "(DSMR 2.2/3 meters need profile = 'dsmr22') and the cable",
+                "(DSMR 2.2/3 meters need profile = 'dsmr22') and "
+                + ("ser2net's serial settings" if self.config.is_network else "the cable"),
                 port=self.config.port,
                 bytes_without_frame=self._bytes_since_frame,
             )
         elif state is MeterState.NO_BYTES:
             self._log.warning(
-                "no bytes from the meter; check the cable, that the P1 port is enabled, "
-                "and meter.port",
+                "no bytes from the meter; check "
+                + (
+                    "that ser2net on that host reads the meter's cable"
+                    if self.config.is_network
+                    else "the cable"
+                )
+                + ", that the P1 port is enabled, and meter.port",
                 port=self.config.port,
             )
         elif state is MeterState.OK:
