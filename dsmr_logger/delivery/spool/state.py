@@ -74,6 +74,18 @@ def _damaged(exc: sqlite3.DatabaseError) -> bool:
     return isinstance(exc, _Damaged) or name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
 
 
+READER_ROOM = 1 << 20
+"""Free bytes below which a tool reads the spool without letting SQLite create any file."""
+
+
+def _room(directory: Path) -> bool:
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return True
+    return fs.f_bavail * fs.f_frsize >= READER_ROOM
+
+
 class StateDb:
     def __init__(self, path: Path, lock_dir: Path, *, strict: bool) -> None:
         self.path = path
@@ -134,25 +146,28 @@ class StateDb:
         return version
 
     def _connect_reader(self) -> None:
-        """Beside a daemon: as SQLite does (its ``-shm`` exists). Without one: as an immutable
-        file when its WAL is empty (writing nothing, not even an empty ``-shm``), else as SQLite
-        does, or, on a full disk, with SQLite's heap-memory WAL index."""
+        """Beside a daemon, or with room on the disk: as SQLite does (``spool requeue`` writes
+        through it). On a full disk with no daemon: read only, creating no file, as an immutable
+        file when its WAL is empty, else with SQLite's heap-memory WAL index."""
+        held = self._held_by_daemon()
+        if held or _room(self.path.parent):
+            try:
+                self._connect(f"file:{self.path}?mode=rw")
+                return
+            except sqlite3.OperationalError:
+                self.close_db()
+                if held:
+                    raise
         wal = Path(f"{self.path}-wal")
-        if not self._held_by_daemon() and (not wal.exists() or wal.stat().st_size == 0):
+        if not wal.exists() or wal.stat().st_size == 0:
             self._connect(f"file:{self.path}?mode=ro&immutable=1")
             return
-        try:
-            self._connect(f"file:{self.path}?mode=rw")
-        except sqlite3.OperationalError:
-            self.close_db()
-            if self._held_by_daemon():
-                raise
-            db = sqlite3.connect(
-                f"file:{self.path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
-            )
-            self._db = db
-            db.execute("PRAGMA locking_mode = EXCLUSIVE")
-            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        db = sqlite3.connect(
+            f"file:{self.path}?mode=rw", uri=True, isolation_level=None, check_same_thread=False
+        )
+        self._db = db
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
 
     def version(self) -> int:
         version: int = self.db.execute("PRAGMA user_version").fetchone()[0]
