@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import ssl
 import tomllib
 import types
 import urllib.parse
@@ -390,6 +391,18 @@ def _file(value: Any) -> Path:
     return path
 
 
+def _ca_file(value: Any) -> Path:
+    """CA certificates to trust: loaded here as every client loads them, so a file that is not
+    PEM certificates is a mistake named now, not a TLS error when the first connection opens."""
+    path = _file(value)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+        raise _Bad(f"{path}: holds no usable CA certificate ({reason})") from None
+    return path
+
+
 def _plain_url(value: Any) -> str:
     """An endpoint: the client's base-URL rule, plus a query the request carries as written."""
     base, mark, query = _str(value).strip().partition("?")
@@ -442,7 +455,7 @@ class HomeWizardConfig:
         doc="the device's serial, which its certificate must name; not set: read at connect",
     )
     ca_file: Path | None = key(
-        None, check=_file, doc="CA certificate(s) the device's must chain to; default: shipped"
+        None, check=_ca_file, doc="CA certificate(s) the device's must chain to; default: shipped"
     )
     interval: float = key(
         1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)"
@@ -490,7 +503,7 @@ class HttpMeterConfig:
         None, check=_headers, doc="extra request headers, a table of name = value"
     )
     ca_file: Path | None = key(
-        None, check=_file, doc="https: CA certificate(s) to trust instead of the system's"
+        None, check=_ca_file, doc="https: CA certificate(s) to trust instead of the system's"
     )
     interval: float = key(
         1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)"
@@ -598,7 +611,7 @@ class MqttSinkConfig:
     gas_channel: int | None = key(
         None, check=one_of(1, 2, 3, 4), doc="M-Bus channel of the gas meter"
     )
-    ca_file: Path | None = key(None, check=_path, doc="mqtts: the CA certificate(s) to trust")
+    ca_file: Path | None = key(None, check=_ca_file, doc="mqtts: the CA certificate(s) to trust")
     verify_tls: bool = key(True, check=_bool, doc="mqtts: check the broker's certificate")
     timeout: float = key(
         10.0, check=number(0.05, 600.0), doc="seconds to connect, or for an acknowledgement"
@@ -710,7 +723,7 @@ class MqttMeterConfig:
         check=integer(0, 0xFFFFFFFF),
         doc="seconds the broker keeps telegrams for this client while it is away",
     )
-    ca_file: Path | None = key(None, check=_file, doc="mqtts: the CA certificate(s) to trust")
+    ca_file: Path | None = key(None, check=_ca_file, doc="mqtts: the CA certificate(s) to trust")
     timeout: float = key(
         10.0, check=number(0.05, 600.0), doc="seconds to connect, or for the broker's answer"
     )
@@ -808,7 +821,7 @@ class ClimkitImportConfig:
         "https://api.climkit.io/api/v1", check=cloud_url, doc="Climkit API endpoint"
     )
     ca_file: Path | None = key(
-        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+        None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's"
     )
     timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
 
@@ -829,7 +842,7 @@ class CopperImportConfig:
         "https://auth.copperlabs.com/oauth/token", check=cloud_url, doc="OAuth2 token endpoint"
     )
     ca_file: Path | None = key(
-        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+        None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's"
     )
     timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
 
@@ -843,7 +856,7 @@ class NeurioImportConfig:
     sensor_id: str = key(check=_str, doc="the sensor's id, e.g. 0x0000C47F510179CF")
     base_url: str = key("https://api.neur.io/v1", check=cloud_url, doc="Neurio API endpoint")
     ca_file: Path | None = key(
-        None, check=_path, doc="PEM file of CAs to trust instead of the system's"
+        None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's"
     )
     timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
 

@@ -358,3 +358,37 @@ def test_a_listing_that_is_not_dsmr_readers_is_one_clear_line_not_a_traceback(
     assert expected in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert posts == []
+
+
+async def test_backfill_dead_letters_poison_but_never_a_good_telegram_of_a_flapping_server(
+    tmp_path: Path,
+) -> None:
+    """The daemon's poison rule in backfill too: two telegrams DSMR-reader chokes on (its HTML
+    500 page every time) are dead-lettered, while a server failing 30 % of all requests at
+    random (the same HTML page) gets every good telegram, in order. The old rule (three 500s,
+    dead-letter) dead-lettered good telegrams of a flapping server."""
+    telegrams = capture()[:60]
+    poison = {meter_time(t, ZONE) for t in telegrams[20:22]}
+    async with DsmrReaderServer(
+        api_key=KEY,
+        mode="flapping",
+        flap_rate=0.3,
+        flap_seed="backfill-poison",
+        poison=lambda text: meter_time(text.encode(), ZONE) in poison,
+    ) as server:
+        config = from_mapping(
+            {
+                "meter": {"port": "/dev/null"},
+                "spool": {"path": str(tmp_path / "spool.sqlite3")},
+                "sink": [{"name": "home", "url": server.url, "api_key": KEY, "retry_max": 0.05}],
+            }
+        )
+        out = io.StringIO()
+        status = await backfill(
+            config, "home", archive(tmp_path, telegrams), since=None, until=None, out=out
+        )
+        flapped = sum(1 for answer in server.answers if answer.reason == "flapping")
+    assert flapped > 10, "the server did flap"
+    assert status == 1  # dead letters, listed by `spool list`
+    assert [t.encode() for t in server.received] == telegrams[:20] + telegrams[22:]
+    assert "58 stored" in out.getvalue() and "2 dead-lettered" in out.getvalue()

@@ -629,3 +629,27 @@ def test_setpriv_really_takes_root_file_access_away(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "PermissionError" in result.stderr
     os.chmod(secret, 0o600)
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"(not a certificate)", b"-----BEGIN CERTIFICATE-----\nxx"]
+)
+@pytest.mark.parametrize("command", ["check-config", "run"])
+def test_12_a_ca_file_without_a_certificate_is_named_before_anything_connects(
+    tmp_path: Path, content: bytes, command: str
+) -> None:
+    """Every ``ca_file`` (here an HTTP meter's) is loaded as the clients load it: a file holding
+    no certificate is one line naming the key and the path, exit 2, not an ssl traceback when
+    the first poll opens its connection."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(content)
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[meter]\ntype = "http"\nurl = "https://127.0.0.1:9/telegram"\n'
+        f"ca_file = {json.dumps(str(ca))}\n"
+        f"[spool]\npath = {json.dumps(str(tmp_path / 'spool.sqlite3'))}\n"
+    )
+    result = dsmr_logger(command, "--config", path)
+    assert result.returncode == 2
+    one_clear_line(result, "meter.ca_file", str(ca), "no usable CA certificate")
+    assert not (tmp_path / "spool.sqlite3").exists()

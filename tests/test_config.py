@@ -209,7 +209,11 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     example = shipped.replace("REPLACE-WITH-YOUR-DSMR-READER-API-KEY", "a-real-key-0123456789")
     assert config.load(write(tmp_path, example)).sinks
     main, alternatives = _alternative_meters(example)
-    switched_on = _switch_on(main)
+    ca = tmp_path / "ca.pem"  # a real certificate: ca_file keys load theirs
+    ca.write_bytes((REPO_ROOT / "dsmr_logger/sources/data/homewizard-ca.pem").read_bytes())
+    switched_on = [
+        f'ca_file = "{ca}"' if line.startswith("ca_file = ") else line for line in _switch_on(main)
+    ]
     loaded = config.load(write(tmp_path, "\n".join(switched_on)))
     assert isinstance(loaded.meter, config.MeterConfig)
     assert loaded.meter.decryption_key is not None
@@ -219,8 +223,6 @@ def test_example_config_loads_with_every_documented_key_switched_on(tmp_path: Pa
     meter_start = switched_on.index("[meter]")
     meter_end = next(i for i, line in enumerate(switched_on) if line == "[spool]")
     rest = [*switched_on[:meter_start], *switched_on[meter_end:]]
-    ca = tmp_path / "ca.pem"
-    ca.write_text("(a CA certificate)")
     kinds = set()
     for block in alternatives:
         lines = [

@@ -216,6 +216,8 @@ async def test_an_unreachable_logger_is_retried_until_it_is_back() -> None:
         await wait_until(lambda: source.status.polls >= 3, "three failed polls")
         assert source.status.state is MeterState.DISCONNECTED
         assert "ConnectionRefusedError" in (source.status.last_error or "")
+        assert source.status.last_error_at is not None  # status shows "N s ago"
+        assert source.status.attempts == source.status.polls >= 3  # failed polls are attempts
         await device.start(port)
         try:
             await wait_until(lambda: len(frames) == 3, "the telegrams once it is back")

@@ -58,6 +58,7 @@ __all__ = ["server"]  # a fixture, imported for the process tests
 USER, PASSWORD = "logger", "s3cret-mqtt-password"
 READER, READER_PASSWORD = "reader", "reader-password"
 SINK = "mqtt"
+SHIPPED_CA = Path(__file__).resolve().parent.parent / "dsmr_logger/sources/data/homewizard-ca.pem"
 ZONE = ZoneInfo("Europe/Amsterdam")
 GAS_TELEGRAM = CORPUS / "athombv-node-dsmr-parser" / "dsmr-5.0-spec-example.txt"
 STRICT_WINDOW = 0.25
@@ -417,7 +418,7 @@ class TestTls:
         ({"topic": "dsmr//x"}, "topic: 'dsmr//x': has an empty level"),
         ({"discovery_prefix": "$SYS"}, "discovery_prefix: '$SYS': a topic prefix"),
         ({"qos": 2}, "qos: must be one of 0, 1"),
-        ({"ca_file": "/etc/ca.pem"}, "ca_file: only for mqtts:// URLs"),
+        ({"ca_file": str(SHIPPED_CA)}, "ca_file: only for mqtts:// URLs"),
         ({"max_in_flight": 9}, "max_in_flight: must be between 1 and 8"),
     ],
     ids=lambda v: str(v)[:40],

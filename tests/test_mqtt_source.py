@@ -54,6 +54,7 @@ from dsmr_logger.sources.p1.framing import Frame, FrameAssembler
 USER, PASSWORD = "logger", "mqtt-meter-password"
 DONGLE, DONGLE_PASSWORD = "dongle", "dongle-password"
 TOPIC = "p1meter/sensor/telegram/state"
+SHIPPED_CA = Path(__file__).resolve().parent.parent / "dsmr_logger/sources/data/homewizard-ca.pem"
 FAST = {"reconnect_initial": 0.02, "reconnect_max": 0.2, "timeout": 5.0}
 
 
@@ -531,7 +532,11 @@ def test_configuration_checks_and_defaults() -> None:
             "topic": "t",
             "session_expiry": -1,
         },
-        "meter.ca_file: only for mqtts://": {"url": "mqtt://h", "topic": "t", "ca_file": __file__},
+        "meter.ca_file: only for mqtts://": {
+            "url": "mqtt://h",
+            "topic": "t",
+            "ca_file": str(SHIPPED_CA),
+        },
         "meter.password: is used only with meter.username": {
             "url": "mqtt://h",
             "topic": "t",

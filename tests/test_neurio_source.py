@@ -246,6 +246,8 @@ async def test_a_sensor_that_goes_away_is_shown_retried_and_followed_again(logs:
             await wait_until(lambda: source.stats.polls >= polls + 3, "three more attempts")
             assert source.status.state is MeterState.DISCONNECTED
             assert "ConnectError" in str(source.status.last_error)
+            assert source.status.last_error_at is not None  # status shows "N s ago"
+            assert source.status.attempts == source.status.polls == source.stats.polls
             taken = len(frames)
             await sensor.set_mode("ok")
             await wait_until(lambda: len(frames) >= taken + 3, "samples again")

@@ -144,3 +144,25 @@ def test_the_authentication_key_option_reads_a_meter_with_its_own() -> None:
     assert [doc["status"] for doc in docs] == ["rejected"]
     assert docs[0]["reason"] == "crc_mismatch"
     assert plaintext.split(b"\n", 1)[0].decode().strip() == docs[0]["header"]
+
+
+@pytest.mark.parametrize(
+    ("registers", "shown"),
+    [
+        (b"1-0:1.7.0(00.378*kW)\r\n1-0:2.7.0(00.000*kW)\r\n", "0.378 kW"),
+        (b"1-0:1.7.0(00.000*kW)\r\n1-0:2.7.0(01.189*kW)\r\n", "1.189 kW returned"),
+        (b"1-0:1.7.0(00.000*kW)\r\n1-0:2.7.0(00.000*kW)\r\n", "0 kW"),
+        (b"1-0:1.7.0(00.000*kW)\r\n", "0 kW"),
+        (b"1-0:2.7.0(00.250*kW)\r\n", "0.25 kW returned"),
+        (b"1-0:1.7.0(0378*W)\r\n", "378 W"),
+    ],
+)
+def test_the_headline_power_shows_what_a_solar_house_sends_back(
+    registers: bytes, shown: str
+) -> None:
+    """``status`` and the demo show one power figure: while the panels send power back to the
+    grid, 1.7.0 is 0 and the figure is the power returned, said so."""
+    from dsmr_logger.telegram.glance import glance
+
+    telegram = b"/ISK5\\2M550T-1012\r\n\r\n0-0:1.0.0(190324150519W)\r\n" + registers + b"!0000\r\n"
+    assert glance(telegram).power() == shown

@@ -68,6 +68,10 @@ class MeterStatus:
     repeats: int = 0
     """Telegrams fetched again that were already taken (same meter timestamp): skipped."""
 
+    def failed(self, reason: str, at: float) -> None:
+        """The link's latest failure and when it happened (shown until the next one)."""
+        self.last_error, self.last_error_at = reason, at
+
 
 class Source(Protocol):
     """Reads forever, handing each valid frame to the ``on_frame`` it was built with."""

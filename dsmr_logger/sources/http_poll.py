@@ -126,6 +126,7 @@ class PollingSource:
         """Poll; None after an answer with a telegram, else the pause before the next poll
         (negative: back off)."""
         self.status.polls += 1
+        self.status.attempts += 1
         try:
             payload = await self._fetcher.fetch()
         except asyncio.CancelledError:
@@ -163,7 +164,7 @@ class PollingSource:
         """Nothing new this poll: a state once it lasts ``idle_timeout`` (at once when the
         device itself says the meter is silent)."""
         if at_once or now - self._last_new > self.config.idle_timeout:
-            self.status.last_error = reason
+            self.status.failed(reason, self._wall())
             self._set_state(MeterState.SILENT)
 
     def _answered(self) -> None:
@@ -179,7 +180,7 @@ class PollingSource:
         if self.status.connected:
             self.status.disconnects += 1
         self.status.connected = False
-        self.status.last_error = reason
+        self.status.failed(reason, self._wall())
         self._set_state(state, quiet=True)
         if reason != self._down_reason:
             if state is MeterState.MISCONFIGURED:

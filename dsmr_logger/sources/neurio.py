@@ -481,6 +481,8 @@ class NeurioSource:
         """One request; True when the sensor answered with a sample (new, repeated or refused
         by a guard), False when it should be asked again only after a backoff."""
         self.stats.polls += 1
+        self.status.polls += 1
+        self.status.attempts += 1
         try:
             response = await client.get(SAMPLE_PATH, headers=self._headers)
         except OSError as exc:  # HttpError and its kinds are OSErrors
@@ -585,7 +587,7 @@ class NeurioSource:
         """Answers but nothing new for a while: say so, as the P1 reader does for garbage."""
         idle = asyncio.get_running_loop().time() - self._last_progress
         if self.status.state is MeterState.OK and idle > self._stale_after:
-            self.status.last_error = f"no new sample for {idle:.0f} s"
+            self.status.failed(f"no new sample for {idle:.0f} s", self._wall())
             self._set_state(MeterState.NO_VALID_FRAMES)
             self._log.warning(
                 "the sensor answers but gives no new sample; see the rejected counts",
@@ -612,7 +614,7 @@ class NeurioSource:
                 f"HTTP {status}: the sensor asks for a login; set meter.username and "
                 "meter.password in the configuration"
             )
-        self.status.last_error = reason
+        self.status.failed(reason, self._wall())
         self._set_state(MeterState.UNAUTHORIZED)
         if reason != self._down_reason:
             self._log.error("sensor refuses access", port=self.config.where, reason=reason)
@@ -622,7 +624,7 @@ class NeurioSource:
         if state is MeterState.DISCONNECTED and self.status.connected:
             self.status.connected = False
             self.status.disconnects += 1
-        self.status.last_error = reason
+        self.status.failed(reason, self._wall())
         self._set_state(state)
         if reason != self._down_reason:
             event = (

@@ -31,15 +31,26 @@ class Glance:
     values: dict[str, str]
 
     def power(self) -> str | None:
-        """Current power as the meter states it, e.g. ``0.378 kW``."""
-        raw = self.values.get("power_delivered")
-        if raw is None:
-            return None
-        number, _, unit = raw.partition("*")
-        try:
-            return f"{float(number):g} {unit}".strip()
-        except ValueError:
-            return raw
+        """Current power as the meter states it: ``0.378 kW``, or ``1.189 kW returned`` while
+        the house sends power back to the grid (solar), which ``1-0:1.7.0`` alone shows as 0."""
+        delivered = _quantity(self.values.get("power_delivered"))
+        returned = _quantity(self.values.get("power_returned"))
+        if returned is not None and returned[0] > 0 and (delivered is None or delivered[0] == 0):
+            return f"{returned[0]:g} {returned[1]} returned".replace("  ", " ")
+        if delivered is None:
+            return self.values.get("power_delivered")
+        return f"{delivered[0]:g} {delivered[1]}".strip()
+
+
+def _quantity(raw: str | None) -> tuple[float, str] | None:
+    """``00.378*kW`` → (0.378, "kW"); None when absent or not a number."""
+    if raw is None:
+        return None
+    number, _, unit = raw.partition("*")
+    try:
+        return float(number), unit
+    except ValueError:
+        return None
 
 
 def glance(telegram: bytes) -> Glance:

@@ -44,6 +44,7 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderV2Sink,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
+from dsmr_logger.delivery.worker import POISON_STRIKES
 from dsmr_logger.net.http import HttpClient
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
@@ -54,8 +55,9 @@ REBUILD_HINT = (
     f"DSMR-reader host run (as its user, in its folder): {REBUILD_COMMAND}"
 )
 SAVE_EVERY = 50
-SUSPECT_LIMIT = 3
 PAGE_LIMIT = 1000
+STRIKE_PAUSE = 0.25
+"""Seconds between the posts of a telegram the server refuses while it answers its probe."""
 READ_SIZE = 256 * 1024
 REORDER = 3600
 """Telegrams held to put the stream in time order: an hour of DSMR 5 (about 2.8 MB). Only a
@@ -384,15 +386,25 @@ class Bar:
 async def send_one(
     sink: DsmrReaderSink, item: StoredTelegram, *, retry_max: float, log: TextIO
 ) -> Answer:
-    """Send until the answer is final: delivered, refused for good, or the sink misconfigured."""
-    attempt = 0
+    """Send until the answer is final: delivered, refused for good, or the sink misconfigured.
+
+    An HTML 500 follows the daemon's poison rule (``delivery/worker.py``): it is a strike only
+    when the server answers its health probe meanwhile, and ``POISON_STRIKES`` strikes make the
+    telegram poison (the caller dead-letters it); a DSMR-reader that is down or flapping never
+    gets a good telegram dead-lettered by a backfill or an import.
+    """
+    attempt = strikes = 0
     while True:
         answer = await sink.send(item)
         if answer.verdict in (Verdict.DELIVERED, Verdict.REJECTED, Verdict.MISCONFIGURED):
             return answer
         attempt += 1
-        if answer.verdict is Verdict.SUSPECT and attempt >= SUSPECT_LIMIT:
-            return answer  # the caller dead-letters it: backfills are not probed
+        if answer.verdict is Verdict.SUSPECT and (await sink.probe()).verdict is Verdict.DELIVERED:
+            strikes += 1
+            if strikes >= POISON_STRIKES:
+                return answer
+            await asyncio.sleep(STRIKE_PAUSE)  # the server works: no backoff, ask again soon
+            continue
         if attempt == 1:
             print(f"\nretrying: {answer.describe()}", file=log, flush=True)
         delay = answer.retry_after or min(retry_max, 0.5 * 2 ** min(attempt, 10))

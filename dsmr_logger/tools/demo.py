@@ -169,10 +169,6 @@ async def _show_progress(daemon: Daemon, out: TextIO) -> None:
 def progress_line(snap: Snapshot) -> str:
     seen = glance(snap.last_telegram) if snap.last_telegram else None
     parts = [f"frames {snap.frames}", f"power {(seen.power() if seen else None) or '-'}"]
-    returned = seen.values.get("power_returned", "").partition("*") if seen else ("", "", "")
-    with contextlib.suppress(ValueError):
-        if float(returned[0]) > 0:  # solar: what goes back to the grid
-            parts.append(f"returning {float(returned[0]):g} {returned[2]}")
     if snap.rejected:
         parts.append(f"rejected {sum(snap.rejected.values())}")
     for sink in snap.sinks:
