@@ -117,6 +117,8 @@ class SegmentLog:
 
     def present(self) -> bool:
         """The file appended to is still there (not deleted, nor replaced, behind our back)."""
+        if not self.segments:
+            return False
         try:
             return os.stat(self.active.path).st_ino == self._active_inode
         except OSError:

@@ -152,12 +152,15 @@ class StateDb:
         held = self._held_by_daemon()
         if held or _room(self.path.parent):
             try:
-                self._connect(f"file:{self.path}?mode=rw")
-                return
+                db = self._connect(f"file:{self.path}?mode=rwc")  # backfill starts one
             except sqlite3.OperationalError:
                 self.close_db()
                 if held:
                     raise
+            else:
+                if self.version() in (0, SCHEMA_VERSION):
+                    db.executescript(SCHEMA)  # nothing written if they are there
+                return
         wal = Path(f"{self.path}-wal")
         if not wal.exists() or wal.stat().st_size == 0:
             self._connect(f"file:{self.path}?mode=ro&immutable=1")

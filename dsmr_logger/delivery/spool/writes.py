@@ -127,8 +127,9 @@ class Writes:
 
     def check_present(self) -> None:
         """Raise ``SpoolGone`` if the files were deleted behind the daemon's back (SQLite and
-        the kernel would go on writing to the deleted files, losing it all at the close)."""
-        if not (self.state.present() and self.log.present()):
+        the kernel would go on writing to the deleted files, losing it all at the close). The
+        daemon's only: a tool beside it (``backfill`` keeping a dead letter) opened no file."""
+        if self.writer and not (self.state.present() and self.log.present()):
             raise SpoolGone(f"{self.state.path}: the spool's files were deleted while open")
 
     def commit(
