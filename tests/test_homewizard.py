@@ -190,6 +190,7 @@ async def test_a_silent_meter_is_shown_and_polled_on(
             await wait_until(lambda: len(frames) == 3, "the rest once the meter speaks")
             assert source.status.state is MeterState.OK
             assert source.status.last_error is None
+            assert source.status.last_error_at is None, "no time shown for an error cleared"
 
 
 # --- refusals: one clear error each, and the token never goes to the wrong party --------------

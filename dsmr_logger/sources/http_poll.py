@@ -198,7 +198,7 @@ class PollingSource:
         if quiet:
             return
         if state is MeterState.OK:
-            self.status.last_error = None
+            self.status.last_error = self.status.last_error_at = None
             self._log.info("reading valid telegrams", port=self.config.where, was=previous.value)
         elif state is MeterState.SILENT:
             self._log.warning(
