@@ -314,8 +314,9 @@ async def test_silent_pty_is_reported_as_no_bytes(logs: Logs) -> None:
 async def test_silent_pty_logs_link_down_once_not_once_per_idle_reconnect(logs: Logs) -> None:
     """A meter that stays silent is one state change, not a warning every idle_timeout.
 
-    Fails: ``_came_up`` forgets ``_down_reason`` on every successful open, so each idle cycle
-    logs "meter link down, retrying" (and "meter link open") again, i.e. once per retry.
+    Fails: ``_came_up`` forgets the reason last logged (``LinkTracker.up`` not ``quiet``) on
+    every successful open, so each idle cycle logs "meter link down, retrying" (and "meter link
+    open") again, i.e. once per retry.
     """
     with Ports() as make:
         port = make()

@@ -59,8 +59,9 @@ class MeterStatus:
     last_byte_at: float | None = None
     last_frame_at: float | None = None
     last_error: str | None = None
-    """Why the link last failed ("cannot open: ...", "no bytes for 30 s, ..."). The P1 reader
-    keeps it after the link is back, with ``last_error_at``; polled sources clear it when ok."""
+    """Why the link last failed ("cannot open: ...", "no bytes for 30 s, ..."). The P1 reader and
+    the Neurio source keep it after the link is back, with ``last_error_at``; the HTTP, HomeWizard
+    and MQTT sources clear both when ok (``link.LinkTracker``, ``keeps_error``)."""
     last_error_at: float | None = None
     state: MeterState = MeterState.DISCONNECTED
     polls: int = 0

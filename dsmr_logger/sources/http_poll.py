@@ -29,9 +29,9 @@ from dsmr_logger.config import HomeWizardConfig, HttpMeterConfig
 from dsmr_logger.net.http import HttpClient, HttpError, Response, tls_context
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
+from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
-REJECT_LOG_INTERVAL = 60.0
 MAX_BODY = 64 * 1024
 """A telegram is 0.5-3 KiB; an answer larger than this is cut (and then fails its CRC)."""
 
@@ -46,6 +46,16 @@ class MeterSilent(PollFailed):
 
 class Misconfigured(PollFailed):
     """The device refuses us for a reason retrying will not fix; the message says what to do."""
+
+
+WORDING = LinkWording(
+    up="meter device answers",
+    down="meter device unreachable, retrying",
+    refused="meter device refuses us",
+    silent="no new telegram from the meter; check the dongle sits in the meter's P1 port "
+    "(and that the port is enabled)",
+    no_valid_frames="the device answers, but with no valid telegram; check meter.url",
+)
 
 
 class Fetcher(Protocol):
@@ -91,10 +101,9 @@ class PollingSource:
             log=self._log,
             where=config.where,
         )
-        self._down_reason: str | None = None
+        self._link = LinkTracker(self.status, WORDING, log=self._log, wall_clock=wall_clock)
+        self._rejects = RejectReport(self._log)
         self._last_new = 0.0  # loop time of the last new telegram (or of start)
-        self._rejects_logged = 0
-        self._rejects_logged_at = -REJECT_LOG_INTERVAL
 
     @property
     def counters(self) -> FramingCounters:
@@ -132,16 +141,16 @@ class PollingSource:
         except asyncio.CancelledError:
             raise
         except MeterSilent as exc:
-            self._answered()
+            self._link.up()
             self._no_news(str(exc), now(), at_once=True)
             return self.config.interval
         except Misconfigured as exc:
-            self._went_down(str(exc), MeterState.MISCONFIGURED)
+            self._link.down(str(exc), MeterState.MISCONFIGURED)
             return self.config.reconnect_max
         except PollFailed as exc:
-            self._went_down(str(exc))
+            self._link.down(str(exc))
             return -1.0
-        self._answered()
+        self._link.up()
         self._take(payload, now())
         return None
 
@@ -153,81 +162,19 @@ class PollingSource:
         if taken:
             self.status.last_frame_at = received_at
             self._last_new = now
-            self._set_state(MeterState.OK)
+            self._link.enter(MeterState.OK)
         elif repeats:
             self._no_news("the device serves the same telegram over and over", now)
         elif now - self._last_new > self.config.idle_timeout:
-            self._set_state(MeterState.NO_VALID_FRAMES)
-        self._report_rejects(now)
+            self._link.enter(MeterState.NO_VALID_FRAMES)
+        self._rejects.frames(self.rejected(), self.intake.assembler.last_rejected, now)
 
     def _no_news(self, reason: str, now: float, *, at_once: bool = False) -> None:
         """Nothing new this poll: a state once it lasts ``idle_timeout`` (at once when the
         device itself says the meter is silent)."""
         if at_once or now - self._last_new > self.config.idle_timeout:
             self.status.failed(reason, self._wall())
-            self._set_state(MeterState.SILENT)
-
-    def _answered(self) -> None:
-        if self.status.connected:
-            return
-        self.status.connected = True
-        self.status.connects += 1
-        if self._down_reason is not None or self.status.connects == 1:
-            self._log.info("meter device answers", port=self.config.where)
-        self._down_reason = None
-
-    def _went_down(self, reason: str, state: MeterState = MeterState.DISCONNECTED) -> None:
-        if self.status.connected:
-            self.status.disconnects += 1
-        self.status.connected = False
-        self.status.failed(reason, self._wall())
-        self._set_state(state, quiet=True)
-        if reason != self._down_reason:
-            if state is MeterState.MISCONFIGURED:
-                self._log.error("meter device refuses us", port=self.config.where, reason=reason)
-            else:
-                self._log.warning(
-                    "meter device unreachable, retrying", port=self.config.where, reason=reason
-                )
-            self._down_reason = reason
-
-    def _set_state(self, state: MeterState, *, quiet: bool = False) -> None:
-        if state is self.status.state:
-            return
-        previous, self.status.state = self.status.state, state
-        if quiet:
-            return
-        if state is MeterState.OK:
-            self.status.last_error = self.status.last_error_at = None
-            self._log.info("reading valid telegrams", port=self.config.where, was=previous.value)
-        elif state is MeterState.SILENT:
-            self._log.warning(
-                "no new telegram from the meter; check the dongle sits in the meter's P1 port "
-                "(and that the port is enabled)",
-                port=self.config.where,
-                reason=self.status.last_error,
-            )
-        elif state is MeterState.NO_VALID_FRAMES:
-            self._log.warning(
-                "the device answers, but with no valid telegram; check meter.url",
-                port=self.config.where,
-            )
-
-    def _report_rejects(self, now: float) -> None:
-        counts = self.rejected()
-        total = sum(counts.values())
-        if total == self._rejects_logged or now - self._rejects_logged_at < REJECT_LOG_INTERVAL:
-            return
-        last = self.intake.assembler.last_rejected
-        self._log.warning(
-            "frames rejected",
-            since_last_report=total - self._rejects_logged,
-            total=counts,
-            last_reason=last.reason.value if last else None,
-            last_detail=last.detail if last else None,
-        )
-        self._rejects_logged = total
-        self._rejects_logged_at = now
+            self._link.enter(MeterState.SILENT, reason=reason)
 
 
 # --- type = "http": any endpoint serving the raw telegram -------------------------------------

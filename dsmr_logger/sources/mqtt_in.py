@@ -48,6 +48,7 @@ from dsmr_logger.config import MqttMeterConfig
 from dsmr_logger.net import mqtt
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
+from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
 KEEPALIVE = 60
@@ -57,7 +58,6 @@ each round trip, and at most this many come again after a connection breaks."""
 REMEMBER = 2 * RECEIVE_MAXIMUM
 """Meter timestamps of the telegrams last taken, against which a message sent again is checked."""
 CLOSE_GRACE = 2.0
-REJECT_LOG_INTERVAL = 60.0
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -73,6 +73,14 @@ CONNACK_FIXES: dict[int, str] = {
 }
 """CONNACK reason codes that retrying will not fix, and what to change."""
 SUBACK_FIX = "check meter.topic, and that the broker's ACL lets this account read it"
+
+WORDING = LinkWording(
+    up="subscribed to the meter's topic",
+    down="meter broker connection lost, retrying",
+    refused="meter broker refuses us",
+    silent="no new telegram from the dongle",
+    no_valid_frames="messages, but no valid telegram in them; check meter.topic",
+)
 
 
 def default_client_id(hostname: str) -> str:
@@ -126,15 +134,14 @@ class MqttSource:
         self.client: mqtt.MqttClient | None = None
         """The connection, while one is open."""
         self._tls: ssl.SSLContext | None = None
-        self._down_reason: str | None = None
+        self._link = LinkTracker(self.status, WORDING, log=self._log, wall_clock=wall_clock)
+        self._rejects = RejectReport(self._log)
         self._last_new = 0.0  # loop time of the last new telegram (or of start)
         self._since_new = 0  # messages since then
         self._repeats_at_new = 0  # the intake's repeats then
         self._told_qos0 = False
         self._foreign: set[str] = set()
         self._unsubscribed: set[str] = set()
-        self._rejects_logged = 0
-        self._rejects_logged_at = -REJECT_LOG_INTERVAL
 
     @property
     def counters(self) -> FramingCounters:
@@ -168,7 +175,7 @@ class MqttSource:
         try:
             tls = self._tls_context()
         except (OSError, ValueError) as exc:
-            self._went_down(
+            self._link.down(
                 f"meter.ca_file: cannot load {self.config.ca_file}: {exc}", MeterState.MISCONFIGURED
             )
             return None
@@ -195,22 +202,22 @@ class MqttSource:
             except mqtt.Refused as exc:
                 fix = CONNACK_FIXES.get(exc.reason or 0)
                 if fix is None:  # busy, unavailable, rate-limited: it passes
-                    self._went_down(str(exc))
+                    self._link.down(str(exc))
                     return False
-                self._went_down(f"{exc}: {fix}", MeterState.MISCONFIGURED)
+                self._link.down(f"{exc}: {fix}", MeterState.MISCONFIGURED)
                 return None
             except mqtt.MqttError as exc:
-                self._went_down(str(exc))
+                self._link.down(str(exc))
                 return False
             if not answer.accepted:
-                self._went_down(
+                self._link.down(
                     f"{self.config.where}: broker refused the subscription: "
                     f"{answer.describe()}: {SUBACK_FIX}",
                     MeterState.MISCONFIGURED,
                 )
                 return None
             self._came_up(connack, answer)
-            self._went_down(self._why_lost(await self._serve(client)))
+            self._link.down(self._why_lost(await self._serve(client)))
             return True
         finally:
             self.client = None
@@ -286,8 +293,8 @@ class MqttSource:
             self._last_new = now
             self._since_new = 0
             self._repeats_at_new = self.intake.repeats
-            self._set_state(MeterState.OK)
-        self._report_rejects(now)
+            self._link.enter(MeterState.OK)
+        self._rejects.frames(self.rejected(), self.intake.assembler.last_rejected, now)
 
     def _check_idle(self, now: float) -> None:
         """No new telegram for ``idle_timeout``: say why, in the state and its last error."""
@@ -308,15 +315,13 @@ class MqttSource:
             state = MeterState.SILENT
         if state is self.status.state and self.status.last_error is not None:
             return  # said when it began (the reason names how long it had been silent then)
-        self.status.last_error, self.status.last_error_at = reason, self._wall()
-        self._set_state(state)
+        self.status.failed(reason, self._wall())
+        self._link.enter(state, reason=reason)
 
     # --- state ------------------------------------------------------------------------------
 
     def _came_up(self, connack: mqtt.ConnAck, answer: mqtt.SubAck) -> None:
-        self.status.connected = True
-        self.status.connects += 1
-        reconnect = self.status.connects > 1
+        reconnect = self.status.connects > 0
         if not connack.session_present and (reconnect or self._ran_before):
             self._log.warning(
                 "the broker kept no session for this client: telegrams published while "
@@ -337,70 +342,9 @@ class MqttSource:
                 port=self.config.where,
                 seconds=expiry,
             )
-        if self._down_reason is not None or not reconnect:
-            self._log.info(
-                "subscribed to the meter's topic",
-                port=self.config.where,
-                client_id=self.client_id,
-                session_present=connack.session_present,
-            )
-        self._down_reason = None
+        self._link.up(client_id=self.client_id, session_present=connack.session_present)
         if self.status.state is not MeterState.OK:  # connected; no telegram on it yet
-            self._set_state(MeterState.NO_BYTES, quiet=True)
-
-    def _went_down(self, reason: str, state: MeterState = MeterState.DISCONNECTED) -> None:
-        if self.status.connected:
-            self.status.disconnects += 1
-        self.status.connected = False
-        self.status.last_error = reason
-        self.status.last_error_at = self._wall()
-        self._set_state(state, quiet=True)
-        if reason != self._down_reason:
-            if state is MeterState.MISCONFIGURED:
-                self._log.error("meter broker refuses us", port=self.config.where, reason=reason)
-            else:
-                self._log.warning(
-                    "meter broker connection lost, retrying", port=self.config.where, reason=reason
-                )
-            self._down_reason = reason
-
-    def _set_state(self, state: MeterState, *, quiet: bool = False) -> None:
-        if state is self.status.state:
-            return
-        previous, self.status.state = self.status.state, state
-        if quiet:
-            return
-        if state is MeterState.OK:
-            self.status.last_error = self.status.last_error_at = None
-            self._log.info("reading valid telegrams", port=self.config.where, was=previous.value)
-        elif state is MeterState.SILENT:
-            self._log.warning(
-                "no new telegram from the dongle",
-                port=self.config.where,
-                reason=self.status.last_error,
-            )
-        elif state is MeterState.NO_VALID_FRAMES:
-            self._log.warning(
-                "messages, but no valid telegram in them; check meter.topic",
-                port=self.config.where,
-                reason=self.status.last_error,
-            )
-
-    def _report_rejects(self, now: float) -> None:
-        counts = self.rejected()
-        total = sum(counts.values())
-        if total == self._rejects_logged or now - self._rejects_logged_at < REJECT_LOG_INTERVAL:
-            return
-        last = self.intake.assembler.last_rejected
-        self._log.warning(
-            "frames rejected",
-            since_last_report=total - self._rejects_logged,
-            total=counts,
-            last_reason=last.reason.value if last else None,
-            last_detail=last.detail if last else None,
-        )
-        self._rejects_logged = total
-        self._rejects_logged_at = now
+            self._link.enter(MeterState.NO_BYTES)
 
 
 def mqtt_source(

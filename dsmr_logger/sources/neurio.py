@@ -45,6 +45,7 @@ import structlog
 from dsmr_logger.config import NeurioMeterConfig
 from dsmr_logger.net.http import HttpClient
 from dsmr_logger.sources import MeterState, MeterStatus
+from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
 from dsmr_logger.telegram.build import MeterReading, build_telegram, kwh_from_ws
 
@@ -60,7 +61,6 @@ REBASE_AFTER = 5
 """Rejected samples in a row, each consistent with the one before, that make a new baseline."""
 RETRY_MAX = 60.0
 """Longest pause between polls of a sensor that does not answer (the first is ``interval``)."""
-REJECT_LOG_INTERVAL = 60.0
 MAX_SAMPLE_BYTES = 256 * 1024
 _HEADER_ID = re.compile(r"[^A-Za-z0-9_.:-]")
 
@@ -81,6 +81,13 @@ class Rejected(enum.StrEnum):
 
 GUARDED = (Rejected.OUT_OF_ORDER, Rejected.REGRESSION, Rejected.JUMP)
 """Samples a guard refused: warned about (at most once a minute)."""
+WORDING = LinkWording(
+    down="sensor unreachable, retrying",
+    refused="sensor refuses access",
+    unusable="sensor answers without a usable sample, retrying",
+    ok="reading samples",
+)
+"""Coming up is not said: the first sample is ("reading samples")."""
 
 
 class SampleError(ValueError):
@@ -447,11 +454,13 @@ class NeurioSource:
         self._headers = {"Accept": "application/json"}
         if config.username is not None and config.password is not None:
             self._headers["Authorization"] = basic_auth(config.username, config.password)
-        self._down_reason: str | None = None
+        # A sample passed on keeps the last failure shown, as the P1 reader's frames do.
+        self._link = LinkTracker(
+            self.status, WORDING, log=self._log, wall_clock=wall_clock, keeps_error=True
+        )
+        self._rejects = RejectReport(self._log)
         self._unsynchronized = False
         self._last_progress = 0.0
-        self._rejects_logged = 0
-        self._rejects_logged_at = -REJECT_LOG_INTERVAL
         self._last_rejection: SampleError | None = None
 
     @property
@@ -486,14 +495,14 @@ class NeurioSource:
         try:
             response = await client.get(SAMPLE_PATH, headers=self._headers)
         except OSError as exc:  # HttpError and its kinds are OSErrors
-            self._went_down(f"no answer: {_describe(exc)}", MeterState.DISCONNECTED)
+            self._link.down(f"no answer: {_describe(exc)}")
             return False
         self._answered()
         if response.status in (401, 403):
             self._unauthorized(response.status)
             return False
         if response.status != 200:
-            self._went_down(
+            self._link.failing(
                 f"HTTP {response.status} from the sensor: {_snippet(response.body)}",
                 MeterState.NO_VALID_FRAMES,
             )
@@ -505,7 +514,7 @@ class NeurioSource:
             reading = to_reading(sample, grid=grid, when=self._date(sample, received_at))
         except SampleError as exc:
             self._count(exc)
-            self._went_down(f"answer is not a usable sample: {exc}", MeterState.NO_VALID_FRAMES)
+            self._link.failing(f"answer is not a usable sample: {exc}", MeterState.NO_VALID_FRAMES)
             return False
         self._take(sample, reading, sample.channels[grid], received_at)
         return True
@@ -538,8 +547,8 @@ class NeurioSource:
             self.stats.samples += 1
             self.status.last_frame_at = at
         self._last_progress = asyncio.get_running_loop().time()
-        self._down_reason = None
-        self._set_state(MeterState.OK)
+        self._link.forget()
+        self._link.enter(MeterState.OK)
         self._report_rejects()
 
     def _date(self, sample: Sample, received_at: float) -> datetime:
@@ -570,25 +579,25 @@ class NeurioSource:
         unusable answers are logged as a change of the link's state: both left out."""
         now = asyncio.get_running_loop().time()
         total = sum(self.stats.rejected.get(reason.value, 0) for reason in GUARDED)
-        if total == self._rejects_logged or now - self._rejects_logged_at < REJECT_LOG_INTERVAL:
+        since = self._rejects.due(total, now)
+        if since is None:
             return
         last = self._last_rejection
         self._log.warning(
             "samples rejected",
             port=self.config.where,
-            since_last_report=total - self._rejects_logged,
+            since_last_report=since,
             total=self.rejected(),
             last_reason=last.reason.value if last else None,
             last_detail=str(last) if last else None,
         )
-        self._rejects_logged, self._rejects_logged_at = total, now
 
     def _stale_check(self) -> None:
         """Answers but nothing new for a while: say so, as the P1 reader does for garbage."""
         idle = asyncio.get_running_loop().time() - self._last_progress
         if self.status.state is MeterState.OK and idle > self._stale_after:
             self.status.failed(f"no new sample for {idle:.0f} s", self._wall())
-            self._set_state(MeterState.NO_VALID_FRAMES)
+            self._link.enter(MeterState.NO_VALID_FRAMES)
             self._log.warning(
                 "the sensor answers but gives no new sample; see the rejected counts",
                 port=self.config.where,
@@ -599,8 +608,7 @@ class NeurioSource:
     def _answered(self) -> None:
         self.status.last_byte_at = self._wall()
         if not self.status.connected:
-            self.status.connected = True
-            self.status.connects += 1
+            self._link.up()
             self._last_progress = asyncio.get_running_loop().time()
 
     def _unauthorized(self, status: int) -> None:
@@ -614,33 +622,7 @@ class NeurioSource:
                 f"HTTP {status}: the sensor asks for a login; set meter.username and "
                 "meter.password in the configuration"
             )
-        self.status.failed(reason, self._wall())
-        self._set_state(MeterState.UNAUTHORIZED)
-        if reason != self._down_reason:
-            self._log.error("sensor refuses access", port=self.config.where, reason=reason)
-            self._down_reason = reason
-
-    def _went_down(self, reason: str, state: MeterState) -> None:
-        if state is MeterState.DISCONNECTED and self.status.connected:
-            self.status.connected = False
-            self.status.disconnects += 1
-        self.status.failed(reason, self._wall())
-        self._set_state(state)
-        if reason != self._down_reason:
-            event = (
-                "sensor unreachable, retrying"
-                if state is MeterState.DISCONNECTED
-                else "sensor answers without a usable sample, retrying"
-            )
-            self._log.warning(event, port=self.config.where, reason=reason)
-            self._down_reason = reason
-
-    def _set_state(self, state: MeterState) -> None:
-        if state is self.status.state:
-            return
-        previous, self.status.state = self.status.state, state
-        if state is MeterState.OK:
-            self._log.info("reading samples", port=self.config.where, was=previous.value)
+        self._link.failing(reason, MeterState.UNAUTHORIZED)
 
 
 def _describe(exc: BaseException) -> str:

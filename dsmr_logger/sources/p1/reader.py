@@ -18,13 +18,30 @@ import structlog
 
 from dsmr_logger.config import MeterConfig
 from dsmr_logger.sources import MeterState, MeterStatus
+from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
 from dsmr_logger.sources.p1.port import READ_SIZE, Link, open_link
 
 if TYPE_CHECKING:
     from dsmr_logger.sources.p1.decrypt import Decryptor
 
-REJECT_LOG_INTERVAL = 60.0
+
+def wording(config: MeterConfig) -> LinkWording:
+    """What the reader says about its link: where to look depends on a cable or ser2net."""
+    return LinkWording(
+        up="meter link open",
+        down="meter link down, retrying",
+        no_valid_frames="receiving bytes but no valid telegram; check meter.baudrate/profile "
+        "(DSMR 2.2/3 meters need profile = 'dsmr22') and "
+        + ("ser2net's serial settings" if config.is_network else "the cable"),
+        no_bytes="no bytes from the meter; check "
+        + (
+            "that ser2net on that host reads the meter's cable"
+            if config.is_network
+            else "the cable"
+        )
+        + ", that the P1 port is enabled, and meter.port",
+    )
 
 
 class MeterReader:
@@ -60,9 +77,11 @@ class MeterReader:
         self._open = open_link
         self._jitter = jitter
         self._log = log or structlog.get_logger("dsmr_logger.meter")
-        self._down_reason: str | None = None
-        self._rejects_logged = 0
-        self._rejects_logged_at = -REJECT_LOG_INTERVAL
+        # Keeps the last error once the link is back: "what went wrong at 3 am" stays shown.
+        self._link = LinkTracker(
+            self.status, wording(config), log=self._log, wall_clock=wall_clock, keeps_error=True
+        )
+        self._rejects = RejectReport(self._log)
         self._bytes_since_frame = 0
         self._last_progress = 0.0  # loop time of the last valid frame or of the connect
 
@@ -80,7 +99,7 @@ class MeterReader:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._went_down(f"cannot open: {_describe(exc)}")
+                self._link.down(f"cannot open: {_describe(exc)}")
             else:
                 productive = await self._read_until_lost(link)
                 if productive:
@@ -108,25 +127,25 @@ class MeterReader:
                         chunk = await link.reader.read(READ_SIZE)
                 except TimeoutError:
                     self.status.idle_reconnects += 1
-                    self._went_down(
+                    self._link.down(
                         f"no bytes for {self.config.idle_timeout:g} s, reopening the link",
                         MeterState.NO_BYTES,
                     )
                     break
                 if not chunk:
-                    self._went_down("link closed by the other side")
+                    self._link.down("link closed by the other side")
                     break
                 self._take(chunk, loop.time())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._went_down(f"read failed: {_describe(exc)}")
+            self._link.down(f"read failed: {_describe(exc)}")
         finally:
             await link.close()
         return self.assembler.counters.frames > frames_before
 
     def _take(self, chunk: bytes, now: float) -> None:
-        self._down_reason = None
+        self._link.forget()
         received_at = self._wall()
         self.status.last_byte_at = received_at
         if self.decryptor is None:
@@ -143,12 +162,20 @@ class MeterReader:
             self.status.last_frame_at = received_at
             self._last_progress = now
             self._bytes_since_frame = 0
-            self._set_state(MeterState.OK)
+            self._link.enter(MeterState.OK)
         else:
             self._bytes_since_frame += len(chunk)
             if now - self._last_progress > self.config.idle_timeout:
-                self._set_state(MeterState.NO_VALID_FRAMES)
-        self._report_rejects(now)
+                self._link.enter(
+                    MeterState.NO_VALID_FRAMES, bytes_without_frame=self._bytes_since_frame
+                )
+        failure = self.decryptor.last_error if self.decryptor is not None else None
+        self._rejects.frames(
+            self.rejected(),
+            self.assembler.last_rejected,
+            now,
+            decryption=str(failure) if failure else None,
+        )
 
     def rejected(self) -> dict[str, int]:
         """Frames not passed on, by reason (tag check failures of encrypted frames included)."""
@@ -157,71 +184,12 @@ class MeterReader:
             counts["decryption_failed"] = self.decryptor.counters.auth_failed
         return counts
 
-    def _report_rejects(self, now: float) -> None:
-        counts = self.rejected()
-        total = sum(counts.values())
-        if total == self._rejects_logged or now - self._rejects_logged_at < REJECT_LOG_INTERVAL:
-            return
-        last = self.assembler.last_rejected
-        failure = self.decryptor.last_error if self.decryptor is not None else None
-        self._log.warning(
-            "frames rejected",
-            since_last_report=total - self._rejects_logged,
-            total=counts,
-            last_reason=last.reason.value if last else None,
-            last_detail=last.detail if last else None,
-            decryption=str(failure) if failure else None,
-        )
-        self._rejects_logged = total
-        self._rejects_logged_at = now
-
     def _came_up(self) -> None:
-        self.status.connected = True
-        self.status.connects += 1
-        if self.status.state is MeterState.NO_BYTES:
+        reopened = self.status.state is MeterState.NO_BYTES
+        self._link.up(quiet=reopened)
+        if reopened:
             # Reopened by the idle watchdog: still the same "no bytes" state, not news.
             self._log.debug("meter port reopened", port=self.config.port)
-            return
-        if self._down_reason is not None or self.status.connects == 1:
-            self._log.info("meter link open", port=self.config.port)
-        self._down_reason = None
-
-    def _went_down(self, reason: str, state: MeterState = MeterState.DISCONNECTED) -> None:
-        if self.status.connected:
-            self.status.disconnects += 1
-        self.status.connected = False
-        self.status.last_error = reason
-        self.status.last_error_at = self._wall()
-        self._set_state(state)
-        if reason != self._down_reason:
-            self._log.warning("meter link down, retrying", port=self.config.port, reason=reason)
-            self._down_reason = reason
-
-    def _set_state(self, state: MeterState) -> None:
-        if state is self.status.state:
-            return
-        previous, self.status.state = self.status.state, state
-        if state is MeterState.NO_VALID_FRAMES:
-            self._log.warning(
-                "receiving bytes but no valid telegram; check meter.baudrate/profile "
-                "(DSMR 2.2/3 meters need profile = 'dsmr22') and "
-                + ("ser2net's serial settings" if self.config.is_network else "the cable"),
-                port=self.config.port,
-                bytes_without_frame=self._bytes_since_frame,
-            )
-        elif state is MeterState.NO_BYTES:
-            self._log.warning(
-                "no bytes from the meter; check "
-                + (
-                    "that ser2net on that host reads the meter's cable"
-                    if self.config.is_network
-                    else "the cable"
-                )
-                + ", that the P1 port is enabled, and meter.port",
-                port=self.config.port,
-            )
-        elif state is MeterState.OK:
-            self._log.info("reading valid telegrams", port=self.config.port, was=previous.value)
 
 
 def _describe(exc: BaseException) -> str:
