@@ -110,7 +110,7 @@ class PollingSource:
         return self.intake.counters
 
     def rejected(self) -> dict[str, int]:
-        return {r.value: n for r, n in self.intake.assembler.counters.rejected.items() if n}
+        return self.intake.assembler.counters.rejected_counts()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -469,7 +469,7 @@ class NeurioSource:
 
     def rejected(self) -> dict[str, int]:
         """Answers not passed on, by reason (and frames the assembler refused: none expected)."""
-        counts = {r.value: n for r, n in self.assembler.counters.rejected.items() if n}
+        counts = self.assembler.counters.rejected_counts()
         return {**counts, **{reason: n for reason, n in self.stats.rejected.items() if n}}
 
     async def run(self) -> None:

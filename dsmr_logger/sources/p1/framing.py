@@ -100,6 +100,10 @@ class FramingCounters:
     def rejected_total(self) -> int:
         return sum(self.rejected.values())
 
+    def rejected_counts(self) -> dict[str, int]:
+        """Frames rejected, by reason name, the reasons with none left out (``rejected()``)."""
+        return {reason.value: n for reason, n in self.rejected.items() if n}
+
 
 class FrameAssembler:
     """Feed it chunks as they arrive; it returns the complete, CRC-valid frames they finish.

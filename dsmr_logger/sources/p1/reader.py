@@ -179,7 +179,7 @@ class MeterReader:
 
     def rejected(self) -> dict[str, int]:
         """Frames not passed on, by reason (tag check failures of encrypted frames included)."""
-        counts = {r.value: n for r, n in self.assembler.counters.rejected.items() if n}
+        counts = self.assembler.counters.rejected_counts()
         if self.decryptor is not None and self.decryptor.counters.auth_failed:
             counts["decryption_failed"] = self.decryptor.counters.auth_failed
         return counts
