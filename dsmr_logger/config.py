@@ -284,6 +284,45 @@ PROFILES: Mapping[str, SerialSettings] = types.MappingProxyType(
 )
 
 
+# Keys that several kinds of meter share, written once so that their defaults, checks and docs
+# cannot drift apart. Factories, not values: every dataclass needs its own field object.
+
+
+def _require_crc_key() -> Any:
+    return key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+
+
+def _meter_timezone_key() -> Any:
+    return key(
+        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
+    )
+
+
+def _reconnect_initial_key(pause: str) -> Any:
+    """``reconnect_initial``; ``pause`` completes "first pause ..." for this kind of link."""
+    return key(1.0, check=number(0.01), doc=f"first pause {pause}")
+
+
+def _reconnect_max_key(between: str) -> Any:
+    """``reconnect_max``; ``between`` completes "longest pause between ..."."""
+    return key(60.0, check=number(0.01), doc=f"longest pause between {between}")
+
+
+def _telegram_idle_key() -> Any:
+    """``idle_timeout`` of a source that gets whole telegrams (polled, or from a broker)."""
+    return key(
+        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
+    )
+
+
+def _poll_interval_key() -> Any:
+    return key(1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)")
+
+
+def _request_timeout_key() -> Any:
+    return key(5.0, check=number(0.05, 600.0), doc="seconds for one request")
+
+
 @dataclass(frozen=True, slots=True)
 class MeterConfig:
     """A P1 port: a serial device, or a ser2net socket (``socket://``, ``rfc2217://``)."""
@@ -303,17 +342,15 @@ class MeterConfig:
         None, check=one_of("N", "E", "O"), doc="overrides the profile's parity"
     )
     stopbits: int | None = key(None, check=one_of(1, 2), doc="overrides the profile's stop bits")
-    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
+    require_crc: bool = _require_crc_key()
     max_frame_bytes: int = key(
         16 * 1024, check=integer(1024), doc="a longer frame is discarded as line noise"
     )
     idle_timeout: float = key(
         30.0, check=number(0.05), doc="seconds without a byte before the link is reopened"
     )
-    reconnect_initial: float = key(
-        1.0, check=number(0.01), doc="first pause before reopening a failed port"
-    )
-    reconnect_max: float = key(60.0, check=number(0.01), doc="longest pause between reopenings")
+    reconnect_initial: float = _reconnect_initial_key("before reopening a failed port")
+    reconnect_max: float = _reconnect_max_key("reopenings")
     decryption_key: str | None = key(
         None,
         check=_aes_key,
@@ -326,9 +363,7 @@ class MeterConfig:
         doc='the GCM additional-data key; "" when the meter uses none',
         secret=True,
     )
-    timezone: str = key(
-        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
-    )
+    timezone: str = _meter_timezone_key()
 
     @property
     def serial(self) -> SerialSettings:
@@ -457,19 +492,13 @@ class HomeWizardConfig:
     ca_file: Path | None = key(
         None, check=_ca_file, doc="CA certificate(s) the device's must chain to; default: shipped"
     )
-    interval: float = key(
-        1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)"
-    )
-    timeout: float = key(5.0, check=number(0.05, 600.0), doc="seconds for one request")
-    idle_timeout: float = key(
-        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
-    )
-    reconnect_initial: float = key(1.0, check=number(0.01), doc="first pause after a failed poll")
-    reconnect_max: float = key(60.0, check=number(0.01), doc="longest pause between failed polls")
-    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
-    timezone: str = key(
-        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
-    )
+    interval: float = _poll_interval_key()
+    timeout: float = _request_timeout_key()
+    idle_timeout: float = _telegram_idle_key()
+    reconnect_initial: float = _reconnect_initial_key("after a failed poll")
+    reconnect_max: float = _reconnect_max_key("failed polls")
+    require_crc: bool = _require_crc_key()
+    timezone: str = _meter_timezone_key()
 
     @property
     def version(self) -> Literal["v1", "v2"]:
@@ -505,19 +534,13 @@ class HttpMeterConfig:
     ca_file: Path | None = key(
         None, check=_ca_file, doc="https: CA certificate(s) to trust instead of the system's"
     )
-    interval: float = key(
-        1.0, check=number(0.01, 3600.0), doc="seconds between polls (fractions allowed)"
-    )
-    timeout: float = key(5.0, check=number(0.05, 600.0), doc="seconds for one request")
-    idle_timeout: float = key(
-        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
-    )
-    reconnect_initial: float = key(1.0, check=number(0.01), doc="first pause after a failed poll")
-    reconnect_max: float = key(60.0, check=number(0.01), doc="longest pause between failed polls")
-    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
-    timezone: str = key(
-        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
-    )
+    interval: float = _poll_interval_key()
+    timeout: float = _request_timeout_key()
+    idle_timeout: float = _telegram_idle_key()
+    reconnect_initial: float = _reconnect_initial_key("after a failed poll")
+    reconnect_max: float = _reconnect_max_key("failed polls")
+    require_crc: bool = _require_crc_key()
+    timezone: str = _meter_timezone_key()
 
     @property
     def where(self) -> str:
@@ -727,19 +750,11 @@ class MqttMeterConfig:
     timeout: float = key(
         10.0, check=number(0.05, 600.0), doc="seconds to connect, or for the broker's answer"
     )
-    idle_timeout: float = key(
-        30.0, check=number(0.05), doc="seconds without a new telegram before the state says so"
-    )
-    reconnect_initial: float = key(
-        1.0, check=number(0.01), doc="first pause after a failed connection"
-    )
-    reconnect_max: float = key(
-        60.0, check=number(0.01), doc="longest pause between failed connections"
-    )
-    require_crc: bool = key(False, check=_bool, doc="also reject telegrams that carry no CRC")
-    timezone: str = key(
-        "Europe/Amsterdam", check=_zone, doc="the meter's time zone: how its timestamps are read"
-    )
+    idle_timeout: float = _telegram_idle_key()
+    reconnect_initial: float = _reconnect_initial_key("after a failed connection")
+    reconnect_max: float = _reconnect_max_key("failed connections")
+    require_crc: bool = _require_crc_key()
+    timezone: str = _meter_timezone_key()
 
     @property
     def endpoint(self) -> str:
