@@ -33,6 +33,7 @@ from dsmr_logger.imports.series import (
     number,
     parse_time,
     power,
+    stated_time,
 )
 
 START = datetime(2024, 5, 1, 12, tzinfo=UTC)
@@ -200,6 +201,15 @@ def test_every_timestamp_form_the_clouds_use_reads_as_the_same_instant(value: ob
 def test_an_unreadable_timestamp_is_an_error_naming_it(value: object) -> None:
     with pytest.raises(SeriesError, match=r"^when: "):
         parse_time(value, "when")
+
+
+@pytest.mark.parametrize("value", [None, "", "yesterday", {"date": 1}])
+def test_a_creation_date_not_stated_or_unreadable_leaves_since_to_the_user(value: object) -> None:
+    assert stated_time(value, "created_at") is None
+
+
+def test_a_stated_creation_date_is_read_as_any_timestamp() -> None:
+    assert stated_time("2024-02-01T00:00:00Z", "created_at") == datetime(2024, 2, 1, tzinfo=UTC)
 
 
 def test_numbers_as_numbers_or_strings_exactly() -> None:

@@ -45,6 +45,7 @@ from dsmr_logger.imports.series import (
     number,
     parse_time,
     power,
+    stated_time,
 )
 from dsmr_logger.telegram.build import MeterReading
 
@@ -158,11 +159,7 @@ class ClimkitCloud:
         site_name = self.config.site
         if isinstance(info, Mapping):
             site_name = str(info.get("name") or site_name)
-            if info.get("creation_date"):
-                try:
-                    first = parse_time(info["creation_date"], "creation_date")
-                except SeriesError:
-                    first = None
+            first = stated_time(info.get("creation_date"), "creation_date")
         return Origin(
             key=f"{self.config.site}/{self.config.meter}",
             first=first,

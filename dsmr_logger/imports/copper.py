@@ -55,6 +55,7 @@ from dsmr_logger.imports.series import (
     number,
     parse_time,
     power,
+    stated_time,
     zulu,
 )
 from dsmr_logger.telegram.build import GasReading, MeterReading
@@ -198,15 +199,9 @@ class CopperCloud:
                 )
             self._gas_factor = CUBIC_METRES_PER[unit]
             description += f" and gas meter {self.config.gas_meter} ({unit})"
-        first = None
-        if electric.get("created_at"):
-            try:
-                first = parse_time(electric["created_at"], "created_at")
-            except SeriesError:
-                first = None
         return Origin(
             key=f"{self.config.enterprise_id}/{self.config.meter}/{self.config.gas_meter or ''}",
-            first=first,
+            first=stated_time(electric.get("created_at"), "created_at"),
             description=description,
         )
 

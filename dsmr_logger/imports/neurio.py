@@ -47,6 +47,7 @@ from dsmr_logger.imports.series import (
     day_windows,
     number,
     parse_time,
+    stated_time,
     zulu,
 )
 from dsmr_logger.net.http import HttpClient, Response
@@ -156,10 +157,7 @@ class NeurioCloud:
                     found = True
                     stamp = location.get("createdAt") or user.get("createdAt")
                     if stamp:
-                        try:
-                            first = parse_time(stamp, "createdAt")
-                        except SeriesError:
-                            first = None
+                        first = stated_time(stamp, "createdAt")
         if not found:
             raise CloudConfigError(
                 f"{SECTION}.sensor_id: {self.config.sensor_id!r} is not a sensor of this "

@@ -102,6 +102,17 @@ def parse_time(value: Any, what: str) -> datetime:
     return moment.astimezone(UTC).replace(microsecond=0)
 
 
+def stated_time(value: Any, what: str) -> datetime | None:
+    """A date a cloud may state about a meter (when it was created: the default ``--since``);
+    None when it states none, or one that cannot be read: the user then gives ``--since``."""
+    if not value:
+        return None
+    try:
+        return parse_time(value, what)
+    except SeriesError:
+        return None
+
+
 def naive_utc(moment: datetime) -> str:
     """``2024-03-30T23:00:00``: the tz-naive UTC ISO form Climkit asks for."""
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds")
