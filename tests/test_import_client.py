@@ -22,6 +22,7 @@ from dsmr_logger.imports.cloud import (
     Token,
     TokenHolder,
     max_age,
+    oauth_token,
     redact,
     retry_after,
 )
@@ -175,6 +176,22 @@ async def test_a_token_is_renewed_ahead_of_its_expiry_and_never_shown() -> None:
     assert holder.stale()
     assert "secret" not in repr(fetched[0])
     assert holder.secrets == {"secret-0"}
+
+
+def test_an_oauth_answer_is_a_token_and_one_without_a_token_names_the_endpoint() -> None:
+    now = START.timestamp()
+    token = oauth_token(
+        {"access_token": "abc", "token_type": "bearer", "expires_in": 600},
+        now,
+        default_lifetime=3600,
+        endpoint="x: POST /token",
+    )
+    assert token == Token("bearer abc", now + 600)
+    assumed = oauth_token({"access_token": "abc"}, now, default_lifetime=3600, endpoint="x")
+    assert assumed == Token("Bearer abc", now + 3600)  # no type, no lifetime: the defaults
+    for answer in ({"token_type": "Bearer"}, {"access_token": 7}, ["abc"], None):
+        with pytest.raises(CloudError, match=r"^x: POST /token: the answer holds no access_token"):
+            oauth_token(answer, now, default_lifetime=3600, endpoint="x: POST /token")
 
 
 # --- series ---------------------------------------------------------------------------------------

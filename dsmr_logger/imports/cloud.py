@@ -599,6 +599,17 @@ def expiry(now: float, seconds: Any, default: float) -> float:
     return now + default
 
 
+def oauth_token(answer: Any, now: float, *, default_lifetime: float, endpoint: str) -> Token:
+    """The token an OAuth2 token endpoint answered (RFC 6749 5.1: ``access_token``, ``token_type``,
+    ``expires_in``), got at ``now``; ``endpoint`` ("copper: POST /oauth/token") names the answer
+    in the error when it holds none."""
+    if not isinstance(answer, Mapping) or not isinstance(answer.get("access_token"), str):
+        raise CloudError(f"{endpoint}: the answer holds no access_token")
+    kind = str(answer.get("token_type") or "Bearer")
+    lifetime = expiry(now, answer.get("expires_in"), default_lifetime)
+    return Token(f"{kind} {answer['access_token']}", lifetime)
+
+
 MAX_BODY = 32 * 1024 * 1024
 """A week of minute readings is about 1 MB of JSON; an answer larger than this is cut."""
 

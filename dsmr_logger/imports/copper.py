@@ -43,7 +43,7 @@ from dsmr_logger.imports.cloud import (
     ResponseCache,
     Token,
     TokenHolder,
-    expiry,
+    oauth_token,
     open_http,
 )
 from dsmr_logger.imports.run import Carry, Origin
@@ -159,11 +159,9 @@ class CopperCloud:
                     f"{SECTION}.client_id/client_secret: Copper refused them (HTTP {exc.status})"
                 ) from exc
             raise
-        if not isinstance(answer, Mapping) or not isinstance(answer.get("access_token"), str):
-            raise CloudError(f"copper: POST {self._auth_path}: the answer holds no access_token")
-        kind = str(answer.get("token_type") or "Bearer")
-        lifetime = expiry(now, answer.get("expires_in"), TOKEN_LIFETIME)
-        return Token(f"{kind} {answer['access_token']}", lifetime)
+        return oauth_token(
+            answer, now, default_lifetime=TOKEN_LIFETIME, endpoint=f"copper: POST {self._auth_path}"
+        )
 
     async def start(self, *, first_needed: bool = True) -> Origin:
         meters = await self._meters()

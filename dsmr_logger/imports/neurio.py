@@ -36,7 +36,7 @@ from dsmr_logger.imports.cloud import (
     RejectedError,
     Token,
     TokenHolder,
-    expiry,
+    oauth_token,
     open_http,
 )
 from dsmr_logger.imports.run import Carry, Origin
@@ -136,12 +136,8 @@ class NeurioCloud:
                     f"{SECTION}.client_id/client_secret: Neurio refused them (HTTP {exc.status})"
                 ) from exc
             raise
-        if not isinstance(answer, Mapping) or not isinstance(answer.get("access_token"), str):
-            raise CloudError("neurio: POST /oauth2/token: the answer holds no access_token")
-        kind = str(answer.get("token_type") or "Bearer")
-        return Token(
-            f"{kind} {answer['access_token']}",
-            expiry(now, answer.get("expires_in"), TOKEN_LIFETIME),
+        return oauth_token(
+            answer, now, default_lifetime=TOKEN_LIFETIME, endpoint="neurio: POST /oauth2/token"
         )
 
     async def start(self, *, first_needed: bool = True) -> Origin:
