@@ -824,6 +824,25 @@ class HttpConfig:
         return host.strip("[]"), int(port)
 
 
+# Keys every [import.<cloud>] section has (the last two), and the OAuth2 clouds' credentials.
+
+
+def _cloud_ca_file_key() -> Any:
+    return key(None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's")
+
+
+def _cloud_timeout_key() -> Any:
+    return key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+
+
+def _oauth_client_id_key() -> Any:
+    return key(check=_str, doc="OAuth2 client id")
+
+
+def _oauth_client_secret_key() -> Any:
+    return key(check=_str, doc="OAuth2 client secret", secret=True)
+
+
 @dataclass(frozen=True, slots=True)
 class ClimkitImportConfig:
     """``dsmr-logger import climkit``: a meter of a Climkit site (Swiss ZEV/RCP communities)."""
@@ -835,18 +854,16 @@ class ClimkitImportConfig:
     base_url: str = key(
         "https://api.climkit.io/api/v1", check=cloud_url, doc="Climkit API endpoint"
     )
-    ca_file: Path | None = key(
-        None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's"
-    )
-    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+    ca_file: Path | None = _cloud_ca_file_key()
+    timeout: float = _cloud_timeout_key()
 
 
 @dataclass(frozen=True, slots=True)
 class CopperImportConfig:
     """``dsmr-logger import copper``: an enterprise account of Copper Labs."""
 
-    client_id: str = key(check=_str, doc="OAuth2 client id")
-    client_secret: str = key(check=_str, doc="OAuth2 client secret", secret=True)
+    client_id: str = _oauth_client_id_key()
+    client_secret: str = _oauth_client_secret_key()
     enterprise_id: str = key(check=_str, doc="the enterprise (partner) id")
     meter: str = key(check=_str, doc="the electric meter's id")
     gas_meter: str | None = key(None, check=_str, doc="the gas meter's id, if any")
@@ -856,24 +873,20 @@ class CopperImportConfig:
     auth_url: str = key(
         "https://auth.copperlabs.com/oauth/token", check=cloud_url, doc="OAuth2 token endpoint"
     )
-    ca_file: Path | None = key(
-        None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's"
-    )
-    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+    ca_file: Path | None = _cloud_ca_file_key()
+    timeout: float = _cloud_timeout_key()
 
 
 @dataclass(frozen=True, slots=True)
 class NeurioImportConfig:
     """``dsmr-logger import neurio``: a Neurio sensor's history in the Neurio cloud."""
 
-    client_id: str = key(check=_str, doc="OAuth2 client id")
-    client_secret: str = key(check=_str, doc="OAuth2 client secret", secret=True)
+    client_id: str = _oauth_client_id_key()
+    client_secret: str = _oauth_client_secret_key()
     sensor_id: str = key(check=_str, doc="the sensor's id, e.g. 0x0000C47F510179CF")
     base_url: str = key("https://api.neur.io/v1", check=cloud_url, doc="Neurio API endpoint")
-    ca_file: Path | None = key(
-        None, check=_ca_file, doc="PEM file of CAs to trust instead of the system's"
-    )
-    timeout: float = key(30.0, check=number(1.0, 600.0), doc="seconds for one request")
+    ca_file: Path | None = _cloud_ca_file_key()
+    timeout: float = _cloud_timeout_key()
 
 
 ImportSectionConfig = ClimkitImportConfig | CopperImportConfig | NeurioImportConfig
