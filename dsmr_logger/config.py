@@ -153,10 +153,21 @@ def _path(value: Any) -> Path:
     return path
 
 
+def _split(url: str) -> urllib.parse.SplitResult:
+    """``urlsplit``, its ValueError (an unclosed ``[``, a bad IPv6 address) a mistake of the
+    key's; never echoed, as the URL may carry a password."""
+    try:
+        return urllib.parse.urlsplit(url)
+    except ValueError:
+        raise _Bad(
+            "is not a valid URL (an unclosed [ or an invalid IPv6 address in [...])"
+        ) from None
+
+
 def _port(value: Any) -> str:
     port = _str(value)
     if "://" in port:
-        parsed = urllib.parse.urlsplit(port)
+        parsed = _split(port)
         if parsed.scheme not in ("socket", "rfc2217"):
             raise _Bad(
                 f"unknown scheme {parsed.scheme!r}; use a device path, socket://host:port "
@@ -204,7 +215,7 @@ def _api_key(value: Any) -> str:
 
 def mqtt_url(value: Any) -> str:
     url = _str(value).rstrip("/")
-    parsed = urllib.parse.urlsplit(url)
+    parsed = _split(url)
     if "@" in parsed.netloc:  # before anything that repeats the URL: it holds a password
         raise _Bad("put the credentials in the username and password keys, not in the URL")
     try:
@@ -655,7 +666,7 @@ def _sensor_url(value: Any) -> str:
     """The sensor's base URL; a pasted ``/current-sample`` is dropped, credentials are refused
     without being repeated (they belong in ``username``/``password``, which are masked)."""
     text = _str(value).strip()
-    parsed = urllib.parse.urlsplit(text)
+    parsed = _split(text)
     if "@" in parsed.netloc:
         raise _Bad("put the login in meter.username and meter.password, not in the URL")
     if parsed.scheme not in ("http", "https") or not parsed.hostname:

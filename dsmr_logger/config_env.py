@@ -226,7 +226,10 @@ def _csv(text: str | None) -> list[str]:
 def _sink_names(hosts: list[str]) -> list[str]:
     names: list[str] = []
     for index, host in enumerate(hosts, start=1):
-        hostname = urllib.parse.urlsplit(host).hostname or ""
+        try:
+            hostname = urllib.parse.urlsplit(host).hostname or ""
+        except ValueError:  # "http://[::1": the URL's own check names the mistake
+            hostname = ""
         # A sink name is a plain word (config.SINK_NAME): an IPv6 host's colons become dashes.
         base = re.sub(r"[^A-Za-z0-9_.-]", "-", hostname).strip("-_.")[:60] or f"host-{index}"
         name, suffix = base, 2

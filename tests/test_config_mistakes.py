@@ -1,0 +1,73 @@
+"""Configuration mistakes a person can make, and what ``check-config`` prints, read back.
+
+Each test runs the real command (``python -m dsmr_logger``) and reads what the user reads: the
+exit status, one line naming the key or variable, and never a secret. ``check-config`` prints the
+effective configuration; a user may save that output as the new file, so it must read back as the
+same configuration, and a secret it masked must be named as masked, not taken for the secret.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_process import dsmr_logger, one_clear_line
+
+SECRET = "pw-Zq8s3cr3t"
+KEY = "review-api-key-0123456789"
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def spool(tmp_path: Path) -> str:
+    return f"[spool]\npath = {json.dumps(str(tmp_path / 'state' / 'spool.sqlite3'))}\n"
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('[meter]\nport = "socket://[192.168.1.20:2001"\n', "meter.port"),
+        ('[meter]\nport = "rfc2217://[zz]:2001"\n', "meter.port"),
+        ('[meter]\ntype = "mqtt"\nurl = "mqtt://[::1"\ntopic = "p1"\n', "meter.url"),
+        ('[meter]\ntype = "neurio"\nurl = "http://[fe80::1"\n', "meter.url"),
+        (
+            '[meter]\nport = "/dev/null"\n[[sink]]\nname = "b"\ntype = "mqtt"\n'
+            'url = "mqtts://[not-an-address]:8883"\n',
+            "sink[0] (b).url",
+        ),
+    ],
+)
+def test_an_unclosed_or_bad_ipv6_bracket_in_any_address_is_exit_2_naming_the_key(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    result = dsmr_logger("check-config", "--config", write(tmp_path, section + spool(tmp_path)))
+    assert result.returncode == 2
+    one_clear_line(result, f"{key}: is not a valid URL")
+
+
+@pytest.mark.parametrize(
+    ("variables", "named"),
+    [
+        ({"API_HOSTS": "http://[::1"}, "API_HOSTS"),
+    ],
+)
+def test_migrated_addresses_that_are_not_addresses_name_the_variable(
+    tmp_path: Path, variables: dict[str, str], named: str
+) -> None:
+    environment = {"API_HOSTS": "http://192.168.1.10", "API_KEYS": KEY, **variables}
+    result = dsmr_logger(
+        "check-config",
+        cwd=tmp_path,
+        env={
+            **{f"DSMRREADER_REMOTE_DATALOGGER_{k}": v for k, v in environment.items()},
+            "DSMR_LOGGER_SPOOL": str(tmp_path / "spool.sqlite3"),
+        },
+    )
+    assert result.returncode == 2
+    line = one_clear_line(result, f"DSMRREADER_REMOTE_DATALOGGER_{named}: ")
+    assert SECRET not in result.stdout + result.stderr, line
