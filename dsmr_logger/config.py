@@ -168,6 +168,8 @@ def _port(value: Any) -> str:
     port = _str(value)
     if "://" in port:
         parsed = _split(port)
+        if "@" in parsed.netloc:  # before anything that repeats it: it may hold a password
+            raise _Bad("socket:// and rfc2217:// take no user:password@; remove it")
         if parsed.scheme not in ("socket", "rfc2217"):
             raise _Bad(
                 f"unknown scheme {parsed.scheme!r}; use a device path, socket://host:port "

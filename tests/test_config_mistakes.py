@@ -50,6 +50,17 @@ def test_an_unclosed_or_bad_ipv6_bracket_in_any_address_is_exit_2_naming_the_key
     one_clear_line(result, f"{key}: is not a valid URL")
 
 
+def test_a_login_in_a_ser2net_address_is_refused_and_never_shown(tmp_path: Path) -> None:
+    """socket:// has no login: a user:password@ there is a mistake, and check-config would
+    have printed it in clear."""
+    path = write(tmp_path, f'[meter]\nport = "socket://admin:{SECRET}@meter:2001"\n')
+    for command in ("check-config", "run"):
+        result = dsmr_logger(command, "--config", path)
+        assert result.returncode == 2
+        one_clear_line(result, "meter.port: socket:// and rfc2217:// take no user:password@")
+        assert SECRET not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize(
     ("variables", "named"),
     [
