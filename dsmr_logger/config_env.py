@@ -27,6 +27,7 @@ long as that list does.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -223,6 +224,16 @@ def _csv(text: str | None) -> list[str]:
     return [item.strip() for item in (text or "").split(",") if item.strip()]
 
 
+def _plain_host(host: str) -> bool:
+    """A host name, an IPv4 address or an IPv6 address (bare or in brackets): what the script
+    put between ``socket://`` and the port."""
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?", host) is not None
+    return True
+
+
 def _sink_names(hosts: list[str]) -> list[str]:
     names: list[str] = []
     for index, host in enumerate(hosts, start=1):
@@ -252,6 +263,9 @@ def _translate(t: _Translation, spool_path: Path | None) -> dict[str, Any]:
         host, port = t.get(NETWORK_HOST), t.integer(NETWORK_PORT, 0)
         if host is None:
             t.bad("is required when the input method is ipv4", NETWORK_HOST)
+        elif not _plain_host(host):  # not repeated: "user:password@host" holds a password
+            t.bad("must be a host name or IP address, e.g. 192.168.1.20", NETWORK_HOST)
+            host = None
         if t.get(NETWORK_PORT) is None:
             t.bad("is required when the input method is ipv4", NETWORK_PORT)
         elif port is not None and not 1 <= port <= 65535:

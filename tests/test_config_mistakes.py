@@ -64,6 +64,14 @@ def test_a_login_in_a_ser2net_address_is_refused_and_never_shown(tmp_path: Path)
 @pytest.mark.parametrize(
     ("variables", "named"),
     [
+        (
+            {"INPUT_METHOD": "ipv4", "NETWORK_HOST": "meter:2001", "NETWORK_PORT": "2001"},
+            "NETWORK_HOST",
+        ),
+        (
+            {"INPUT_METHOD": "ipv4", "NETWORK_HOST": f"admin:{SECRET}@h", "NETWORK_PORT": "1"},
+            "NETWORK_HOST",
+        ),
         ({"API_HOSTS": "http://[::1"}, "API_HOSTS"),
     ],
 )
