@@ -1198,8 +1198,23 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    return _toml_string(str(value))
+
+
+_TOML_ESCAPES: Mapping[str, str] = types.MappingProxyType(
+    {"\\": "\\\\", '"': '\\"', "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+)
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: control characters escaped, which TOML requires (a key's
+    value may hold a line break, written "\\n" in the file), so the output reads back as TOML."""
+    escaped = "".join(
+        _TOML_ESCAPES.get(char)
+        or (f"\\u{ord(char):04X}" if ord(char) < 0x20 or ord(char) == 0x7F else char)
+        for char in text
+    )
+    return f'"{escaped}"'
 
 
 def key_table() -> str:

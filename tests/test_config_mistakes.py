@@ -9,6 +9,7 @@ same configuration, and a secret it masked must be named as masked, not taken fo
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,23 @@ def test_migrated_addresses_that_are_not_addresses_name_the_variable(
     assert result.returncode == 2
     line = one_clear_line(result, f"DSMRREADER_REMOTE_DATALOGGER_{named}: ")
     assert SECRET not in result.stdout + result.stderr, line
+
+
+def test_check_config_output_reads_back_as_the_same_configuration(tmp_path: Path) -> None:
+    """Values TOML writes escaped (a line break, a tab, a quote, a backslash, DEL) are printed
+    escaped, so the printed configuration is TOML and loads as the same configuration."""
+    first = write(
+        tmp_path,
+        "[meter]\n"
+        'type = "mqtt"\nurl = "mqtt://127.0.0.1"\n'
+        'topic = "p1/\\"quoted\\"\\\\back\\u007Fdel\\ttab"\n'
+        'username = "two\\nlines\\r\\u0001"\n' + spool(tmp_path),
+    )
+    printed = dsmr_logger("check-config", "--config", first)
+    assert printed.returncode == 0, printed.stderr
+    document = tomllib.loads(printed.stdout)  # TOML, whatever the values hold
+    assert document["meter"]["username"] == "two\nlines\r\x01"
+    assert document["meter"]["topic"] == 'p1/"quoted"\\back\x7fdel\ttab'
+    again = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "again.toml"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == printed.stdout
