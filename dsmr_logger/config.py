@@ -33,6 +33,9 @@ BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEFAULT_SPOOL_PATH = Path("/var/lib/dsmr-logger/spool.sqlite3")
 DEFAULT_SPOOL_MAX_BYTES = 256 * 1024 * 1024
 SMARTY_AUTHENTICATION_KEY = "00112233445566778899AABBCCDDEEFF"
+MASK = "****"
+"""How ``check-config`` shows a secret: this, then the secret's last two characters."""
+MASKED = "is the masked value check-config shows, not the secret itself: put the real one back"
 PLACEHOLDER_PREFIX = "REPLACE-WITH-"
 """How the example configuration's placeholder keys start."""
 SINK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -979,11 +982,30 @@ class _Section:
         for f in dataclasses.fields(cls):
             if f.name in values or "check" not in f.metadata:
                 continue
-            values[f.name] = self.get(f.name, f.metadata["check"], f.default)
+            check = f.metadata["check"]
+            values[f.name] = self.get(
+                f.name, _unmasked(check) if f.metadata["secret"] else check, f.default
+            )
         for name in self.table:
             if name not in self.used and name not in values:
                 self.problems.append(f"{self.prefix}.{name}: unknown key")
         return cls(**values)
+
+
+def _unmasked(check: Check) -> Check:
+    """A secret's check that first refuses the masked form ``check-config`` prints
+    (``****ab``): a file saved from that output holds no secret, and would fail at run time."""
+
+    def checked(value: Any) -> Any:
+        if _masked(value):
+            raise _Bad(MASKED)
+        return check(value)
+
+    return checked
+
+
+def _masked(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(MASK)
 
 
 def _meter(table: Any, problems: list[str]) -> MeterTypeConfig:
@@ -1188,7 +1210,7 @@ def _shown(obj: Any) -> Iterator[tuple[str, Any]]:
 
 def mask(secret: str) -> str:
     """Enough to tell two keys apart, never enough to use one."""
-    return "****" if len(secret) < 12 else f"****{secret[-2:]}"
+    return MASK if len(secret) < 12 else f"{MASK}{secret[-2:]}"
 
 
 def _toml_value(value: Any) -> str:

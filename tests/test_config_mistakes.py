@@ -111,3 +111,27 @@ def test_check_config_output_reads_back_as_the_same_configuration(tmp_path: Path
     again = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "again.toml"))
     assert again.returncode == 0, again.stderr
     assert again.stdout == printed.stdout
+
+
+def test_check_config_output_saved_as_the_configuration_names_each_masked_secret(
+    tmp_path: Path,
+) -> None:
+    """check-config masks secrets; a file saved from its output holds "****xy" instead of the
+    key, which would fail at the first request. Each is named at once, never taken as a key."""
+    first = write(
+        tmp_path,
+        '[meter]\nport = "/dev/null"\n'
+        + spool(tmp_path)
+        + f'[[sink]]\nname = "home"\nurl = "http://192.168.1.10"\napi_key = "{KEY}"\n'
+        f'[import.climkit]\nusername = "u"\npassword = "{SECRET}"\nsite = "s"\nmeter = "m"\n',
+    )
+    printed = dsmr_logger("check-config", "--config", first)
+    assert printed.returncode == 0, printed.stderr
+    assert KEY not in printed.stdout and SECRET not in printed.stdout
+    saved = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "saved.toml"))
+    assert saved.returncode == 2
+    problems = [line for line in saved.stderr.splitlines() if line.strip()]
+    assert len(problems) == 2, saved.stderr
+    assert "sink[0] (home).api_key: is the masked value check-config shows" in problems[0]
+    assert "import.climkit.password: is the masked value check-config shows" in problems[1]
+    assert "Traceback" not in saved.stderr
