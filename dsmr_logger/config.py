@@ -477,6 +477,8 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
             raise _Bad(f"{name!r} is set by the client itself")
         if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
             raise _Bad(f"{name}: the value must be a one-line string")
+        if _secret_header(name) and _masked(text):
+            raise _Bad(f"{name}: {MASKED}")
         pairs.append((name, text))
     return tuple(pairs)
 
@@ -1205,12 +1207,21 @@ def _shown(obj: Any) -> Iterator[tuple[str, Any]]:
             value = getattr(obj.serial, f.name)
         if f.metadata.get("secret") and value and value != SMARTY_AUTHENTICATION_KEY:
             value = mask(value)  # the Smarty spec's published key is no secret
+        if f.name == "headers" and value:  # meter.headers: credentials by another name
+            value = tuple(
+                (name, mask(text) if _secret_header(name) else text) for name, text in value
+            )
         yield f.name, value
 
 
 def mask(secret: str) -> str:
     """Enough to tell two keys apart, never enough to use one."""
     return MASK if len(secret) < 12 else f"{MASK}{secret[-2:]}"
+
+
+def _secret_header(name: str) -> bool:
+    """A header that carries a credential (``Authorization``, ``X-Api-Key``, a cookie)."""
+    return re.search(r"auth|cookie|key|token|secret|pass|session", name, re.IGNORECASE) is not None
 
 
 def _toml_value(value: Any) -> str:

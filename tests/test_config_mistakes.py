@@ -135,3 +135,25 @@ def test_check_config_output_saved_as_the_configuration_names_each_masked_secret
     assert "sink[0] (home).api_key: is the masked value check-config shows" in problems[0]
     assert "import.climkit.password: is the masked value check-config shows" in problems[1]
     assert "Traceback" not in saved.stderr
+
+
+def test_a_credential_in_a_request_header_is_masked_by_check_config(tmp_path: Path) -> None:
+    token = "Bearer eyJhbGciOi-" + SECRET
+    path = write(
+        tmp_path,
+        '[meter]\ntype = "http"\nurl = "http://192.168.1.30/api/telegram"\n'
+        f'headers = {{ Authorization = "{token}", "X-Api-Key" = "{SECRET}x", '
+        'Accept = "text/plain" }\n' + spool(tmp_path),
+    )
+    printed = dsmr_logger("check-config", "--config", path)
+    assert printed.returncode == 0, printed.stderr
+    assert SECRET not in printed.stdout
+    headers = tomllib.loads(printed.stdout)["meter"]["headers"]
+    assert headers == {
+        "Authorization": "****" + SECRET[-2:],
+        "X-Api-Key": "****" + "tx",
+        "Accept": "text/plain",
+    }
+    saved = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "saved.toml"))
+    assert saved.returncode == 2
+    one_clear_line(saved, "meter.headers: Authorization: is the masked value check-config shows")
