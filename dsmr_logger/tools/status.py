@@ -22,11 +22,18 @@ EXIT_UNKNOWN = 3
 
 
 def fetch_status(listen: str, timeout: float = 3.0) -> dict[str, Any]:
+    """The daemon's ``/status``; ValueError when what answers there is not a dsmr-logger."""
     host, _, port = listen.rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "", "[::]", "::") else host
     with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as answer:
         document: dict[str, Any] = json.load(answer)
-        return document
+    try:
+        if not isinstance(document.get("healthy"), bool):
+            raise TypeError("no healthy: true/false")
+        render(document)  # every field the summary reads is there, of its type
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"what answers there is not dsmr-logger's /status ({exc!r})") from None
+    return document
 
 
 def _ago(timestamp: float | None, now: float) -> str:
