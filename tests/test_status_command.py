@@ -16,6 +16,11 @@ from pathlib import Path
 
 from aiohttp import web
 from cli_process import dsmr_logger
+from dsmr_reader_server import DsmrReaderServer
+from test_ops import KEY, make_config, running
+
+from dsmr_logger.daemon import Daemon
+from dsmr_logger.tools.simulate import VirtualSerialPort
 
 
 def config_file(tmp_path: Path, listen: str) -> Path:
@@ -60,3 +65,28 @@ async def test_another_service_on_the_status_port_is_unknown_not_a_traceback(
     assert "not dsmr-logger's /status" in text.stdout
     assert as_json.returncode == 3
     assert json.loads(as_json.stdout)["healthy"] is None  # not the other service's "true"
+
+
+async def test_an_internet_proxy_in_the_environment_does_not_hide_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """http_proxy names a proxy (here one that is down): the daemon is still asked directly."""
+    port = VirtualSerialPort()
+    try:
+        async with (
+            DsmrReaderServer(api_key=KEY) as server,
+            running(Daemon(make_config(tmp_path, port.path, server.url))) as daemon,
+        ):
+            assert daemon.status_server is not None
+            path = config_file(tmp_path, f"127.0.0.1:{daemon.status_server.port}")
+            proxy = {"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+            result = await asyncio.to_thread(
+                dsmr_logger, "status", "--json", "--config", path, env=proxy
+            )
+    finally:
+        port.close()
+    assert "Traceback" not in result.stderr
+    document = json.loads(result.stdout)
+    assert "daemon" not in document, document  # the daemon's own answer, not the offline one
+    assert document["meter"]["port"] == port.path
+    assert result.returncode in (0, 1)  # asked: healthy or not, but known

@@ -22,10 +22,15 @@ EXIT_UNKNOWN = 3
 
 
 def fetch_status(listen: str, timeout: float = 3.0) -> dict[str, Any]:
-    """The daemon's ``/status``; ValueError when what answers there is not a dsmr-logger."""
+    """The daemon's ``/status``; ValueError when what answers there is not a dsmr-logger.
+
+    Asked directly, never through a proxy: ``http_proxy`` in the environment (a proxy for the
+    internet) would otherwise carry the question to a machine that cannot see this one's port.
+    """
     host, _, port = listen.rpartition(":")
     host = "127.0.0.1" if host in ("0.0.0.0", "", "[::]", "::") else host
-    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=timeout) as answer:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"http://{host}:{port}/status", timeout=timeout) as answer:
         document: dict[str, Any] = json.load(answer)
     try:
         if not isinstance(document.get("healthy"), bool):
