@@ -821,7 +821,7 @@ def _ask(question: str) -> str:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from dsmr_logger.tools.simulate import NoTelegrams, prepare, simulate
+    from dsmr_logger.tools.simulate import NoTelegrams, link_problem, prepare, simulate
 
     zone = _zone(args.timezone)
     keys = _keys(args)
@@ -835,8 +835,8 @@ def _simulate(args: argparse.Namespace) -> int:
     except NoTelegrams as exc:
         _error(f"{args.capture or 'the bundled capture'}: {exc}")
         return EXIT_CONFIG
-    if args.link is not None and not args.link.parent.is_dir():
-        _error(f"--link: the folder {args.link.parent} does not exist")
+    if args.link is not None and (problem := link_problem(args.link)) is not None:
+        _error(f"--link: {problem}")
         return EXIT_CONFIG
 
     def announce(path: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import itertools
 import os
@@ -55,10 +56,27 @@ SIMULATED_TITLE = b"SIMULATR"
 _STAMP = re.compile(rb"\n0-0:1\.0\.0\((\d{12}[SW]?)\)")
 
 
+def link_problem(link: Path) -> str | None:
+    """Why ``link`` cannot be the port's symlink, or None. Only a path that is free, or holds a
+    symlink to a pty (a simulator's, maybe left by one that was killed), is replaced: anything
+    else there (a file, a folder, a device, a link to one) is the user's and would be lost."""
+    if not os.path.lexists(link):
+        return None if link.parent.is_dir() else f"the folder {link.parent} does not exist"
+    if link.is_symlink() and os.readlink(link).startswith(PTY_DIRECTORY):
+        return None
+    return f"{link} already exists and is not a simulator's link; name a new path"
+
+
+PTY_DIRECTORY = "/dev/pts/"
+
+
 class VirtualSerialPort:
-    """A pty whose slave side looks like a serial device; optionally reachable at a symlink."""
+    """A pty whose slave side looks like a serial device; optionally reachable at a symlink
+    (see ``link_problem``: nothing but an earlier simulator's link is ever replaced)."""
 
     def __init__(self, link: Path | None = None) -> None:
+        if link is not None and (problem := link_problem(link)) is not None:
+            raise FileExistsError(errno.EEXIST, problem, str(link))
         self.master, self._slave = os.openpty()
         tty.setraw(self._slave)  # no echo, no CR/LF translation: bytes arrive as written
         os.set_blocking(self.master, False)
