@@ -282,6 +282,8 @@ class MeterSimulator:
         self.stats = SimulatorStats()
         self._now = now
         self._clock: datetime | None = None
+        self._rest: asyncio.Task[None] | None = None
+        """The rest of a telegram the port took only in part: written before the next starts."""
 
     def tick(self) -> datetime:
         """The next telegram's time: now, but never earlier than the last one plus the spacing."""
@@ -306,21 +308,30 @@ class MeterSimulator:
     async def run(self, count: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        for telegram in self.stream(count):
-            if self.interval > 0:
-                next_at += self.interval
-                if not self._try_write(telegram):
-                    self.stats.skipped += 1
+        try:
+            for telegram in self.stream(count):
+                if self.interval > 0:
+                    next_at += self.interval
+                    if not self._try_write(telegram):
+                        self.stats.skipped += 1
+                        await asyncio.sleep(max(0.0, next_at - loop.time()))
+                        continue
+                else:
+                    await self._write_all(telegram)
+                self.stats.sent += 1
+                if self.interval > 0:
                     await asyncio.sleep(max(0.0, next_at - loop.time()))
-                    continue
-            else:
-                await self._write_all(telegram)
-            self.stats.sent += 1
-            if self.interval > 0:
-                await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if self._rest is not None:
+                await self._rest  # the last telegram whole, before the caller closes the port
+        finally:
+            if self._rest is not None and not self._rest.done():
+                self._rest.cancel()
 
     def _try_write(self, telegram: bytes) -> bool:
-        """Start a telegram only if the port has room, like a meter nobody listens to."""
+        """Start a telegram only if the port has room and the one before is out whole, like a
+        meter nobody listens to (it never interleaves two telegrams)."""
+        if self._rest is not None and not self._rest.done():
+            return False
         try:
             written = os.write(self.port.master, telegram)
         except BlockingIOError:
@@ -330,8 +341,9 @@ class MeterSimulator:
         return True
 
     def _finish_later(self, rest: bytes) -> None:
-        task = asyncio.get_running_loop().create_task(self._write_all(rest))
-        task.add_done_callback(lambda t: t.exception())
+        self._rest = asyncio.get_running_loop().create_task(self._write_all(rest))
+        # Retrieved, so a port closed under it is not "never retrieved"; cancelled is fine.
+        self._rest.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _write_all(self, data: bytes) -> None:
         loop = asyncio.get_running_loop()
