@@ -645,7 +645,7 @@ def _parse(args: argparse.Namespace) -> int:
 def _backfill(args: argparse.Namespace) -> int:
     import zoneinfo
 
-    from dsmr_logger.tools.backfill import BackfillError, backfill, parse_moment
+    from dsmr_logger.tools.backfill import BackfillError, backfill, parse_range
 
     resolved = _config_or_exit(args)
     if resolved is None:
@@ -653,10 +653,9 @@ def _backfill(args: argparse.Namespace) -> int:
     config = resolved[0]
     zone = zoneinfo.ZoneInfo(config.meter.timezone)
     try:
-        since = parse_moment(args.since, zone) if args.since else None
-        until = parse_moment(args.until, zone) if args.until else None
+        since, until = parse_range(args.since, args.until, zone)
     except ValueError as exc:
-        _error(f"--since/--until: {exc}")
+        _error(str(exc))
         return EXIT_CONFIG
     try:
         return asyncio.run(

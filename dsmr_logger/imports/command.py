@@ -28,7 +28,7 @@ from dsmr_logger.imports.run import (
     run_import,
     state_directory,
 )
-from dsmr_logger.tools.backfill import BackfillError, parse_moment
+from dsmr_logger.tools.backfill import BackfillError, parse_range
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -138,10 +138,9 @@ def main(
     """``dsmr-logger import``: one clear line per mistake, the documented exit codes."""
     zone = ZoneInfo(config.meter.timezone)
     try:
-        since_at = parse_moment(since, zone) if since else None
-        until_at = parse_moment(until, zone) if until else None
+        since_at, until_at = parse_range(since, until, zone)
     except ValueError as exc:
-        print(f"dsmr-logger: --since/--until: {exc}", file=sys.stderr)
+        print(f"dsmr-logger: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         return asyncio.run(

@@ -580,7 +580,37 @@ async def _send_all(
     return 0 if dead == 0 else 1
 
 
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+"""--since and --until lie between these: far from datetime's ends, so that moving a window by
+an hour or a day, or into another zone, never overflows."""
+
+
 def parse_moment(text: str, zone: ZoneInfo) -> datetime:
     """--since/--until: ISO 8601 date or date-time; without an offset, in the meter's zone."""
     moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=zone)
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=zone)
+    try:
+        within = EARLIEST <= moment.astimezone(UTC) < LATEST
+    except OverflowError:  # 0001-01-01 in a zone east of UTC is before the year 1
+        within = False
+    if not within:
+        raise ValueError(f"{text!r} is out of range (from {EARLIEST.year} to {LATEST.year})")
+    return moment
+
+
+def parse_range(
+    since: str | None, until: str | None, zone: ZoneInfo
+) -> tuple[datetime | None, datetime | None]:
+    """``--since`` and ``--until`` as moments; ValueError naming the option at fault, also when
+    the range is empty (``--since`` not before ``--until``)."""
+    moments: list[datetime | None] = []
+    for option, text in (("--since", since), ("--until", until)):
+        try:
+            moments.append(parse_moment(text, zone) if text else None)
+        except ValueError as exc:
+            raise ValueError(f"{option}: {exc}") from None
+    start, end = moments
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"--since {since} is not before --until {until}: nothing in between")
+    return start, end

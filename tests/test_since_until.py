@@ -1,0 +1,63 @@
+"""``--since`` and ``--until`` of ``backfill`` and ``import``: every mistake one line, exit 2.
+
+A date the program cannot place (the year 1 east of UTC, the year 9999) crashed both commands
+with an OverflowError traceback, and a range with nothing in it (``--since`` after ``--until``)
+ran, sent nothing and said "done". Both are mistakes named before anything is contacted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_process import dsmr_logger, one_clear_line
+
+
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[meter]\nport = "/dev/null"\n'
+        f"[spool]\npath = {json.dumps(str(tmp_path / 'state' / 'spool.sqlite3'))}\n"
+        '[[sink]]\nname = "home"\nurl = "http://127.0.0.1:9"\napi_key = "k-0123456789abcdef"\n'
+        'api = "v2"\n'
+        '[import.climkit]\nusername = "u"\npassword = "p-0123456789abc"\nsite = "s"\n'
+        'meter = "m"\nbase_url = "http://127.0.0.1:9"\n'
+    )
+    (tmp_path / "archive").mkdir()
+    return path
+
+
+COMMANDS = {
+    "backfill": ["backfill", "--from", "{tmp}/archive", "--sink", "home"],
+    "import": ["import", "climkit", "--to-archive", "{tmp}/imported"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--since", "0001-01-01"], "--since: '0001-01-01' is out of range"),
+        (["--until", "0001-01-01T00:10"], "--until: '0001-01-01T00:10' is out of range"),
+        (["--until", "9999-12-31T23:30+00:00"], "--until: '9999-12-31T23:30+00:00' is out of"),
+        (["--since", "last tuesday"], "--since: Invalid isoformat string"),
+        (
+            ["--since", "2026-12-05", "--until", "2026-12-01"],
+            "--since 2026-12-05 is not before --until 2026-12-01",
+        ),
+        (
+            ["--since", "2026-10-25T02:30+01:00", "--until", "2026-10-25T02:30+02:00"],
+            "is not before --until",  # the same hour of the autumn change, written twice
+        ),
+    ],
+)
+def test_a_range_that_cannot_be_placed_or_holds_nothing_is_exit_2(
+    tmp_path: Path, command: str, options: list[str], named: str
+) -> None:
+    arguments = [a.format(tmp=tmp_path) for a in COMMANDS[command]]
+    result = dsmr_logger(*arguments, *options, "--config", config_file(tmp_path))
+    assert result.returncode == 2
+    one_clear_line(result, named)
+    assert result.stdout == ""
+    assert not (tmp_path / "imported").exists()
