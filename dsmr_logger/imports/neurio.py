@@ -145,8 +145,8 @@ class NeurioCloud:
         sensors: list[str] = []
         first: datetime | None = None
         found = False
-        for location in (user.get("locations") or []) if isinstance(user, Mapping) else []:
-            for sensor in location.get("sensors") or []:
+        for location in _objects(user, "locations", "the user"):
+            for sensor in _objects(location, "sensors", "a location"):
                 ids = {str(sensor.get("sensorId")), str(sensor.get("id"))}
                 sensors.append(str(sensor.get("sensorId") or sensor.get("id")))
                 if self.config.sensor_id in ids:
@@ -213,6 +213,20 @@ class NeurioCloud:
     async def close(self) -> None:
         await self.client.close()
         await self.auth.close()
+
+
+def _objects(parent: Any, key: str, what: str) -> list[Mapping[str, Any]]:
+    """``parent[key]``: the list of objects ``GET /users/current`` nests (none when absent);
+    CloudError when the answer is not shaped as the document describes."""
+    if not isinstance(parent, Mapping):
+        raise CloudError(f"neurio: GET /users/current: {what} is not an object: {parent!r:.80}")
+    children = parent.get(key) or []
+    if not isinstance(children, list) or not all(isinstance(c, Mapping) for c in children):
+        raise CloudError(
+            f"neurio: GET /users/current: {key} of {what} is not a list of objects: "
+            f"{children!r:.80}"
+        )
+    return children
 
 
 def _reading(stamp: datetime, sample: Mapping[str, Any], sensor: str) -> MeterReading:
