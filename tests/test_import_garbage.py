@@ -124,6 +124,27 @@ def config_file(tmp_path: Path, name: str, url: str) -> Path:
             {"/users/current": (200, {}, {"locations": [{"sensors": 5}]})},
             "neurio: GET /users/current: sensors of a location is not a list of objects",
         ),
+        (
+            "neurio",
+            {"/oauth2/token": (200, {}, {"access_token": "abc\r\nX-Injected: 1"})},
+            "neurio: the token it gave contains a line break or NUL; not usable",
+        ),
+        (
+            "neurio",
+            {
+                "/oauth2/token": (
+                    200,
+                    {},
+                    {"access_token": TOKEN, "token_type": "Bearer\nX-Injected: 1"},
+                )
+            },
+            "neurio: the token it gave contains a line break or NUL; not usable",
+        ),
+        (
+            "copper",
+            {"/oauth/token": (200, {}, {"access_token": "t\u20acken", "expires_in": 60})},
+            "copper: the token it gave contains a character outside Latin-1",
+        ),
     ],
 )
 async def test_an_odd_answer_is_one_line_and_exit_1(

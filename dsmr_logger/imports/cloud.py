@@ -40,7 +40,13 @@ from typing import Any, Protocol
 import structlog
 
 from dsmr_logger import __version__
-from dsmr_logger.net.http import HttpClient, HttpError, Response, tls_context
+from dsmr_logger.net.http import (
+    HttpClient,
+    HttpError,
+    Response,
+    field_value_problem,
+    tls_context,
+)
 
 MAX_RETRY_AFTER = 86400.0
 """A server asking to wait longer than a day is not waited for: the import stops and says so."""
@@ -486,6 +492,8 @@ class CloudClient:
             headers = {"Accept": "application/json", "User-Agent": f"dsmr-logger/{__version__}"}
             if auth and self.tokens is not None:
                 headers["Authorization"] = self.tokens.authorization
+                if (problem := field_value_problem(headers["Authorization"])) is not None:
+                    raise CloudError(f"{self.name}: the token it gave {problem}; not usable")
             self.limiter.take()
             self.requests += 1
             try:
