@@ -145,6 +145,17 @@ def config_file(tmp_path: Path, name: str, url: str) -> Path:
             {"/oauth/token": (200, {}, {"access_token": "t\u20acken", "expires_in": 60})},
             "copper: the token it gave contains a character outside Latin-1",
         ),
+        (
+            "neurio",
+            {
+                "/users/current": (
+                    200,
+                    {"RateLimit-Remaining": "0", "RateLimit-Reset": "9" * 5000},
+                    VALID["/users/current"](),
+                )
+            },
+            "neurio: the hour's budget is spent, and RateLimit-Reset (999",
+        ),
     ],
 )
 async def test_an_odd_answer_is_one_line_and_exit_1(

@@ -27,6 +27,7 @@ from zoneinfo import ZoneInfo
 
 from dsmr_logger.config import NeurioImportConfig
 from dsmr_logger.imports.cloud import (
+    MAX_RETRY_AFTER,
     Bucket,
     Clock,
     CloudClient,
@@ -257,9 +258,20 @@ def _observe(response: Response, limiter: RateLimiter, clock: Clock) -> None:
     until ``RateLimit-Reset`` (milliseconds from now, or an epoch in ms when that large)."""
     remaining = response.headers.get("ratelimit-remaining", "").strip()
     reset = response.headers.get("ratelimit-reset", "").strip()
-    if not remaining.isdigit() or int(remaining) > 0 or not reset.isdigit():
+    if not _digits(remaining) or int(remaining) > 0 or not _digits(reset):
         return
-    milliseconds = int(reset)
     now = clock.time()
-    until = milliseconds / 1000 if milliseconds > EPOCH_MS_ABOVE else now + milliseconds / 1000
+    milliseconds = Decimal(reset)  # any length: a wait past a day is refused below, not parsed
+    until = float(
+        milliseconds / 1000 if milliseconds > EPOCH_MS_ABOVE else Decimal(now) + milliseconds / 1000
+    )
+    if until - now > MAX_RETRY_AFTER:
+        raise CloudError(
+            f"neurio: the hour's budget is spent, and RateLimit-Reset ({reset[:24]}) says it "
+            "comes back more than a day from now: not waited for"
+        )
     limiter.pause_until(until)
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
