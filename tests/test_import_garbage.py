@@ -25,6 +25,7 @@ from cli_process import dsmr_logger
 from cloud_fakes import VirtualClock
 
 from dsmr_logger.config import from_mapping
+from dsmr_logger.imports.cloud import CloudError
 from dsmr_logger.imports.command import import_history
 
 SECRET = "client-secret-Zq8s3cr3t"
@@ -156,6 +157,11 @@ def config_file(tmp_path: Path, name: str, url: str) -> Path:
             },
             "neurio: the hour's budget is spent, and RateLimit-Reset (999",
         ),
+        (
+            "neurio",
+            {"/samples": (200, {}, [{"timestamp": "9999-12-31T23:30:00-01:00"}])},
+            "neurio: GET /samples: timestamp: out of range: '9999-12-31T23:30:00-01:00'",
+        ),
     ],
 )
 async def test_an_odd_answer_is_one_line_and_exit_1(
@@ -206,3 +212,16 @@ async def climkit(tmp_path: Path, odd: dict[str, Answer], *, since: datetime | N
         )
         assert code == 0
         return out.getvalue()
+
+
+async def test_climkit_dates_past_the_calendar_are_not_believed(tmp_path: Path) -> None:
+    """A token said to expire in the year 10000 (in UTC) lives the document's 15 minutes; a
+    site created in the year 0 states no start, so --since is asked for."""
+    login = {"access_token": TOKEN, "valid_until": "9999-12-31T23:59:59-01:00"}
+    shown = await climkit(
+        tmp_path, {"/auth": (200, {}, login)}, since=datetime(2026, 3, 28, tzinfo=UTC)
+    )
+    assert "done: 1 readings" in shown
+    created = {"name": "x", "creation_date": "0001-01-01T00:00:00+05:00"}
+    with pytest.raises(CloudError, match="does not say when the data starts: give --since"):
+        await climkit(tmp_path, {"/installation_infos/s": (200, {}, created)}, since=None)

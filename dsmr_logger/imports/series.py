@@ -99,7 +99,10 @@ def parse_time(value: Any, what: str) -> datetime:
             moment = moment.replace(tzinfo=UTC)
     else:
         raise SeriesError(f"{what}: not a time: {value!r}")
-    return moment.astimezone(UTC).replace(microsecond=0)
+    try:
+        return moment.astimezone(UTC).replace(microsecond=0)
+    except OverflowError:  # 9999-12-31T23:30-01:00 is past the year 9999 in UTC
+        raise SeriesError(f"{what}: out of range: {value!r}") from None
 
 
 def stated_time(value: Any, what: str) -> datetime | None:
