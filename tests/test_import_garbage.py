@@ -159,8 +159,30 @@ def config_file(tmp_path: Path, name: str, url: str) -> Path:
         ),
         (
             "neurio",
+            {
+                "/samples": (
+                    200,
+                    {},
+                    [{"timestamp": "2026-03-28T00:05:00Z", "consumptionEnergy": "1e40"}],
+                )
+            },
+            "neurio: sample 2026-03-28T00:05:00+00:00: consumptionEnergy: implausibly large",
+        ),
+        (
+            "neurio",
             {"/samples": (200, {}, [{"timestamp": "9999-12-31T23:30:00-01:00"}])},
             "neurio: GET /samples: timestamp: out of range: '9999-12-31T23:30:00-01:00'",
+        ),
+        (
+            "copper",
+            {
+                "/api/partner/e/meter/m/readings": (
+                    200,
+                    {},
+                    {"results": [{"time": "2026-03-28T01:00:00Z", "value": "1e40"}]},
+                )
+            },
+            "value: implausibly large: '1e40'",
         ),
     ],
 )
@@ -212,6 +234,16 @@ async def climkit(tmp_path: Path, odd: dict[str, Answer], *, since: datetime | N
         )
         assert code == 0
         return out.getvalue()
+
+
+async def test_climkit_indices_no_register_can_hold_are_a_cloud_error(tmp_path: Path) -> None:
+    rows = [{"timestamp": "2026-03-28T00:15:00", "en_im": "1e40", "en_ex": "0"}]
+    with pytest.raises(CloudError, match=r"en_im: implausibly large: '1e40'"):
+        await climkit(
+            tmp_path,
+            {"/meter_data_raw/s/m": (200, {}, rows)},
+            since=datetime(2026, 3, 28, tzinfo=UTC),
+        )
 
 
 async def test_climkit_dates_past_the_calendar_are_not_believed(tmp_path: Path) -> None:

@@ -22,6 +22,9 @@ from typing import Any
 
 EPOCH_MS_ABOVE = 10**11
 """An epoch number above this is in milliseconds (10**11 s is the year 5138)."""
+LARGEST = Decimal(10) ** 15
+"""No cloud value reaches this (a household meter counts about 10**5 kWh, 10**12 Ws); a register
+of more digits could not be written exactly in a telegram."""
 
 
 class SeriesError(ValueError):
@@ -136,6 +139,8 @@ def number(value: Any, what: str, *, negative: bool = False) -> Decimal:
         raise SeriesError(f"{what}: not a number: {value!r}") from exc
     if not result.is_finite():
         raise SeriesError(f"{what}: not a finite number: {value!r}")
+    if abs(result) >= LARGEST:
+        raise SeriesError(f"{what}: implausibly large: {value!r}")
     if result < 0 and not negative:
         raise SeriesError(f"{what}: negative: {value!r}")
     return result
