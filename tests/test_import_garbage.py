@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from cli_process import dsmr_logger
+from cli_process import dsmr_logger, one_clear_line
 from cloud_fakes import VirtualClock
 
 from dsmr_logger.config import from_mapping
@@ -257,3 +257,36 @@ async def test_climkit_dates_past_the_calendar_are_not_believed(tmp_path: Path) 
     created = {"name": "x", "creation_date": "0001-01-01T00:00:00+05:00"}
     with pytest.raises(CloudError, match="does not say when the data starts: give --since"):
         await climkit(tmp_path, {"/installation_infos/s": (200, {}, created)}, since=None)
+
+
+async def test_an_error_answer_echoing_the_secret_never_shows_it(tmp_path: Path) -> None:
+    """A 422 that repeats the request it refused, as frameworks do (the form as sent, the
+    value JSON-escaped): the client secret is masked in every form it may take there."""
+    secret = 'sëcret with "quotes" & spaces-Zq8'
+
+    async def refuse(request: web.Request) -> web.Response:
+        form = (await request.read()).decode()
+        posted = await request.post()
+        detail = {"detail": [{"input": posted.get("client_secret"), "raw": form}]}
+        return web.json_response(detail, status=422)
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    path = config_file(tmp_path, "neurio", url)
+    path.write_text(path.read_text().replace(json.dumps(SECRET), json.dumps(secret)))
+    try:
+        result = await asyncio.to_thread(
+            dsmr_logger, "import", "neurio", "--to-archive", tmp_path / "a", "--config", path
+        )
+    finally:
+        await runner.cleanup()
+    assert result.returncode == 1, result.stderr
+    line = one_clear_line(result, "neurio (auth): POST /oauth2/token: HTTP 422")
+    assert "****" in line
+    for shown in ("quotes", "s\\u00ebcret", "s%C3%ABcret", "sëcret"):
+        assert shown not in result.stdout + result.stderr, line

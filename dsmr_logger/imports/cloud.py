@@ -89,12 +89,19 @@ class RejectedError(CloudError):
 
 
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced by ``****`` (longest first: one may contain another)."""
+    """``text`` with every secret replaced by ``****`` (longest first: one may contain another),
+    also as a URL or a JSON string writes it: an error answer may echo the request it refused
+    (a 422 that repeats the password it found wanting, escaped as ``p\u00e4ss\"word``)."""
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, "****")
-        quoted = urllib.parse.quote(secret, safe="")
-        if quoted != secret:
-            text = text.replace(quoted, "****")
+        forms = {
+            secret,
+            urllib.parse.quote(secret, safe=""),
+            urllib.parse.quote_plus(secret, safe=""),
+            json.dumps(secret)[1:-1],
+            json.dumps(secret, ensure_ascii=False)[1:-1],
+        }
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "****")
     return text
 
 
