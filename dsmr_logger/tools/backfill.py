@@ -149,7 +149,14 @@ class StreamStats:
 
 
 def source_files(source: Path) -> list[Source]:
-    """A capture file, or an archive directory's day files (``YYYY-MM-DD.log[.gz]``) in order."""
+    """A capture file, or an archive directory's day files (``YYYY-MM-DD.log[.gz]``) in order.
+
+    A path that is not there is a BackfillError (a usage mistake, named); one that cannot be
+    read is the OSError the caller reports as a failure."""
+    try:
+        source.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise BackfillError(f"--from {source}: no such file or folder") from None
     paths = (
         sorted(p for p in source.iterdir() if p.name.endswith((".log", ".log.gz")))
         if source.is_dir()

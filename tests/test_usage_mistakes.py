@@ -1,0 +1,31 @@
+"""Option values a person can get wrong on the offline commands: one line and exit 2.
+
+Exit 2 means "fix what you typed"; exit 1 means "it tried and failed". Each test runs the real
+command (``python -m dsmr_logger``) and reads its exit status and its one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cli_process import dsmr_logger, one_clear_line
+
+
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[meter]\nport = "/dev/null"\n'
+        f"[spool]\npath = {json.dumps(str(tmp_path / 'state' / 'spool.sqlite3'))}\n"
+        '[[sink]]\nname = "home"\nurl = "http://127.0.0.1:9"\napi_key = "k-0123456789abcdef"\n'
+    )
+    return path
+
+
+def test_backfill_from_a_path_that_is_not_there_is_a_usage_error(tmp_path: Path) -> None:
+    missing = tmp_path / "archive-typo"
+    result = dsmr_logger(
+        "backfill", "--from", missing, "--sink", "home", "--config", config_file(tmp_path)
+    )
+    assert result.returncode == 2
+    one_clear_line(result, f"--from {missing}: no such file or folder")
