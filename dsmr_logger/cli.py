@@ -133,6 +133,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _tcp_port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number, not {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, not {text}")
+    return value
+
+
 def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """``--config`` on this (sub)command too; SUPPRESS keeps a later parser from resetting it."""
     parser.add_argument(
@@ -229,7 +239,9 @@ def _parser() -> argparse.ArgumentParser:
     neurio.add_argument(
         "--shape", choices=("eu3", "split", "solar"), default="solar", help="which installation"
     )
-    neurio.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    neurio.add_argument(
+        "--port", type=_tcp_port, default=0, help="TCP port (default: any free one)"
+    )
     neurio.add_argument("--username", help="ask for this HTTP Basic auth login (with --password)")
     neurio.add_argument("--password", help="the login's password")
     neurio.add_argument("--unsynchronized", action="store_true", help="no clock: NOT_SYNCHRONIZED")

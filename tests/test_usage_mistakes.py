@@ -29,3 +29,11 @@ def test_backfill_from_a_path_that_is_not_there_is_a_usage_error(tmp_path: Path)
     )
     assert result.returncode == 2
     one_clear_line(result, f"--from {missing}: no such file or folder")
+
+
+def test_simulate_neurio_port_out_of_range_is_a_usage_error() -> None:
+    for port in ("99999", "-1"):
+        result = dsmr_logger("simulate-neurio", "--port", port)
+        assert result.returncode == 2, result.stderr
+        assert "argument --port: must be from 0 to 65535" in result.stderr
+        assert "Traceback" not in result.stderr
