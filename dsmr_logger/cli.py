@@ -370,8 +370,9 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
     purge.add_argument("--sink", help="only this sink (default: every sink)")
-    purge.add_argument("--backlog-only", action="store_true", help="keep the dead letters")
-    purge.add_argument("--dead-letters-only", action="store_true", help="keep the backlog")
+    keep = purge.add_mutually_exclusive_group()  # both would delete nothing, saying "done"
+    keep.add_argument("--backlog-only", action="store_true", help="keep the dead letters")
+    keep.add_argument("--dead-letters-only", action="store_true", help="keep the backlog")
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     export = _with_config(
         _command(

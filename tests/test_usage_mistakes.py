@@ -37,3 +37,22 @@ def test_simulate_neurio_port_out_of_range_is_a_usage_error() -> None:
         assert result.returncode == 2, result.stderr
         assert "argument --port: must be from 0 to 65535" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_purge_told_to_keep_both_backlog_and_dead_letters_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    """--backlog-only keeps the dead letters, --dead-letters-only the backlog: together they
+    deleted nothing and said "deleted 0 ...", exit 0."""
+    result = dsmr_logger(
+        "spool",
+        "purge",
+        "--backlog-only",
+        "--dead-letters-only",
+        "--yes",
+        "--config",
+        config_file(tmp_path),
+    )
+    assert result.returncode == 2
+    assert "not allowed with argument --backlog-only" in result.stderr
+    assert result.stdout == ""
