@@ -790,6 +790,9 @@ def _spool(args: argparse.Namespace) -> int:
         _error(_spool_trouble(path, exc, write=writes))
         return EXIT_FAILURE
     try:
+        if (problem := _unknown_sink(getattr(args, "sink", None), spool, config)) is not None:
+            _error(problem)
+            return EXIT_CONFIG
         return _spool_action(args, spool, config, sys.stdout)
     except BrokenPipeError:
         raise
@@ -798,6 +801,21 @@ def _spool(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     finally:
         spool.close()
+
+
+def _unknown_sink(sink: str | None, spool: Any, config: Config) -> str | None:
+    """Why ``--sink`` names no sink, or None. A sink is known when configured, or when the spool
+    holds anything of it (a sink removed from the configuration keeps its backlog there)."""
+    from dsmr_logger.daemon import default_sinks
+
+    if sink is None:
+        return None
+    configured = {s.name for s in default_sinks(config)}
+    held = set(spool.backlogs()) | {d.sink for d in spool.dead_letters()} | set(spool.counters())
+    if sink in configured | held:
+        return None
+    listed = ", ".join(sorted(configured | held))
+    return f"--sink {sink!r}: no such sink in the configuration or the spool (there: {listed})"
 
 
 def _spool_action(args: argparse.Namespace, spool: Any, config: Config, out: Any) -> int:

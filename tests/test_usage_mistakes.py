@@ -11,6 +11,9 @@ from pathlib import Path
 
 from cli_process import dsmr_logger, one_clear_line
 
+from dsmr_logger.delivery.spool import Spool, StoredTelegram
+from dsmr_logger.telegram.capture import default_capture, frames_in
+
 
 def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
@@ -20,6 +23,14 @@ def config_file(tmp_path: Path) -> Path:
         '[[sink]]\nname = "home"\nurl = "http://127.0.0.1:9"\napi_key = "k-0123456789abcdef"\n'
     )
     return path
+
+
+def spool_with_a_dead_letter(path: Path, *, sink: str) -> None:
+    spool = Spool(path, max_bytes=1 << 20)
+    spool.open()
+    telegram = StoredTelegram(1, frames_in(default_capture())[0], 1_790_000_000.0)
+    spool.dead_letter(sink, telegram, status=500, body="Failed to parse telegram", reason="x")
+    spool.close()
 
 
 def test_backfill_from_a_path_that_is_not_there_is_a_usage_error(tmp_path: Path) -> None:
@@ -56,3 +67,20 @@ def test_purge_told_to_keep_both_backlog_and_dead_letters_is_a_usage_error(
     assert result.returncode == 2
     assert "not allowed with argument --backlog-only" in result.stderr
     assert result.stdout == ""
+
+
+def test_a_sink_name_typed_wrong_is_named_not_a_quiet_nothing(tmp_path: Path) -> None:
+    """'spool requeue --sink hmoe' said "no dead letters to requeue" (exit 0) while home held
+    one; export and purge likewise did nothing. A name neither configured nor in the spool is
+    a usage error listing the names there are."""
+    path = config_file(tmp_path)
+    spool_with_a_dead_letter(tmp_path / "state" / "spool.sqlite3", sink="home")
+    for action in (["requeue"], ["export", str(tmp_path / "out.log")], ["purge", "--yes"]):
+        result = dsmr_logger("spool", *action, "--sink", "hmoe", "--config", path)
+        assert result.returncode == 2, result.stderr
+        one_clear_line(result, "--sink 'hmoe': no such sink", "(there: home)")
+    listed = dsmr_logger("spool", "list", "--config", path)
+    assert "dead letters held: 1" in listed.stdout, "nothing was requeued or purged"
+    assert not (tmp_path / "out.log").exists()
+    gone = dsmr_logger("spool", "requeue", "--sink", "home", "--config", path)
+    assert gone.returncode == 0 and "requeued 1 dead letter(s)" in gone.stdout
