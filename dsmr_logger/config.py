@@ -96,7 +96,11 @@ def number(minimum: float, maximum: float = math.inf) -> Check:
         if not minimum <= value <= maximum:
             bound = f"between {minimum} and {maximum}" if maximum < math.inf else f">= {minimum}"
             raise _Bad(f"must be {bound}, not {value}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of 309 digits or more (TOML's are read whole)
+            digits = len(str(abs(value)))
+            raise _Bad(f"must be a number a clock can count, not one of {digits} digits") from None
 
     return check
 

@@ -157,3 +157,23 @@ def test_a_credential_in_a_request_header_is_masked_by_check_config(tmp_path: Pa
     saved = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "saved.toml"))
     assert saved.returncode == 2
     one_clear_line(saved, "meter.headers: Authorization: is the masked value check-config shows")
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('[meter]\nport = "/dev/null"\nidle_timeout = {huge}\n', "meter.idle_timeout"),
+        ('[meter]\nport = "/dev/null"\n[log]\nsummary_interval = {huge}\n', "log.summary_interval"),
+        ('[meter]\nport = "/dev/null"\n[http]\nframe_window = {huge}\n', "http.frame_window"),
+    ],
+)
+def test_an_integer_too_large_for_a_clock_is_named_not_a_traceback(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    """TOML integers are read whole: 400 digits passed the bound (>= 1.0) and crashed the
+    conversion to seconds with OverflowError, in check-config and run alike."""
+    path = write(tmp_path, section.format(huge="9" * 400) + spool(tmp_path))
+    for command in ("check-config", "run"):
+        result = dsmr_logger(command, "--config", path)
+        assert result.returncode == 2
+        one_clear_line(result, f"{key}: must be a number a clock can count, not one of 400 digits")
