@@ -1162,6 +1162,8 @@ def load(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: {exc}"]) from None
+    except ValueError as exc:  # an integer of over 4300 digits: Python's own limit, no line
+        raise ConfigError([f"{path}: not a configuration TOML can hold: {exc}"]) from None
     try:
         return from_mapping(data)
     except ConfigError as exc:

@@ -177,3 +177,11 @@ def test_an_integer_too_large_for_a_clock_is_named_not_a_traceback(
         result = dsmr_logger(command, "--config", path)
         assert result.returncode == 2
         one_clear_line(result, f"{key}: must be a number a clock can count, not one of 400 digits")
+
+
+def test_an_integer_of_thousands_of_digits_is_named_not_a_traceback(tmp_path: Path) -> None:
+    """Python refuses to read integers of over 4300 digits (ValueError, not TOML's error)."""
+    path = write(tmp_path, f'[meter]\nport = "/dev/null"\nmax_frame_bytes = {"9" * 5000}\n')
+    result = dsmr_logger("check-config", "--config", path)
+    assert result.returncode == 2
+    one_clear_line(result, f"{path}: not a configuration TOML can hold: Exceeds the limit")
