@@ -84,3 +84,13 @@ def test_a_sink_name_typed_wrong_is_named_not_a_quiet_nothing(tmp_path: Path) ->
     assert not (tmp_path / "out.log").exists()
     gone = dsmr_logger("spool", "requeue", "--sink", "home", "--config", path)
     assert gone.returncode == 0 and "requeued 1 dead letter(s)" in gone.stdout
+
+
+def test_pair_with_a_configuration_python_cannot_read_is_named_before_pairing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[meter]\nport = "/dev/null"\nmax_frame_bytes = {"9" * 5000}\n')
+    result = dsmr_logger("pair", "homewizard", "--host", "127.0.0.1:9", "--config", path)
+    assert result.returncode == 2
+    one_clear_line(result, f"config error: {path}: Exceeds the limit (4300 digits)")

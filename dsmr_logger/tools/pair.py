@@ -265,7 +265,7 @@ def paired_ca_file(config: Path | None, host: str, given: Path | None) -> Path |
     elif config is not None and config.exists():
         try:
             section = tomllib.loads(config.read_text(encoding="utf-8")).get("meter", {})
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # TOML's and UTF-8's errors, an int too long
             raise ConfigError([f"{config}: {exc}"]) from None
         if isinstance(section, dict) and "ca_file" in section:
             meter["ca_file"] = section["ca_file"]
