@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 from conftest import CORPUS, require_corpus
 from cryptography import x509
 from dsmr_reader_server import parse_failure
@@ -448,3 +449,61 @@ def test_host_forms_and_what_is_shown() -> None:
     )
     assert 'token = "****EF"' in shown and token not in shown
     assert meter_config(type="homewizard", host="h", api="v1", token=token).version == "v1"
+
+
+# --- a hostile answer: one failed poll, never the end of the source -----------------------------
+
+NESTED = b"[" * 50_000 + b"]" * 50_000
+"""JSON nested deeper than Python's decoder recurses (RecursionError at 1,000 levels)."""
+
+
+class NestingDevice(FakeP1Meter):
+    """Answers ``nested`` requests to ``where`` with ``NESTED`` (a 503 on the telegram endpoint,
+    a 200 on ``/api``), then as the fake device does."""
+
+    def __init__(self, *args: Any, where: str, nested: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.where, self.nested = where, nested
+
+    def _nesting(self, status: int) -> web.Response | None:
+        if self.nested <= 0:
+            return None
+        self.nested -= 1
+        return web.Response(status=status, body=NESTED, content_type="application/json")
+
+    async def _info(self, request: web.Request) -> web.Response:
+        nested = self._nesting(200) if self.where == "/api" else None
+        return nested or await super()._info(request)
+
+    def _current(self) -> web.Response:
+        nested = self._nesting(503) if self.where == "telegram" and self.served else None
+        return nested or super()._current()
+
+
+@pytest.mark.parametrize(
+    ("version", "where"), [("v2", "telegram"), ("v2", "/api"), ("v1", "telegram")]
+)
+async def test_deeply_nested_json_from_the_device_is_a_failed_poll_not_a_crash(
+    pki: Pki, ca_file: Path, tmp_path: Path, version: str, where: str
+) -> None:
+    telegrams = capture(4)
+    async with NestingDevice(
+        telegrams, pki=pki, directory=tmp_path, where=where, nested=3
+    ) as device:
+        if version == "v2":
+            table = device_config(device, ca_file, token=device.token_for("local/x"), **FAST)
+        else:
+            table = {"type": "homewizard", "host": f"127.0.0.1:{device.http_port}", **FAST}
+        frames: list[Frame] = []
+        source = build_source(meter_config(**table), frames.append)
+        task = asyncio.create_task(source.run())
+        try:
+            await wait_until(lambda: len(frames) == 4 or task.done(), "every telegram", 10.0)
+            assert not task.done(), f"the source ended: {task.exception()!r}"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert device.nested == 0, "the device did answer with nested JSON"
+    assert [f.raw for f in frames] == telegrams
+    assert source.status.state is MeterState.OK

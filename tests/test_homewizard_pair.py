@@ -11,8 +11,10 @@ import socket
 import stat
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from homewizard_device import SERIAL, USER_NAME, FakeP1Meter, Pki
 
 from dsmr_logger import cli
@@ -230,3 +232,33 @@ def test_an_unreachable_device_exits_1_with_the_reason(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.startswith("dsmr-logger: pairing failed: cannot reach https://127.0.0.1:")
     assert "Traceback" not in err
+
+
+# --- a device answering the button press with something else than a token -----------------------
+
+
+class Answering(FakeP1Meter):
+    """A device whose ``POST /api/user`` answers 200 with ``body``."""
+
+    def __init__(self, *args: Any, body: bytes, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.body = body
+
+    async def _user(self, request: web.Request) -> web.Response:
+        self.user_requests.append((200, "?"))
+        return web.Response(body=self.body, content_type="application/json")
+
+
+async def test_a_200_nested_deeper_than_json_can_be_read_is_no_token(
+    pki: Pki, ca_file: Path, tmp_path: Path
+) -> None:
+    nested = b"[" * 50_000 + b"]" * 50_000  # RecursionError in json.loads
+    async with Answering([b""], pki=pki, directory=tmp_path, body=nested) as device:
+        out, err = io.StringIO(), io.StringIO()
+        host = f"127.0.0.1:{device.https_port}"
+        status = await asyncio.to_thread(pair_command, host, None, ca_file, out=out, err=err)
+    assert status == 1
+    assert err.getvalue().splitlines()[-1] == (
+        "dsmr-logger: pairing failed: the device answered 200 without a token"
+    )
+    assert out.getvalue() == ""

@@ -21,7 +21,6 @@ checks with ``hostname_checks_common_name``.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import ssl
 import time
@@ -130,7 +129,7 @@ def _describe(exc: BaseException) -> str:
 def error_code(response: Response) -> str:
     """The device's error code (``{"error": "user:unauthorized"}``), or the body's first bytes."""
     try:
-        document = json.loads(response.body)
+        document = response.json()
     except ValueError:
         return response.body[:100].decode("utf-8", "replace").strip()
     if isinstance(document, dict) and isinstance(document.get("error"), str):
@@ -236,7 +235,7 @@ class HomeWizardV2:
         if response.status != 200:
             raise self._failure(response)
         try:
-            info = json.loads(response.body)
+            info = response.json()
         except ValueError:
             info = None
         if not isinstance(info, dict):

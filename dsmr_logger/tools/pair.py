@@ -142,7 +142,7 @@ async def _ask(
         code = error_code(response)
         if response.status == 200:
             try:
-                token = json.loads(response.body)["token"]
+                token = response.json()["token"]
             except (ValueError, KeyError, TypeError):
                 token = None
             if not isinstance(token, str) or not token:
@@ -169,7 +169,7 @@ async def _check(client: HttpClient, token: str, serial: str, host: str) -> None
             f"the new token does not work: HTTP {response.status} {error_code(response)}"
         )
     try:
-        info = json.loads(response.body)
+        info = response.json()
     except ValueError:
         info = {}
     if not isinstance(info, dict) or str(info.get("serial", "")).lower() != serial:
