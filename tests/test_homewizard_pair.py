@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import socket
 import stat
@@ -262,3 +263,31 @@ async def test_a_200_nested_deeper_than_json_can_be_read_is_no_token(
         "dsmr-logger: pairing failed: the device answered 200 without a token"
     )
     assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "ABCDEF0123456789\r\nX-Injected: 1",  # would split the next request's headers
+        "ABCDEF0123456789\u20ac",  # outside Latin-1: no header can carry it
+        "ABCDEF0123456789 ABCDEF",  # works in a header, but no configuration takes it
+        "SHORT",
+    ],
+)
+async def test_a_token_the_configuration_cannot_hold_is_refused_clearly(
+    pki: Pki, ca_file: Path, tmp_path: Path, token: str
+) -> None:
+    body = json.dumps({"token": token, "name": "local/dsmr-logger-pi"}).encode()
+    config = tmp_path / "config.toml"
+    config.write_text('[meter]\nport = "/dev/ttyUSB0"\n')
+    async with Answering([b""], pki=pki, directory=tmp_path, body=body) as device:
+        out, err = io.StringIO(), io.StringIO()
+        host = f"127.0.0.1:{device.https_port}"
+        status = await asyncio.to_thread(pair_command, host, config, ca_file, out=out, err=err)
+    assert status == 1
+    last = err.getvalue().splitlines()[-1]
+    assert last.startswith("dsmr-logger: pairing failed: the device answered with a token")
+    assert "meter.token" in last
+    assert device.token_requests == 0, "never sent in a header"
+    assert out.getvalue() == "" and token.split()[0][:16] not in err.getvalue()
+    assert config.read_text() == '[meter]\nport = "/dev/ttyUSB0"\n'

@@ -116,6 +116,7 @@ async def pair(
             f"Press the button on the P1 Meter now (waiting up to {wait:.0f} s) ..."
         )
         token = await _ask(client, name, wait=wait, every=every, sleep=sleep)
+        _holdable(token, host)
         await _check(client, token, serial, host)
     finally:
         await client.close()
@@ -154,6 +155,19 @@ async def _ask(
             raise PairError(f"no button press within {wait:.0f} s; run the command again")
         await sleep(every)
         waited += every
+
+
+def _holdable(token: str, host: str) -> None:
+    """The token passes the rule ``meter.token`` is read with; one that does not (a line break,
+    a character a header cannot carry) is refused here, before it goes into a header or a file,
+    and is not shown: it is a secret, and of no use."""
+    try:
+        from_mapping({"meter": {"type": "homewizard", "host": host, "token": token}})
+    except ConfigError as exc:
+        problems = "; ".join(exc.problems)
+        raise PairError(
+            f"the device answered with a token the configuration cannot hold ({problems})"
+        ) from None
 
 
 async def _check(client: HttpClient, token: str, serial: str, host: str) -> None:
