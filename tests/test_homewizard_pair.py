@@ -291,3 +291,24 @@ async def test_a_token_the_configuration_cannot_hold_is_refused_clearly(
     assert device.token_requests == 0, "never sent in a header"
     assert out.getvalue() == "" and token.split()[0][:16] not in err.getvalue()
     assert config.read_text() == '[meter]\nport = "/dev/ttyUSB0"\n'
+
+
+async def test_a_configuration_that_is_not_utf8_is_left_alone_and_the_token_shown_once(
+    pki: Pki, ca_file: Path, tmp_path: Path
+) -> None:
+    """With --ca-file nothing reads the file before the button is pressed: the token exists
+    by the time the file turns out unreadable, and must not be lost in a traceback."""
+    config = tmp_path / "config.toml"
+    before = '# caf\xe9 in Latin-1\n[meter]\nport = "/dev/ttyUSB0"\n'.encode("latin-1")
+    config.write_bytes(before)
+    async with FakeP1Meter([b""], pki=pki, directory=tmp_path) as device:
+        device.press_button()
+        out, err = io.StringIO(), io.StringIO()
+        host = f"127.0.0.1:{device.https_port}"
+        status = await asyncio.to_thread(pair_command, host, config, ca_file, out=out, err=err)
+    token = next(iter(device.tokens.values()))
+    assert status == 0, "paired: the token is shown rather than lost"
+    assert f"{config}: not UTF-8 text" in err.getvalue() and token not in err.getvalue()
+    assert tomllib.loads(out.getvalue())["meter"]["token"] == token
+    assert out.getvalue().count(token) == 1
+    assert config.read_bytes() == before

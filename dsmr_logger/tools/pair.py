@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from dsmr_logger.config import ConfigError, from_mapping
+from dsmr_logger.config import ConfigError, from_mapping, read_text
 from dsmr_logger.net.http import HttpClient, HttpError
 from dsmr_logger.sources.homewizard import (
     DEVICE_NAME,
@@ -237,7 +237,10 @@ def _quoted(value: str) -> str:
 
 def write_config(path: Path, values: dict[str, str]) -> None:
     """Set ``[meter]`` in ``path`` (created 0600 if missing), only if the result is valid."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    try:
+        text = read_text(path) if path.exists() else ""
+    except ConfigError as exc:  # not UTF-8, or unreadable: named as the daemon names it
+        raise PairError(f"{'; '.join(exc.problems)}; not changed") from None
     try:
         updated = updated_config(text, values)
         from_mapping(tomllib.loads(updated))
