@@ -312,3 +312,17 @@ async def test_a_configuration_that_is_not_utf8_is_left_alone_and_the_token_show
     assert tomllib.loads(out.getvalue())["meter"]["token"] == token
     assert out.getvalue().count(token) == 1
     assert config.read_bytes() == before
+
+
+def test_only_line_feeds_end_lines_so_other_characters_survive_the_rewrite() -> None:
+    """TOML ends lines only at LF (or CRLF); str.splitlines also splits at U+2028, U+0085, FF
+    and others, which a comment or a string may hold."""
+    before = (
+        '[meter]  # the cable\u2028(until the dongle came)\r\nport = "/dev/ttyUSB0"\r\n\r\n'
+        '[[sink]]\r\nurl = "http://dsmr.local"\r\napi_key = "k\u2028e\x85y"\r\n'
+    )
+    after = updated_config(before, VALUES)
+    data = tomllib.loads(after)
+    assert data["meter"] == VALUES
+    assert data["sink"] == tomllib.loads(before)["sink"]
+    assert "# the cable\u2028(until the dongle came)" in after

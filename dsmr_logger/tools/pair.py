@@ -205,7 +205,7 @@ def updated_config(text: str, values: dict[str, str]) -> str:
     A ``[meter]`` of another type (a P1 port) is kept commented out below the new keys, so
     the previous setup stays readable and can be switched back by hand.
     """
-    lines = text.splitlines()
+    lines = text.split("\n")  # TOML's line ends (a CR before one stays with its line)
     current = tomllib.loads(text).get("meter", {}) if text.strip() else {}
     new = [f"{key} = {_quoted(value)}" for key, value in values.items()]
     start = next((i for i, line in enumerate(lines) if _HEADER.fullmatch(line)), None)
