@@ -507,3 +507,93 @@ async def test_deeply_nested_json_from_the_device_is_a_failed_poll_not_a_crash(
     assert device.nested == 0, "the device did answer with nested JSON"
     assert [f.raw for f in frames] == telegrams
     assert source.status.state is MeterState.OK
+
+
+# --- the device at the address changes: the token stays with the one it was learned from ------
+
+
+class Address:
+    """A TCP address on 127.0.0.1 that leads to ``target`` (a port): the LAN address of a P1
+    Meter, which DHCP may give to another device. ``move`` closes every connection through it."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Address:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self.move(self.target)
+
+    async def move(self, target: int) -> None:
+        self.target = target
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pipes.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            try:
+                await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            finally:
+                up_writer.close()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._pipes.discard(task)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_device_learned_from_its_certificate_is_required_of_every_later_connection(
+    pki: Pki, ca_file: Path, tmp_path: Path
+) -> None:
+    """No meter.serial: the first connection learns 5c2fafabcdef from the certificate. When
+    another P1 Meter answers at that address (DHCP gave it the lease), the token must not go
+    to it: it grants full control of the device it was issued by, and no other device takes
+    it anyway."""
+    telegrams = capture(6)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    async with (
+        FakeP1Meter(telegrams, pki=pki, directory=first) as device,
+        FakeP1Meter(telegrams, pki=pki, directory=second, serial="a0b1c2d3e4f5") as other,
+        Address(device.https_port) as address,
+    ):
+        token = device.token_for("local/dsmr-logger-pi")
+        table = device_config(device, ca_file, token=token, **FAST)
+        table["host"] = f"127.0.0.1:{address.port}"
+        async with running(meter_config(**table)) as (source, frames):
+            await wait_until(lambda: len(frames) >= 2, "telegrams from the paired device")
+            device.hold = True
+            await address.move(other.https_port)
+            await wait_until(
+                lambda: source.status.state is MeterState.MISCONFIGURED, "the refusal", 5.0
+            )
+            polls = source.status.polls
+            await wait_until(lambda: source.status.polls >= polls + 5, "five more tries", 5.0)
+            refused = source.status.last_error or ""
+            device.hold = False
+            await address.move(device.https_port)  # the lease went back
+            await wait_until(lambda: len(frames) == 6, "the rest, from the paired device", 5.0)
+    assert other.token_requests == 0, "the token never went to the other device"
+    assert other.served == 0
+    assert "its certificate is not issued to appliance/p1dongle/5c2fafabcdef" in refused
+    assert [f.raw for f in frames] == telegrams

@@ -145,7 +145,8 @@ class HomeWizardV2:
     """Fetches ``/api/telegram`` over TLS checked against the device's certificate name.
 
     Invariant: a request carrying the token only ever goes out on a connection whose certificate
-    chains to the CA and names ``appliance/p1dongle/<serial>``.
+    chains to the CA and names ``appliance/p1dongle/<serial>``: ``meter.serial``, or the serial
+    the first certificate named, kept from then on.
     """
 
     def __init__(
@@ -281,11 +282,11 @@ class HomeWizardV2:
         return PollFailed(f"{self.config.where}: {exc}")
 
     async def _drop(self) -> None:
+        """Close the connection. A serial learned stays required: another device now at this
+        address could not use the token (it is one device's), but would receive it."""
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-        if self.config.serial is None:
-            self._serial = None  # learn it again: the device at this address may have changed
 
 
 class HomeWizardV1:
