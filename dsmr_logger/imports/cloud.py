@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import structlog
 
 from dsmr_logger import __version__
-from dsmr_logger.net.http import HttpClient, HttpError, Response, tls_context
+from dsmr_logger.net.http import HttpClient, HttpError, Response, parse_json, tls_context
 
 MAX_RETRY_AFTER = 86400.0
 """A server asking to wait longer than a day is not waited for: the import stops and says so."""
@@ -575,7 +575,7 @@ class CloudClient:
 
 def _decode(body: bytes, endpoint: str, clean: Callable[[str], str]) -> Any:
     try:
-        return json.loads(body, parse_float=Decimal)
+        return parse_json(body, parse_float=Decimal)
     except ValueError as exc:
         shown = clean(body[:200].decode("utf-8", "replace"))
         raise CloudError(f"{endpoint}: answer is not JSON ({exc}): {shown!r}") from None
