@@ -529,7 +529,9 @@ class HttpMeterConfig:
         None, check=_str, doc="sent as Authorization: Bearer <token>", secret=True
     )
     headers: tuple[tuple[str, str], ...] | None = key(
-        None, check=_headers, doc="extra request headers, a table of name = value"
+        None,
+        check=_headers,
+        doc="extra request headers, a table of name = value",
     )
     ca_file: Path | None = key(
         None, check=_ca_file, doc="https: CA certificate(s) to trust instead of the system's"
@@ -544,7 +546,8 @@ class HttpMeterConfig:
 
     @property
     def where(self) -> str:
-        return self.url
+        """The URL polled, as logs and the status show it (a credential in its query masked)."""
+        return redact_query(self.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1170,7 +1173,28 @@ def _shown(obj: Any) -> Iterator[tuple[str, Any]]:
             value = getattr(obj.serial, f.name)
         if f.metadata.get("secret") and value and value != SMARTY_AUTHENTICATION_KEY:
             value = mask(value)  # the Smarty spec's published key is no secret
+        elif f.name == "url" and isinstance(value, str):
+            value = redact_query(value)
+        elif f.name == "headers" and value:  # an API key may travel in a header of its own
+            value = tuple((k, mask(v) if _SECRET_PARAMETER.search(k) else v) for k, v in value)
         yield f.name, value
+
+
+_SECRET_PARAMETER = re.compile(r"token|key|pass|secret|auth|sig|session|code|cookie", re.IGNORECASE)
+"""A query parameter or header whose name says its value may be a credential."""
+
+
+def redact_query(url: str) -> str:
+    """``url`` with the value of each query parameter that may be a credential masked
+    (``?token=…``, ``?api_key=…``): what logs, ``/status`` and ``check-config`` show."""
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url
+    parts = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        parts.append(f"{name}={mask(value)}" if eq and _SECRET_PARAMETER.search(name) else item)
+    return f"{base}?{'&'.join(parts)}"
 
 
 def mask(secret: str) -> str:
