@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -318,7 +319,7 @@ async def test_a_grid_channel_the_sensor_lacks_is_a_clear_state(logs: Logs) -> N
 async def test_a_sensor_without_a_clock_is_dated_by_ours_and_it_is_said_once(
     logs: Logs,
 ) -> None:
-    ticks = [START - 10_000]
+    ticks = [START - 1_000]  # behind the sensor, as drifting clocks are (within the hour)
 
     def clock() -> float:  # a second per call: each answer lands in a new second
         ticks[0] += 1
@@ -439,6 +440,12 @@ HOSTILE = {
     "dated 9999-12-31": (sample_text("9999-12-31T23:59:59Z"), "malformed_sample"),
     "dated 0001-01-01 at +05:00": (sample_text("0001-01-01T00:00:00+05:00"), "malformed_sample"),
     "dated 2100": (sample_text("2100-01-01T12:00:00Z"), "malformed_sample"),
+    # A clock glitch into the future: passed on, it made every later sample "out of order"
+    # until real time caught up with it (a stall until a restart).
+    "dated a day ahead of this machine's clock": (
+        sample_text(iso_z(int(time.time()) + 86_400)),
+        "sample_from_the_future",
+    ),
     # JSON nested deeper than Python's decoder recurses (RecursionError).
     "JSON nested 100,000 deep": (
         b'{"channels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",

@@ -77,6 +77,9 @@ class Rejected(enum.StrEnum):
     """The same sample as the last one (same timestamp): the sensor had no new one yet."""
     OUT_OF_ORDER = "sample_out_of_order"
     """Dated before the last sample passed on (the sensor's clock stepped back)."""
+    FROM_THE_FUTURE = "sample_from_the_future"
+    """Dated more than ``FUTURE_LIMIT`` ahead of this machine's clock: passed on, it would make
+    every later (true) sample look out of order until real time caught up with it."""
     REGRESSION = "counter_regression"
     JUMP = "counter_jump"
     NO_GRID_CHANNEL = "no_grid_channel"
@@ -84,7 +87,9 @@ class Rejected(enum.StrEnum):
     NOT_JSON = "not_json"
 
 
-GUARDED = (Rejected.OUT_OF_ORDER, Rejected.REGRESSION, Rejected.JUMP)
+GUARDED = (Rejected.OUT_OF_ORDER, Rejected.FROM_THE_FUTURE, Rejected.REGRESSION, Rejected.JUMP)
+FUTURE_LIMIT = 3600.0
+"""Seconds a sample may be dated ahead of this machine's clock (clocks drift; an hour does not)."""
 """Samples a guard refused: warned about (at most once a minute)."""
 WORDING = LinkWording(
     down="sensor unreachable, retrying",
@@ -548,6 +553,11 @@ class NeurioSource:
 
     def _take(self, sample: Sample, reading: MeterReading, grid: Channel, at: float) -> None:
         """Guard, then pass on the reading of ``sample`` (grid channel ``grid``, read ``at``)."""
+        ahead = reading.timestamp.timestamp() - at
+        if sample.timestamp is not None and ahead > FUTURE_LIMIT:
+            self._count(SampleError(Rejected.FROM_THE_FUTURE, f"dated {ahead:.0f} s ahead of now"))
+            self._stale_check()
+            return
         try:
             verdict = self.guard.check(
                 Mark(
