@@ -481,7 +481,7 @@ def _headers(value: Any) -> tuple[tuple[str, str], ...]:
             raise _Bad(f"{name!r} is set by the client itself")
         if not isinstance(text, str) or any(c in text for c in "\r\n\0"):
             raise _Bad(f"{name}: the value must be a one-line string")
-        if _secret_header(name) and _masked(text):
+        if _SECRET_PARAMETER.search(name) and _masked(text):
             raise _Bad(f"{name}: {MASKED}")
         pairs.append((name, text))
     return tuple(pairs)
@@ -551,7 +551,9 @@ class HttpMeterConfig:
         None, check=_str, doc="sent as Authorization: Bearer <token>", secret=True
     )
     headers: tuple[tuple[str, str], ...] | None = key(
-        None, check=_headers, doc="extra request headers, a table of name = value"
+        None,
+        check=_headers,
+        doc="extra request headers, a table of name = value",
     )
     ca_file: Path | None = key(
         None, check=_ca_file, doc="https: CA certificate(s) to trust instead of the system's"
@@ -566,7 +568,8 @@ class HttpMeterConfig:
 
     @property
     def where(self) -> str:
-        return self.url
+        """The URL polled, as logs and the status show it (a credential in its query masked)."""
+        return redact_query(self.url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1213,21 +1216,33 @@ def _shown(obj: Any) -> Iterator[tuple[str, Any]]:
             value = getattr(obj.serial, f.name)
         if f.metadata.get("secret") and value and value != SMARTY_AUTHENTICATION_KEY:
             value = mask(value)  # the Smarty spec's published key is no secret
-        if f.name == "headers" and value:  # meter.headers: credentials by another name
-            value = tuple(
-                (name, mask(text) if _secret_header(name) else text) for name, text in value
-            )
+        elif f.name == "url" and isinstance(value, str):
+            value = redact_query(value)
+        elif f.name == "headers" and value:  # an API key may travel in a header of its own
+            value = tuple((k, mask(v) if _SECRET_PARAMETER.search(k) else v) for k, v in value)
         yield f.name, value
+
+
+_SECRET_PARAMETER = re.compile(r"token|key|pass|secret|auth|sig|session|code|cookie", re.IGNORECASE)
+"""A query parameter or header whose name says its value may be a credential."""
+
+
+def redact_query(url: str) -> str:
+    """``url`` with the value of each query parameter that may be a credential masked
+    (``?token=…``, ``?api_key=…``): what logs, ``/status`` and ``check-config`` show."""
+    base, mark, query = url.partition("?")
+    if not mark:
+        return url
+    parts = []
+    for item in query.split("&"):
+        name, eq, value = item.partition("=")
+        parts.append(f"{name}={mask(value)}" if eq and _SECRET_PARAMETER.search(name) else item)
+    return f"{base}?{'&'.join(parts)}"
 
 
 def mask(secret: str) -> str:
     """Enough to tell two keys apart, never enough to use one."""
     return MASK if len(secret) < 12 else f"{MASK}{secret[-2:]}"
-
-
-def _secret_header(name: str) -> bool:
-    """A header that carries a credential (``Authorization``, ``X-Api-Key``, a cookie)."""
-    return re.search(r"auth|cookie|key|token|secret|pass|session", name, re.IGNORECASE) is not None
 
 
 def _toml_value(value: Any) -> str:

@@ -314,8 +314,9 @@ def test_the_stream_holds_at_most_the_reorder_buffer(tmp_path: Path) -> None:
         (302, {"Location": "https://dsmr.example/"}, b"", "redirected to https://dsmr.example/"),
         (200, {"Content-Type": "text/html"}, b"<html>Proxy login</html>", "not DSMR-reader's"),
         (200, {"Content-Type": "application/json"}, b'{"detail": "x"}', "not DSMR-reader's"),
+        (200, {"Content-Type": "application/json"}, b"[" * 100_000, "not DSMR-reader's"),
     ],
-    ids=["redirect", "html", "other-json"],
+    ids=["redirect", "html", "other-json", "nested-too-deep"],
 )
 def test_a_listing_that_is_not_dsmr_readers_is_one_clear_line_not_a_traceback(
     tmp_path: Path, status: int, headers: dict[str, str], body: bytes, expected: str

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 from conftest import CORPUS, require_corpus
 from cryptography import x509
 from dsmr_reader_server import parse_failure
@@ -448,3 +449,151 @@ def test_host_forms_and_what_is_shown() -> None:
     )
     assert 'token = "****EF"' in shown and token not in shown
     assert meter_config(type="homewizard", host="h", api="v1", token=token).version == "v1"
+
+
+# --- a hostile answer: one failed poll, never the end of the source -----------------------------
+
+NESTED = b"[" * 50_000 + b"]" * 50_000
+"""JSON nested deeper than Python's decoder recurses (RecursionError at 1,000 levels)."""
+
+
+class NestingDevice(FakeP1Meter):
+    """Answers ``nested`` requests to ``where`` with ``NESTED`` (a 503 on the telegram endpoint,
+    a 200 on ``/api``), then as the fake device does."""
+
+    def __init__(self, *args: Any, where: str, nested: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.where, self.nested = where, nested
+
+    def _nesting(self, status: int) -> web.Response | None:
+        if self.nested <= 0:
+            return None
+        self.nested -= 1
+        return web.Response(status=status, body=NESTED, content_type="application/json")
+
+    async def _info(self, request: web.Request) -> web.Response:
+        nested = self._nesting(200) if self.where == "/api" else None
+        return nested or await super()._info(request)
+
+    def _current(self) -> web.Response:
+        nested = self._nesting(503) if self.where == "telegram" and self.served else None
+        return nested or super()._current()
+
+
+@pytest.mark.parametrize(
+    ("version", "where"), [("v2", "telegram"), ("v2", "/api"), ("v1", "telegram")]
+)
+async def test_deeply_nested_json_from_the_device_is_a_failed_poll_not_a_crash(
+    pki: Pki, ca_file: Path, tmp_path: Path, version: str, where: str
+) -> None:
+    telegrams = capture(4)
+    async with NestingDevice(
+        telegrams, pki=pki, directory=tmp_path, where=where, nested=3
+    ) as device:
+        if version == "v2":
+            table = device_config(device, ca_file, token=device.token_for("local/x"), **FAST)
+        else:
+            table = {"type": "homewizard", "host": f"127.0.0.1:{device.http_port}", **FAST}
+        frames: list[Frame] = []
+        source = build_source(meter_config(**table), frames.append)
+        task = asyncio.create_task(source.run())
+        try:
+            await wait_until(lambda: len(frames) == 4 or task.done(), "every telegram", 10.0)
+            assert not task.done(), f"the source ended: {task.exception()!r}"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert device.nested == 0, "the device did answer with nested JSON"
+    assert [f.raw for f in frames] == telegrams
+    assert source.status.state is MeterState.OK
+
+
+# --- the device at the address changes: the token stays with the one it was learned from ------
+
+
+class Address:
+    """A TCP address on 127.0.0.1 that leads to ``target`` (a port): the LAN address of a P1
+    Meter, which DHCP may give to another device. ``move`` closes every connection through it."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Address:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self.move(self.target)
+
+    async def move(self, target: int) -> None:
+        self.target = target
+        for pipe in list(self._pipes):
+            pipe.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._pipes.add(task)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            try:
+                await asyncio.gather(_pump(reader, up_writer), _pump(up_reader, writer))
+            finally:
+                up_writer.close()
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._pipes.discard(task)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_device_learned_from_its_certificate_is_required_of_every_later_connection(
+    pki: Pki, ca_file: Path, tmp_path: Path
+) -> None:
+    """No meter.serial: the first connection learns 5c2fafabcdef from the certificate. When
+    another P1 Meter answers at that address (DHCP gave it the lease), the token must not go
+    to it: it grants full control of the device it was issued by, and no other device takes
+    it anyway."""
+    telegrams = capture(6)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    async with (
+        FakeP1Meter(telegrams, pki=pki, directory=first) as device,
+        FakeP1Meter(telegrams, pki=pki, directory=second, serial="a0b1c2d3e4f5") as other,
+        Address(device.https_port) as address,
+    ):
+        token = device.token_for("local/dsmr-logger-pi")
+        table = device_config(device, ca_file, token=token, **FAST)
+        table["host"] = f"127.0.0.1:{address.port}"
+        async with running(meter_config(**table)) as (source, frames):
+            await wait_until(lambda: len(frames) >= 2, "telegrams from the paired device")
+            device.hold = True
+            await address.move(other.https_port)
+            await wait_until(
+                lambda: source.status.state is MeterState.MISCONFIGURED, "the refusal", 5.0
+            )
+            polls = source.status.polls
+            await wait_until(lambda: source.status.polls >= polls + 5, "five more tries", 5.0)
+            refused = source.status.last_error or ""
+            device.hold = False
+            await address.move(device.https_port)  # the lease went back
+            await wait_until(lambda: len(frames) == 6, "the rest, from the paired device", 5.0)
+    assert other.token_requests == 0, "the token never went to the other device"
+    assert other.served == 0
+    assert "its certificate is not issued to appliance/p1dongle/5c2fafabcdef" in refused
+    assert [f.raw for f in frames] == telegrams

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import socket
 import stat
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from homewizard_device import SERIAL, USER_NAME, FakeP1Meter, Pki
 
 from dsmr_logger import cli
@@ -230,3 +233,96 @@ def test_an_unreachable_device_exits_1_with_the_reason(capsys: pytest.CaptureFix
     err = capsys.readouterr().err
     assert err.startswith("dsmr-logger: pairing failed: cannot reach https://127.0.0.1:")
     assert "Traceback" not in err
+
+
+# --- a device answering the button press with something else than a token -----------------------
+
+
+class Answering(FakeP1Meter):
+    """A device whose ``POST /api/user`` answers 200 with ``body``."""
+
+    def __init__(self, *args: Any, body: bytes, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.body = body
+
+    async def _user(self, request: web.Request) -> web.Response:
+        self.user_requests.append((200, "?"))
+        return web.Response(body=self.body, content_type="application/json")
+
+
+async def test_a_200_nested_deeper_than_json_can_be_read_is_no_token(
+    pki: Pki, ca_file: Path, tmp_path: Path
+) -> None:
+    nested = b"[" * 50_000 + b"]" * 50_000  # RecursionError in json.loads
+    async with Answering([b""], pki=pki, directory=tmp_path, body=nested) as device:
+        out, err = io.StringIO(), io.StringIO()
+        host = f"127.0.0.1:{device.https_port}"
+        status = await asyncio.to_thread(pair_command, host, None, ca_file, out=out, err=err)
+    assert status == 1
+    assert err.getvalue().splitlines()[-1] == (
+        "dsmr-logger: pairing failed: the device answered 200 without a token"
+    )
+    assert out.getvalue() == ""
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "ABCDEF0123456789\r\nX-Injected: 1",  # would split the next request's headers
+        "ABCDEF0123456789\u20ac",  # outside Latin-1: no header can carry it
+        "ABCDEF0123456789 ABCDEF",  # works in a header, but no configuration takes it
+        "SHORT",
+    ],
+)
+async def test_a_token_the_configuration_cannot_hold_is_refused_clearly(
+    pki: Pki, ca_file: Path, tmp_path: Path, token: str
+) -> None:
+    body = json.dumps({"token": token, "name": "local/dsmr-logger-pi"}).encode()
+    config = tmp_path / "config.toml"
+    config.write_text('[meter]\nport = "/dev/ttyUSB0"\n')
+    async with Answering([b""], pki=pki, directory=tmp_path, body=body) as device:
+        out, err = io.StringIO(), io.StringIO()
+        host = f"127.0.0.1:{device.https_port}"
+        status = await asyncio.to_thread(pair_command, host, config, ca_file, out=out, err=err)
+    assert status == 1
+    last = err.getvalue().splitlines()[-1]
+    assert last.startswith("dsmr-logger: pairing failed: the device answered with a token")
+    assert "meter.token" in last
+    assert device.token_requests == 0, "never sent in a header"
+    assert out.getvalue() == "" and token.split()[0][:16] not in err.getvalue()
+    assert config.read_text() == '[meter]\nport = "/dev/ttyUSB0"\n'
+
+
+async def test_a_configuration_that_is_not_utf8_is_left_alone_and_the_token_shown_once(
+    pki: Pki, ca_file: Path, tmp_path: Path
+) -> None:
+    """With --ca-file nothing reads the file before the button is pressed: the token exists
+    by the time the file turns out unreadable, and must not be lost in a traceback."""
+    config = tmp_path / "config.toml"
+    before = '# caf\xe9 in Latin-1\n[meter]\nport = "/dev/ttyUSB0"\n'.encode("latin-1")
+    config.write_bytes(before)
+    async with FakeP1Meter([b""], pki=pki, directory=tmp_path) as device:
+        device.press_button()
+        out, err = io.StringIO(), io.StringIO()
+        host = f"127.0.0.1:{device.https_port}"
+        status = await asyncio.to_thread(pair_command, host, config, ca_file, out=out, err=err)
+    token = next(iter(device.tokens.values()))
+    assert status == 0, "paired: the token is shown rather than lost"
+    assert f"{config}: not UTF-8 text" in err.getvalue() and token not in err.getvalue()
+    assert tomllib.loads(out.getvalue())["meter"]["token"] == token
+    assert out.getvalue().count(token) == 1
+    assert config.read_bytes() == before
+
+
+def test_only_line_feeds_end_lines_so_other_characters_survive_the_rewrite() -> None:
+    """TOML ends lines only at LF (or CRLF); str.splitlines also splits at U+2028, U+0085, FF
+    and others, which a comment or a string may hold."""
+    before = (
+        '[meter]  # the cable\u2028(until the dongle came)\r\nport = "/dev/ttyUSB0"\r\n\r\n'
+        '[[sink]]\r\nurl = "http://dsmr.local"\r\napi_key = "k\u2028e\x85y"\r\n'
+    )
+    after = updated_config(before, VALUES)
+    data = tomllib.loads(after)
+    assert data["meter"] == VALUES
+    assert data["sink"] == tomllib.loads(before)["sink"]
+    assert "# the cable\u2028(until the dongle came)" in after

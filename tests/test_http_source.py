@@ -341,3 +341,22 @@ async def test_the_daemon_polls_an_http_logger_and_delivers_the_capture_once_in_
         f"HTTP logger, 566-frame capture: {device.polls} polls, {device.served} served, "
         f"{device.served - len(server.received)} repeats skipped, {len(server.received)} delivered"
     )
+
+
+def test_a_credential_in_a_header_or_the_query_is_shown_masked_everywhere() -> None:
+    """An ESP logger's API key may travel in a header of its own or in ``?token=``: check-config,
+    the logs and ``/status`` (``where``) mask it; harmless headers and parameters stay readable."""
+    config = from_mapping(
+        {
+            "meter": {
+                "type": "http",
+                "url": "http://h/api/telegram?format=raw&token=abcdef123456",
+                "headers": {"Accept": "text/plain", "X-Api-Key": "supersecretkey123"},
+            }
+        }
+    )
+    shown = config_module.effective_toml(config)
+    assert "supersecretkey123" not in shown and "abcdef123456" not in shown
+    assert '"X-Api-Key" = "****23"' in shown and '"Accept" = "text/plain"' in shown
+    assert config.meter.where == "http://h/api/telegram?format=raw&token=****56"
+    assert config.meter.url.endswith("token=abcdef123456")  # what is sent is unchanged

@@ -281,3 +281,15 @@ def test_power_is_the_periods_energy_over_its_length() -> None:
     exchanged = Index(START + timedelta(minutes=30), Decimal("3.000"), Decimal("5.010"))
     assert power(after, exchanged) == (0, 0)  # a counter going back is not negative power
     assert Index.from_json(json.loads(json.dumps(after.to_json()))) == after
+
+
+@pytest.mark.parametrize(
+    "body", [b"[" * 100_000, b'{"value": 1e99999999999999999999}', b"<html>", b"\xff\xfe"]
+)
+def test_an_answer_that_is_no_json_a_cloud_can_send_is_a_clear_error(body: bytes) -> None:
+    """A cloud (or a proxy in front of it) answering too-deep JSON, a number no Decimal holds,
+    HTML or non-UTF-8 ends the import with one error naming the endpoint, not a traceback."""
+    from dsmr_logger.imports.cloud import _decode
+
+    with pytest.raises(CloudError, match="GET /samples: answer is not JSON"):
+        _decode(body, "GET /samples", lambda text: text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -17,6 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 from waiting import wait_until
 
@@ -26,7 +28,7 @@ from dsmr_logger.sources.neurio import NeurioSource, PollSchedule
 from dsmr_logger.sources.p1.framing import Frame
 from dsmr_logger.telegram.glance import glance
 from dsmr_logger.telegram.obis import parse
-from dsmr_logger.tools.simulate_neurio import FakeSensor
+from dsmr_logger.tools.simulate_neurio import FakeSensor, iso_z
 
 START = 1_782_900_000  # 2026-07-01T10:00:00Z
 PASSWORD = "s3cret-Sensor-pw"
@@ -317,7 +319,7 @@ async def test_a_grid_channel_the_sensor_lacks_is_a_clear_state(logs: Logs) -> N
 async def test_a_sensor_without_a_clock_is_dated_by_ours_and_it_is_said_once(
     logs: Logs,
 ) -> None:
-    ticks = [START - 10_000]
+    ticks = [START - 1_000]  # behind the sensor, as drifting clocks are (within the hour)
 
     def clock() -> float:  # a second per call: each answer lands in a new second
         ticks[0] += 1
@@ -375,3 +377,101 @@ def test_polls_keep_a_fixed_grid_and_back_off_after_failures() -> None:
     early = PollSchedule(interval=1.0, retry_max=8.0, jitter=lambda: 0.0, now=0.0)
     # Jitter takes half the delay at most, and a pause is never under the interval.
     assert [early.failed(t) for t in (0.0, 1.0, 2.0, 4.0)] == [1.0, 2.0, 4.0, 8.0]
+
+
+# --- a hostile answer: counted and skipped, never the end of the source -------------------------
+
+BASE_WS = 159_687_481_246
+
+
+def sample_text(stamp: str, imported_ws: str = str(BASE_WS), **grid: str) -> bytes:
+    """A one-channel sample, every value written as the JSON text given (``1e999999`` too)."""
+    channel = {"type": '"CONSUMPTION"', "eImp_Ws": imported_ws, "eExp_Ws": "0", "p_W": "500"}
+    fields = ", ".join(f'"{key}": {value}' for key, value in (channel | grid).items())
+    text = f'{{"sensorId": "0x1", "timestamp": "{stamp}", "channels": [{{{fields}}}]}}'
+    return text.encode()
+
+
+class ScriptedSensor:
+    """A sensor on 127.0.0.1 answering ``bodies`` in turn, then the last one on and on."""
+
+    def __init__(self, bodies: list[bytes]) -> None:
+        self.bodies = bodies
+        self.answered = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _sample(self, request: web.Request) -> web.Response:
+        body = self.bodies[min(self.answered, len(self.bodies) - 1)]
+        self.answered += 1
+        return web.Response(body=body, content_type="application/json")
+
+    async def __aenter__(self) -> ScriptedSensor:
+        app = web.Application()
+        app.router.add_get("/current-sample", self._sample)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+HOSTILE = {
+    # Numbers no sensor measures; each ended the source (decimal.InvalidOperation or Overflow in
+    # the guard's arithmetic or in writing the register), and so the daemon, again at each start.
+    "a counter of 1e999999 Ws": (sample_text(iso_z(START + 1), "1e999999"), "malformed_sample"),
+    "a counter beyond what Decimal holds": (
+        sample_text(iso_z(START + 1), "1e99999999999999999999999"),
+        "not_json",
+    ),
+    "a power of 1e40 W": (sample_text(iso_z(START + 1), p_W="1e40"), "malformed_sample"),
+    "a phase voltage of 1e40 V": (
+        sample_text(iso_z(START + 1)).replace(
+            b"}]", b'}, {"type": "PHASE_A_CONSUMPTION", "p_W": 500, "v_V": 1e40}]'
+        ),
+        "malformed_sample",
+    ),
+    # Dates a telegram cannot state (YYMMDDhhmmss): out of datetime's range once written in the
+    # meter's zone (OverflowError), or after 2099, which the telegram would state as 2000.
+    "dated 9999-12-31": (sample_text("9999-12-31T23:59:59Z"), "malformed_sample"),
+    "dated 0001-01-01 at +05:00": (sample_text("0001-01-01T00:00:00+05:00"), "malformed_sample"),
+    "dated 2100": (sample_text("2100-01-01T12:00:00Z"), "malformed_sample"),
+    # A clock glitch into the future: passed on, it made every later sample "out of order"
+    # until real time caught up with it (a stall until a restart).
+    "dated a day ahead of this machine's clock": (
+        sample_text(iso_z(int(time.time()) + 86_400)),
+        "sample_from_the_future",
+    ),
+    # JSON nested deeper than Python's decoder recurses (RecursionError).
+    "JSON nested 100,000 deep": (
+        b'{"channels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "not_json",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+async def test_a_hostile_answer_is_counted_and_the_next_sample_still_taken(case: str) -> None:
+    body, reason = HOSTILE[case]
+    later = [sample_text(iso_z(START + n), str(BASE_WS + 500 * n)) for n in (2, 3, 4)]
+    async with ScriptedSensor([sample_text(iso_z(START)), body, *later]) as sensor:
+        frames: list[Frame] = []
+        config = NeurioMeterConfig(url=sensor.url, interval=0.02, timeout=2.0)
+        source = NeurioSource(config, frames.append, retry_max=0.05)
+        task = asyncio.create_task(source.run())
+        try:
+            await wait_until(lambda: len(frames) >= 4 or task.done(), "the samples after it")
+            assert not task.done(), f"the source ended: {task.exception()!r}"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert source.rejected() == {reason: 1}
+    assert source.status.state is MeterState.OK
+    assert [registers(f)["1-0:1.8.1"] for f in frames] == [
+        quantize(Decimal(BASE_WS + 500 * n) / 3_600_000, "0.001") for n in (0, 2, 3, 4)
+    ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import importlib.metadata
 import os
 import re
 import shutil
@@ -283,7 +284,13 @@ class Sandbox:
 
     def environment(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DSMRREADER_")}
-        env["PATH"] = f"{self.root / 'usr' / 'local' / 'bin'}:{env.get('PATH', '')}"
+        # The venv running the tests stays out of reach: a README line whose own venv failed
+        # must fail, not fall back to this one's pip and reinstall it from the sandbox's copy.
+        ours = str(Path(sys.prefix).resolve())
+        path = [
+            p for p in env.get("PATH", "").split(":") if not str(Path(p).resolve()).startswith(ours)
+        ]
+        env["PATH"] = ":".join([str(self.root / "usr" / "local" / "bin"), *path])
         env["DSMR_LOGGER_CONFIG"] = str(self.config)
         env.pop("VIRTUAL_ENV", None)
         return env
@@ -505,6 +512,8 @@ def test_every_command_line_of_the_readme_runs_as_written(tmp_path: Path) -> Non
     backfilled = [t for t in received if "0-0:1.0.0(261102" in t]
     assert len(backfilled) == len(frames_in(default_capture())), "backfill sent the archived day"
     assert len(ran) >= 15
+    installed = importlib.metadata.distribution("dsmr-logger").read_text("direct_url.json") or ""
+    assert "pytest" not in installed, "a README line reinstalled the venv running the tests"
 
 
 def _check_wheel(dist: Path) -> None:

@@ -45,6 +45,7 @@ from dsmr_logger.net.http import (
     HttpError,
     Response,
     field_value_problem,
+    parse_json,
     tls_context,
 )
 
@@ -590,7 +591,7 @@ class CloudClient:
 
 def _decode(body: bytes, endpoint: str, clean: Callable[[str], str]) -> Any:
     try:
-        return json.loads(body, parse_float=Decimal)
+        return parse_json(body, parse_float=Decimal)
     except ValueError as exc:
         shown = clean(body[:200].decode("utf-8", "replace"))
         raise CloudError(f"{endpoint}: answer is not JSON ({exc}): {shown!r}") from None

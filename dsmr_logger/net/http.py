@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 from urllib.parse import SplitResult, urlsplit
 
 MAX_HEAD = 64 * 1024  # response head (and any framing line) larger than this → HttpError
@@ -51,6 +52,28 @@ class Response:
     status: int
     headers: Mapping[str, str]  # names lower-cased; repeated headers joined with ", "
     body: bytes  # at most max_body bytes
+
+    def json(self, **options: Any) -> Any:
+        """The body as JSON (``parse_json``): ``ValueError`` when it is not."""
+        return parse_json(self.body, **options)
+
+
+def parse_json(body: bytes, **options: Any) -> Any:
+    """``body`` as a JSON document (``options`` as ``json.loads`` takes them); ``ValueError`` for
+    anything else.
+
+    An answer is input from the network. Malformed text and bytes that are not UTF-8 are
+    ``ValueError``s already; two more failures are not, and would end the task reading the
+    answer: nesting deeper than Python's decoder recurses (``RecursionError``: a 64 KiB body of
+    ``[`` nests 65,536 deep, the limit is 1,000), and a number a ``parse_float`` hook cannot hold
+    (``Decimal("1e99999999999999999999")`` raises ``decimal.InvalidOperation``).
+    """
+    try:
+        return json.loads(body, **options)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than it can be read") from None
+    except ArithmeticError as exc:
+        raise ValueError(f"a number that cannot be held ({type(exc).__name__})") from None
 
 
 class HttpError(OSError):

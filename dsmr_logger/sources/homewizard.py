@@ -21,7 +21,6 @@ checks with ``hostname_checks_common_name``.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import ssl
 import time
@@ -130,7 +129,7 @@ def _describe(exc: BaseException) -> str:
 def error_code(response: Response) -> str:
     """The device's error code (``{"error": "user:unauthorized"}``), or the body's first bytes."""
     try:
-        document = json.loads(response.body)
+        document = response.json()
     except ValueError:
         return response.body[:100].decode("utf-8", "replace").strip()
     if isinstance(document, dict) and isinstance(document.get("error"), str):
@@ -146,7 +145,8 @@ class HomeWizardV2:
     """Fetches ``/api/telegram`` over TLS checked against the device's certificate name.
 
     Invariant: a request carrying the token only ever goes out on a connection whose certificate
-    chains to the CA and names ``appliance/p1dongle/<serial>``.
+    chains to the CA and names ``appliance/p1dongle/<serial>``: ``meter.serial``, or the serial
+    the first certificate named, kept from then on.
     """
 
     def __init__(
@@ -236,7 +236,7 @@ class HomeWizardV2:
         if response.status != 200:
             raise self._failure(response)
         try:
-            info = json.loads(response.body)
+            info = response.json()
         except ValueError:
             info = None
         if not isinstance(info, dict):
@@ -282,11 +282,11 @@ class HomeWizardV2:
         return PollFailed(f"{self.config.where}: {exc}")
 
     async def _drop(self) -> None:
+        """Close the connection. A serial learned stays required: another device now at this
+        address could not use the token (it is one device's), but would receive it."""
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-        if self.config.serial is None:
-            self._serial = None  # learn it again: the device at this address may have changed
 
 
 class HomeWizardV1:

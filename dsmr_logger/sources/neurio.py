@@ -43,7 +43,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from dsmr_logger.config import NeurioMeterConfig
-from dsmr_logger.net.http import HttpClient
+from dsmr_logger.net.http import HttpClient, parse_json
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
@@ -62,6 +62,11 @@ REBASE_AFTER = 5
 RETRY_MAX = 60.0
 """Longest pause between polls of a sensor that does not answer (the first is ``interval``)."""
 MAX_SAMPLE_BYTES = 256 * 1024
+LARGEST = Decimal(10) ** 15
+"""No measurement reaches this: 10^15 Ws is a 48 kW service (see ``HEADROOM_W``) running for
+660 years. A value beyond it is a broken sample, and arithmetic on one (``1e999999``) overflows."""
+YEARS = range(2000, 2100)
+"""The years a telegram can state: its timestamp is ``YYMMDDhhmmss``, read as 20YY."""
 _HEADER_ID = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
@@ -72,6 +77,9 @@ class Rejected(enum.StrEnum):
     """The same sample as the last one (same timestamp): the sensor had no new one yet."""
     OUT_OF_ORDER = "sample_out_of_order"
     """Dated before the last sample passed on (the sensor's clock stepped back)."""
+    FROM_THE_FUTURE = "sample_from_the_future"
+    """Dated more than ``FUTURE_LIMIT`` ahead of this machine's clock: passed on, it would make
+    every later (true) sample look out of order until real time caught up with it."""
     REGRESSION = "counter_regression"
     JUMP = "counter_jump"
     NO_GRID_CHANNEL = "no_grid_channel"
@@ -79,7 +87,9 @@ class Rejected(enum.StrEnum):
     NOT_JSON = "not_json"
 
 
-GUARDED = (Rejected.OUT_OF_ORDER, Rejected.REGRESSION, Rejected.JUMP)
+GUARDED = (Rejected.OUT_OF_ORDER, Rejected.FROM_THE_FUTURE, Rejected.REGRESSION, Rejected.JUMP)
+FUTURE_LIMIT = 3600.0
+"""Seconds a sample may be dated ahead of this machine's clock (clocks drift; an hour does not)."""
 """Samples a guard refused: warned about (at most once a minute)."""
 WORDING = LinkWording(
     down="sensor unreachable, retrying",
@@ -133,8 +143,8 @@ def _no_constant(name: str) -> Any:
 def parse_sample(body: bytes) -> Sample:
     """The sensor's JSON answer as a ``Sample``; ``SampleError`` says why it is not one."""
     try:
-        document = json.loads(body, parse_float=Decimal, parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+        document = parse_json(body, parse_float=Decimal, parse_constant=_no_constant)
+    except ValueError as exc:
         start = body[:60].decode("utf-8", "replace")
         raise SampleError(Rejected.NOT_JSON, f"not JSON ({exc}): {start!r}") from None
     if not isinstance(document, dict):
@@ -168,10 +178,14 @@ def _channel(raw: Any) -> Channel:
         if isinstance(value, bool) or not isinstance(value, int | Decimal):
             problems.append(f"{kind}.{key} is {value!r}, not a number")
             return None
-        if not signed and value < 0:
+        amount = Decimal(value)
+        if not signed and amount < 0:
             problems.append(f"{kind}.{key} is negative ({value})")
             return None
-        return Decimal(value)
+        if abs(amount) >= LARGEST:
+            problems.append(f"{kind}.{key} is {value}, beyond any measurement")
+            return None
+        return amount
 
     return Channel(
         type=kind,
@@ -193,7 +207,10 @@ def _timestamp(value: Any) -> datetime | None:
     except ValueError:
         raise SampleError(Rejected.MALFORMED, f"timestamp {value!r} is not ISO 8601") from None
     # The sensor writes UTC ("...Z"); a time without an offset is read as UTC too.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+05:00 is before the first time there is
+        raise SampleError(Rejected.MALFORMED, f"timestamp {value!r} is out of range") from None
 
 
 # --- the mapping ----------------------------------------------------------------------------------
@@ -280,6 +297,21 @@ def _phase_voltage(sample: Sample, letter: str, preferred: Channel | None) -> De
 
 def _three(values: list[Decimal | None]) -> tuple[Decimal | None, Decimal | None, Decimal | None]:
     return values[0], values[1], values[2]
+
+
+def stateable(moment: datetime, zone: ZoneInfo) -> datetime:
+    """``moment``, if a telegram written in ``zone`` can state it (``YEARS``); else the sample
+    is malformed (9999-12-31 is not even a time in Amsterdam: ``OverflowError``)."""
+    try:
+        year: int | None = moment.astimezone(zone).year
+    except OverflowError:
+        year = None
+    if year not in YEARS:
+        raise SampleError(
+            Rejected.MALFORMED,
+            f"dated {moment.isoformat()}: a telegram states only the years 2000-2099",
+        )
+    return moment
 
 
 def telegram_header(sensor_id: str) -> str:
@@ -521,6 +553,11 @@ class NeurioSource:
 
     def _take(self, sample: Sample, reading: MeterReading, grid: Channel, at: float) -> None:
         """Guard, then pass on the reading of ``sample`` (grid channel ``grid``, read ``at``)."""
+        ahead = reading.timestamp.timestamp() - at
+        if sample.timestamp is not None and ahead > FUTURE_LIMIT:
+            self._count(SampleError(Rejected.FROM_THE_FUTURE, f"dated {ahead:.0f} s ahead of now"))
+            self._stale_check()
+            return
         try:
             verdict = self.guard.check(
                 Mark(
@@ -557,7 +594,7 @@ class NeurioSource:
             if self._unsynchronized:
                 self._unsynchronized = False
                 self._log.info("the sensor's clock is synchronised again", port=self.config.where)
-            return sample.timestamp
+            return stateable(sample.timestamp, self.zone)
         if not self._unsynchronized:
             self._unsynchronized = True
             self._log.warning(
@@ -565,7 +602,7 @@ class NeurioSource:
                 "its samples by this machine's clock",
                 port=self.config.where,
             )
-        return datetime.fromtimestamp(int(received_at), UTC)
+        return stateable(datetime.fromtimestamp(int(received_at), UTC), self.zone)
 
     def _count(self, exc: SampleError) -> None:
         reason = exc.reason.value

@@ -45,7 +45,7 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
 from dsmr_logger.delivery.worker import POISON_STRIKES
-from dsmr_logger.net.http import HttpClient
+from dsmr_logger.net.http import HttpClient, parse_json
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.obis import parse_timestamp
 
@@ -287,7 +287,7 @@ async def stored_timestamps(
                 f"{' '.join(text.split())[:200]}"
             )
         try:
-            page = json.loads(text)
+            page = parse_json(answer.body)
             stamps = [datetime.fromisoformat(r["timestamp"]) for r in page["results"]]
             count = int(page["count"])
         except (ValueError, KeyError, TypeError) as exc:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from dsmr_logger.config import ConfigError, from_mapping
+from dsmr_logger.config import ConfigError, from_mapping, read_text
 from dsmr_logger.net.http import HttpClient, HttpError
 from dsmr_logger.sources.homewizard import (
     DEVICE_NAME,
@@ -116,6 +116,7 @@ async def pair(
             f"Press the button on the P1 Meter now (waiting up to {wait:.0f} s) ..."
         )
         token = await _ask(client, name, wait=wait, every=every, sleep=sleep)
+        _holdable(token, host)
         await _check(client, token, serial, host)
     finally:
         await client.close()
@@ -142,7 +143,7 @@ async def _ask(
         code = error_code(response)
         if response.status == 200:
             try:
-                token = json.loads(response.body)["token"]
+                token = response.json()["token"]
             except (ValueError, KeyError, TypeError):
                 token = None
             if not isinstance(token, str) or not token:
@@ -154,6 +155,19 @@ async def _ask(
             raise PairError(f"no button press within {wait:.0f} s; run the command again")
         await sleep(every)
         waited += every
+
+
+def _holdable(token: str, host: str) -> None:
+    """The token passes the rule ``meter.token`` is read with; one that does not (a line break,
+    a character a header cannot carry) is refused here, before it goes into a header or a file,
+    and is not shown: it is a secret, and of no use."""
+    try:
+        from_mapping({"meter": {"type": "homewizard", "host": host, "token": token}})
+    except ConfigError as exc:
+        problems = "; ".join(exc.problems)
+        raise PairError(
+            f"the device answered with a token the configuration cannot hold ({problems})"
+        ) from None
 
 
 async def _check(client: HttpClient, token: str, serial: str, host: str) -> None:
@@ -169,7 +183,7 @@ async def _check(client: HttpClient, token: str, serial: str, host: str) -> None
             f"the new token does not work: HTTP {response.status} {error_code(response)}"
         )
     try:
-        info = json.loads(response.body)
+        info = response.json()
     except ValueError:
         info = {}
     if not isinstance(info, dict) or str(info.get("serial", "")).lower() != serial:
@@ -191,7 +205,7 @@ def updated_config(text: str, values: dict[str, str]) -> str:
     A ``[meter]`` of another type (a P1 port) is kept commented out below the new keys, so
     the previous setup stays readable and can be switched back by hand.
     """
-    lines = text.splitlines()
+    lines = text.split("\n")  # TOML's line ends (a CR before one stays with its line)
     current = tomllib.loads(text).get("meter", {}) if text.strip() else {}
     new = [f"{key} = {_quoted(value)}" for key, value in values.items()]
     start = next((i for i, line in enumerate(lines) if _HEADER.fullmatch(line)), None)
@@ -223,7 +237,10 @@ def _quoted(value: str) -> str:
 
 def write_config(path: Path, values: dict[str, str]) -> None:
     """Set ``[meter]`` in ``path`` (created 0600 if missing), only if the result is valid."""
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    try:
+        text = read_text(path) if path.exists() else ""
+    except ConfigError as exc:  # not UTF-8, or unreadable: named as the daemon names it
+        raise PairError(f"{'; '.join(exc.problems)}; not changed") from None
     try:
         updated = updated_config(text, values)
         from_mapping(tomllib.loads(updated))

@@ -10,7 +10,6 @@ is the whole workload, so every microsecond and MiB of the client counts on a Ra
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.parse
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from dsmr_logger import __version__
 from dsmr_logger.config import DsmrReaderSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict, classify, no_answer
 from dsmr_logger.delivery.sinks import Telegram
-from dsmr_logger.net.http import HttpClient
+from dsmr_logger.net.http import HttpClient, parse_json
 from dsmr_logger.telegram.obis import ParseError, parse
 from dsmr_logger.telegram.v2 import MappingError, to_v2
 
@@ -138,7 +137,7 @@ class DsmrReaderSink:
 
 def _is_reading_list(text: str) -> bool:
     try:
-        document = json.loads(text)
+        document = parse_json(text.encode())
     except ValueError:
         return False
     return isinstance(document, dict) and isinstance(document.get("results"), list)
