@@ -467,6 +467,9 @@ def _plain_url(value: Any) -> str:
         raise _Bad("a URL with a #fragment cannot be polled")
     if not (query.isascii() and query.isprintable() and " " not in query):
         raise _Bad("the query must be printable ASCII without spaces (percent-encode others)")
+    for name, _, text in (item.partition("=") for item in query.split("&")):
+        if _SECRET_PARAMETER.search(name) and _masked(text):  # check-config's ?token=****ab
+            raise _Bad(f"the query's {name}: {MASKED}")
     return http_url(base) + mark + query
 
 

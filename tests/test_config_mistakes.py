@@ -185,3 +185,17 @@ def test_an_integer_of_thousands_of_digits_is_named_not_a_traceback(tmp_path: Pa
     result = dsmr_logger("check-config", "--config", path)
     assert result.returncode == 2
     one_clear_line(result, f"{path}: not a configuration TOML can hold: Exceeds the limit")
+
+
+def test_a_credential_in_the_polled_url_read_back_masked_is_named(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[meter]\ntype = "http"\n'
+        f'url = "http://192.168.1.30/api/telegram?format=raw&token={SECRET}"\n' + spool(tmp_path),
+    )
+    printed = dsmr_logger("check-config", "--config", path)
+    assert printed.returncode == 0, printed.stderr
+    assert SECRET not in printed.stdout
+    saved = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "saved.toml"))
+    assert saved.returncode == 2
+    one_clear_line(saved, "meter.url: the query's token: is the masked value check-config shows")
