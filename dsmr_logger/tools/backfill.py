@@ -42,6 +42,7 @@ from dsmr_logger.delivery.sinks.dsmr_reader import (
     DsmrReaderSink,
     DsmrReaderV1Sink,
     DsmrReaderV2Sink,
+    answer_text,
 )
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
 from dsmr_logger.delivery.worker import POISON_STRIKES
@@ -278,7 +279,7 @@ async def stored_timestamps(
             }
         )
         answer = await client.get(f"{V2_PATH}?{query}", headers={"Accept": "application/json"})
-        text = answer.body.decode("utf-8", "replace")
+        text = answer_text(answer.body, config.api_key)
         if answer.status != 200:
             where = answer.headers.get("location")
             moved = f" (redirected to {where}: use that as the sink's url)" if where else ""

@@ -55,6 +55,12 @@ def v1_form(telegram: bytes) -> bytes:
     return b"telegram=" + body
 
 
+def answer_text(body: bytes, api_key: str) -> str:
+    """An answer's body as text, without the API key: a proxy's or a debug page may echo the
+    request's headers, and the body goes on to logs, ``/status`` and dead letters."""
+    return body.decode("utf-8", "replace").replace(api_key, "****")
+
+
 class DsmrReaderSink:
     """Shared by both API versions: connections, headers, posting, and reading the answer."""
 
@@ -98,7 +104,7 @@ class DsmrReaderSink:
             response = await self._client.post(self.path, body, FORM)
         except (TimeoutError, OSError) as exc:
             return no_answer(exc)
-        text = response.body.decode("utf-8", "replace")
+        text = answer_text(response.body, self.config.api_key)
         location = response.headers.get("location")
         return classify(
             response.status,
@@ -121,7 +127,7 @@ class DsmrReaderSink:
             response = await self._client.get(PROBE_QUERY)
         except (TimeoutError, OSError) as exc:
             return no_answer(exc)
-        text = response.body.decode("utf-8", "replace")
+        text = answer_text(response.body, self.config.api_key)
         if response.status == 200 and _is_reading_list(text):
             return Answer(Verdict.DELIVERED, 200)
         answer = classify(response.status, text)
