@@ -8,10 +8,14 @@ ran, sent nothing and said "done". Both are mistakes named before anything is co
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from cli_process import dsmr_logger, one_clear_line
+
+from dsmr_logger.tools.backfill import parse_range
 
 
 def config_file(tmp_path: Path) -> Path:
@@ -44,11 +48,11 @@ COMMANDS = {
         (["--since", "last tuesday"], "--since: Invalid isoformat string"),
         (
             ["--since", "2026-12-05", "--until", "2026-12-01"],
-            "--since 2026-12-05 is not before --until 2026-12-01",
+            "--since 2026-12-05 is after --until 2026-12-01",
         ),
         (
             ["--since", "2026-10-25T02:30+01:00", "--until", "2026-10-25T02:30+02:00"],
-            "is not before --until",  # the same hour of the autumn change, written twice
+            "is after --until",  # 01:30 UTC, then 00:30 UTC: the autumn change's hour twice
         ),
     ],
 )
@@ -61,3 +65,9 @@ def test_a_range_that_cannot_be_placed_or_holds_nothing_is_exit_2(
     one_clear_line(result, named)
     assert result.stdout == ""
     assert not (tmp_path / "imported").exists()
+
+
+def test_a_range_of_one_instant_is_allowed_both_ends_included() -> None:
+    zone = ZoneInfo("Europe/Amsterdam")
+    since, until = parse_range("2026-11-01T00:15", "2026-11-01T00:15", zone)
+    assert since == until == datetime(2026, 11, 1, 0, 15, tzinfo=zone)

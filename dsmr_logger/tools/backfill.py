@@ -610,8 +610,8 @@ def parse_moment(text: str, zone: ZoneInfo) -> datetime:
 def parse_range(
     since: str | None, until: str | None, zone: ZoneInfo
 ) -> tuple[datetime | None, datetime | None]:
-    """``--since`` and ``--until`` as moments; ValueError naming the option at fault, also when
-    the range is empty (``--since`` not before ``--until``)."""
+    """``--since`` and ``--until`` as moments (both included); ValueError naming the option at
+    fault, also when the range is empty (``--since`` after ``--until``)."""
     moments: list[datetime | None] = []
     for option, text in (("--since", since), ("--until", until)):
         try:
@@ -619,6 +619,6 @@ def parse_range(
         except ValueError as exc:
             raise ValueError(f"{option}: {exc}") from None
     start, end = moments
-    if start is not None and end is not None and start >= end:
-        raise ValueError(f"--since {since} is not before --until {until}: nothing in between")
+    if start is not None and end is not None and start > end:
+        raise ValueError(f"--since {since} is after --until {until}: nothing in between")
     return start, end
