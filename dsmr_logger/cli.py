@@ -685,6 +685,8 @@ def _backfill(args: argparse.Namespace) -> int:
     except BackfillError as exc:
         _error(f"backfill: {exc}")
         return EXIT_CONFIG
+    except BrokenPipeError:  # `backfill ... | head`: not a failure (main() says nothing)
+        raise
     except (OSError, SpoolError) as exc:
         _error(f"backfill: {exc}")
         return EXIT_FAILURE

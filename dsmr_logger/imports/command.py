@@ -150,6 +150,8 @@ def main(
         # BackfillError: the sink refused the key or the listing (as for backfill: exit 2).
         print(f"dsmr-logger: import: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:  # `import ... | head`: not a failure (the CLI says nothing)
+        raise
     except (CloudError, SpoolError, OSError) as exc:
         print(f"dsmr-logger: import: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_FAILED
