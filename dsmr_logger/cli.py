@@ -872,7 +872,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     def announce(path: str) -> None:
-        print(path, flush=True)
+        _write(path + "\n")  # `| head -0`: nobody reads the path; the port is still served
         where = f" (link {args.link})" if args.link else ""
         print(f"simulated meter on {path}{where}; Ctrl-C stops", file=sys.stderr, flush=True)
         if playlist.note:

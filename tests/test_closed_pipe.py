@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from cli_process import environment
@@ -64,3 +67,48 @@ async def test_import_into_a_closed_pipe_is_not_a_failure(tmp_path: Path) -> Non
         )
     assert "Broken pipe" not in error and "Traceback" not in error, error
     assert code == 0
+
+
+def test_simulate_with_nobody_reading_its_path_still_plays() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dsmr_logger", "simulate", "--count", "2", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    said = process.stderr.readline().decode()  # "simulated meter on /dev/pts/N; Ctrl-C stops"
+    assert said.startswith("simulated meter on /dev/pts/"), said
+    port = os.open(said.split()[3].rstrip(";"), os.O_RDONLY | os.O_NOCTTY)
+    played = b""
+    try:
+        while played.count(b"!") < 2:  # a reader, so the simulator need not wait for one
+            played += os.read(port, 4096)
+        code = process.wait(timeout=30)
+    finally:
+        os.close(port)
+    assert code == 0
+    assert b"Broken pipe" not in process.stderr.read()
+
+
+def test_simulate_neurio_with_nobody_reading_its_url_still_serves() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dsmr_logger", "simulate-neurio"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=environment(),
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    try:
+        said = process.stderr.readline().decode()  # "... at http://127.0.0.1:N/current-sample"
+        url = said.split(" at ", 1)[1].split(";", 1)[0]
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            assert answer.status == 200
+            assert "channels" in json.load(answer)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
+    assert code == 0
+    assert b"Broken pipe" not in process.stderr.read()

@@ -36,6 +36,7 @@ import asyncio
 import base64
 import contextlib
 import math
+import os
 import signal
 import socket
 import sys
@@ -456,9 +457,14 @@ def simulate_command(
     sensor.unsynchronized = unsynchronized
 
     def announce(ready: FakeSensor) -> None:
-        print(ready.url, flush=True)
-        if ready.control_port is not None:
-            print(ready.control_port, flush=True)
+        try:
+            print(ready.url, flush=True)
+            if ready.control_port is not None:
+                print(ready.control_port, flush=True)
+        except BrokenPipeError:  # nobody reads the URL (`| head -0`): the sensor serves on
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         where = f"{ready.url}/current-sample"
         print(f"simulated Neurio sensor ({shape}) at {where}; Ctrl-C stops", file=sys.stderr)
 
