@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import socket
 import sqlite3
 import time
 import traceback
@@ -377,6 +378,8 @@ def _bind_error(exc: OSError) -> str:
         return "no such address on this machine: use 127.0.0.1, 0.0.0.0 or one of its own"
     if exc.errno == errno.EACCES:
         return "permission denied (ports below 1024 need privileges): choose a higher port"
+    if isinstance(exc, socket.gaierror):  # its errno is getaddrinfo's, which strerror misreads
+        return f"the host is not an address this machine can resolve ({exc.strerror})"
     return f"cannot listen there: {os.strerror(exc.errno) if exc.errno else exc}"
 
 

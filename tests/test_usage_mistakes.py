@@ -94,3 +94,20 @@ def test_pair_with_a_configuration_python_cannot_read_is_named_before_pairing(
     result = dsmr_logger("pair", "homewizard", "--host", "127.0.0.1:9", "--config", path)
     assert result.returncode == 2
     one_clear_line(result, f"config error: {path}: Exceeds the limit (4300 digits)")
+
+
+def test_a_status_host_that_does_not_resolve_is_said_so(tmp_path: Path) -> None:
+    """getaddrinfo's error number read as errno gave 'cannot listen there: Unknown error -2'."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        '[meter]\nport = "/dev/null"\n'
+        f"[spool]\npath = {json.dumps(str(tmp_path / 'state' / 'spool.sqlite3'))}\n"
+        '[http]\nlisten = "no-such-host.invalid:8484"\n'
+    )
+    result = dsmr_logger("run", "--config", path)
+    assert result.returncode == 1
+    said = [line for line in result.stderr.splitlines() if line.startswith("dsmr-logger:")]
+    assert len(said) == 1 and "Traceback" not in result.stderr, result.stderr
+    line = said[0]
+    assert "http.listen" in line and "not an address this machine can resolve" in line
+    assert "Unknown error" not in line
