@@ -14,6 +14,7 @@ are in ``_cross_rules``. A new kind of meter or sink is a dataclass added to ``M
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -285,7 +286,20 @@ def _listen(value: Any) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise _Bad(f"must be host:port, e.g. 127.0.0.1:8484, not {value!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if ("[" in host or "]" in host or ":" in host) and not (
+        bracketed and _is_ipv6(host[1:-1])
+    ):  # status (and a browser) could not reach "[::1:8484" or "::1:8484"
+        raise _Bad(f"an IPv6 address goes in brackets, e.g. [::1]:8484, not {value!r}")
     return text
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --- the schema ------------------------------------------------------------------------------

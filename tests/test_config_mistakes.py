@@ -199,3 +199,26 @@ def test_a_credential_in_the_polled_url_read_back_masked_is_named(tmp_path: Path
     saved = dsmr_logger("check-config", "--config", write(tmp_path, printed.stdout, "saved.toml"))
     assert saved.returncode == 2
     one_clear_line(saved, "meter.url: the query's token: is the masked value check-config shows")
+
+
+@pytest.mark.parametrize("listen", ["[::1:8484", "::1:8484", "[not-v6]:8484", "[::1]x:8484"])
+def test_a_status_address_status_could_not_reach_is_named(tmp_path: Path, listen: str) -> None:
+    """'[::1:8484' was accepted: the daemon listened on ::1, and 'status' could never ask it
+    (the state was 'unknown', exit 3, with a healthy daemon running)."""
+    path = write(
+        tmp_path, f'[meter]\nport = "/dev/null"\n[http]\nlisten = "{listen}"\n' + spool(tmp_path)
+    )
+    result = dsmr_logger("check-config", "--config", path)
+    assert result.returncode == 2
+    one_clear_line(result, "http.listen: an IPv6 address goes in brackets, e.g. [::1]:8484")
+
+
+def test_status_addresses_that_work_are_kept(tmp_path: Path) -> None:
+    for listen in ("[::1]:8484", "127.0.0.1:8484", "0.0.0.0:8484", "localhost:8484"):
+        path = write(
+            tmp_path,
+            f'[meter]\nport = "/dev/null"\n[http]\nlisten = "{listen}"\n' + spool(tmp_path),
+        )
+        result = dsmr_logger("check-config", "--config", path)
+        assert result.returncode == 0, result.stderr
+        assert f'listen = "{listen}"' in result.stdout
