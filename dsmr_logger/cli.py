@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         "run the datalogger",
         "Run the datalogger: read the meter, deliver every telegram to every sink, keep what\n"
-        "waits in the spool. Stops cleanly on SIGTERM or SIGINT.\n\n"
+        "waits in the spool. Stops cleanly on SIGTERM, SIGINT or SIGHUP.\n\n"
         "Without --config it reads the remote datalogger's DSMRREADER_REMOTE_DATALOGGER_*\n"
         "variables, from the environment or a .env file in the working folder, when any is\n"
         f"set; else ${CONFIG_VARIABLE} or {DEFAULT_CONFIG}.\n\n"
