@@ -115,6 +115,6 @@ def test_a_status_host_that_does_not_resolve_is_said_so(tmp_path: Path) -> None:
 
 def test_run_help_names_every_signal_that_stops_it_cleanly() -> None:
     """SIGHUP (an SSH session closing on a foreground run) stops it as SIGTERM does
-    (tests/test_daemon_process.py); the help said only SIGTERM or SIGINT."""
+    (tests/test_health.py); the help said only SIGTERM or SIGINT."""
     shown = dsmr_logger("run", "--help").stdout
     assert "Stops cleanly on SIGTERM, SIGINT or SIGHUP." in " ".join(shown.split())
