@@ -19,6 +19,7 @@ from typing import TextIO
 
 from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.telegram.glance import glance
+from dsmr_logger.tools import printable
 
 EXPORT_PAGE = 1000
 
@@ -73,11 +74,8 @@ def list_spool(spool: Spool, out: TextIO, *, now: float | None = None) -> int:
     for letter in letters:
         answer = f"HTTP {letter.status}" if letter.status is not None else "no answer"
         body = " ".join(letter.body.split())[:60]
-        print(
-            f"  #{letter.id} {letter.sink} read {_when(letter.received_at)}: {letter.reason} "
-            f"({answer} {body})".rstrip(),
-            file=out,
-        )
+        line = f"  #{letter.id} {letter.sink} read {_when(letter.received_at)}: {letter.reason} "
+        print(printable(f"{line}({answer} {body})".rstrip()), file=out)
     return 0
 
 
@@ -87,12 +85,13 @@ def show(spool: Spool, letter_id: int, out: TextIO) -> int:
             print(f"dead letter #{letter.id} for sink {letter.sink}", file=out)
             print(f"read:      {_when(letter.received_at)}", file=out)
             print(f"refused:   {_when(letter.at)}", file=out)
-            print(f"reason:    {letter.reason}", file=out)
+            print(printable(f"reason:    {letter.reason}"), file=out)
             print(f"status:    {letter.status if letter.status is not None else '-'}", file=out)
-            print(f"answer:    {' '.join(letter.body.split())[:500]}", file=out)
-            print(f"meter:     {glance(letter.telegram).header}", file=out)
+            print(printable(f"answer:    {' '.join(letter.body.split())[:500]}"), file=out)
+            print(printable(f"meter:     {glance(letter.telegram).header}"), file=out)
             print("telegram:", file=out)
-            print(letter.telegram.decode("ascii", "replace").replace("\r\n", "\n"), file=out)
+            telegram = letter.telegram.decode("ascii", "replace").replace("\r\n", "\n")
+            print(printable(telegram), file=out)
             return 0
     print(
         f"dsmr-logger: no dead letter #{letter_id} (see: dsmr-logger spool list)", file=sys.stderr

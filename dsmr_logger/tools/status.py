@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from dsmr_logger.config import Config
 from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.tools import printable
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
@@ -164,8 +165,10 @@ def status(config: Config, *, as_json: bool, out: TextIO) -> int:
         except (OSError, urllib.error.URLError, ValueError) as exc:
             reason = f"the daemon does not answer on {listen}: {exc}"
         else:
-            print(json.dumps(doc, indent=2) if as_json else render(doc), file=out)
+            print(json.dumps(doc, indent=2) if as_json else printable(render(doc)), file=out)
             return EXIT_HEALTHY if doc["healthy"] else EXIT_UNHEALTHY
     offline = offline_document(config, reason)
-    print(json.dumps(offline, indent=2) if as_json else render_offline(offline), file=out)
+    print(
+        json.dumps(offline, indent=2) if as_json else printable(render_offline(offline)), file=out
+    )
     return EXIT_UNKNOWN
