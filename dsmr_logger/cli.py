@@ -30,6 +30,7 @@ from dsmr_logger.config import Config, ConfigError, LogConfig, effective_toml, l
 from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.logsetup import configure
 from dsmr_logger.net.http import redact_url
+from dsmr_logger.tools import printable
 
 if TYPE_CHECKING:
     from dsmr_logger.daemon import Daemon
@@ -81,7 +82,8 @@ def _silence_stdout() -> None:
 
 
 def _error(message: str) -> None:
-    print(f"dsmr-logger: {redact_url(message)}", file=sys.stderr)
+    """One line on stderr; what a server or file put in it cannot drive the terminal."""
+    print(f"dsmr-logger: {printable(redact_url(message))}", file=sys.stderr)
 
 
 # --- the parser ---------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ import asyncio
 import json
 from pathlib import Path
 
+from aiohttp import web
 from cli_process import dsmr_logger
+from test_import_garbage import config_file as cloud_config
 from test_status_command import config_file, serving
 
 from dsmr_logger.delivery.spool import Spool, StoredTelegram
@@ -79,3 +81,33 @@ async def test_status_never_prints_an_escape_from_a_sinks_error(tmp_path: Path) 
     assert result.returncode == 1, result.stderr
     assert "\x1b" not in result.stdout and "\x07" not in result.stdout
     assert "HTTP 400 \\x1b]0;PWNED\\x07" in result.stdout
+
+
+async def test_an_import_error_line_never_prints_an_escape_the_cloud_sent(
+    tmp_path: Path,
+) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.Response(status=418, text=f"teapot {EVIL}")
+
+    app = web.Application()
+    app.router.add_post("/oauth2/token", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        result = await asyncio.to_thread(
+            dsmr_logger,
+            "import",
+            "neurio",
+            "--to-archive",
+            tmp_path / "archive",
+            "--config",
+            cloud_config(tmp_path, "neurio", url),
+        )
+    finally:
+        await runner.cleanup()
+    assert result.returncode == 1
+    assert "HTTP 418: teapot \\x1b]0;PWNED\\x07" in result.stderr
+    assert "\x1b" not in result.stderr and "\x07" not in result.stderr

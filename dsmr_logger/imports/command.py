@@ -28,6 +28,7 @@ from dsmr_logger.imports.run import (
     run_import,
     state_directory,
 )
+from dsmr_logger.tools import printable
 from dsmr_logger.tools.backfill import BackfillError, parse_range
 
 EXIT_FAILED = 1
@@ -148,12 +149,12 @@ def main(
         )
     except (UsageError, CloudConfigError, BackfillError) as exc:
         # BackfillError: the sink refused the key or the listing (as for backfill: exit 2).
-        print(f"dsmr-logger: import: {exc}", file=sys.stderr)
+        print(f"dsmr-logger: import: {printable(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     except BrokenPipeError:  # `import ... | head`: not a failure (the CLI says nothing)
         raise
     except (CloudError, SpoolError, OSError) as exc:
-        print(f"dsmr-logger: import: {exc or type(exc).__name__}", file=sys.stderr)
+        print(f"dsmr-logger: import: {printable(str(exc) or type(exc).__name__)}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted; run the same command again to continue", file=sys.stderr)

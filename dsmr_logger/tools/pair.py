@@ -46,6 +46,7 @@ from dsmr_logger.sources.homewizard import (
     split_host,
 )
 from dsmr_logger.sources.http_poll import PollFailed
+from dsmr_logger.tools import printable
 
 NAME_PREFIX = "local/dsmr-logger-"
 NAME_ROOM = 40 - len("dsmr-logger-")
@@ -313,7 +314,7 @@ def pair_command(
     try:
         paired = asyncio.run(pair(host, ca_file=ca_file, say=say, wait=wait, every=every))
     except PairError as exc:
-        print(f"dsmr-logger: pairing failed: {exc}", file=err)
+        print(f"dsmr-logger: pairing failed: {printable(str(exc))}", file=err)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted; nothing written", file=err)
