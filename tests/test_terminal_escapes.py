@@ -111,3 +111,34 @@ async def test_an_import_error_line_never_prints_an_escape_the_cloud_sent(
     assert result.returncode == 1
     assert "HTTP 418: teapot \\x1b]0;PWNED\\x07" in result.stderr
     assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+
+
+async def test_the_demos_live_line_never_prints_an_escape_a_server_sent(tmp_path: Path) -> None:
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=503, text=f"busy {EVIL}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", busy)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        result = await asyncio.to_thread(
+            dsmr_logger,
+            "demo",
+            "--dir",
+            tmp_path / "demo",
+            "--duration",
+            "3",
+            "--dsmr-reader",
+            url,
+            "--api-key",
+            "demo-key-0123456789",
+        )
+    finally:
+        await runner.cleanup()
+    assert result.returncode == 0, result.stderr
+    assert "last error HTTP 503 busy \\x1b]0;PWNED\\x07" in result.stdout
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout

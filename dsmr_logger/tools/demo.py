@@ -26,6 +26,7 @@ from dsmr_logger.logsetup import configure
 from dsmr_logger.runtime.snapshot import Snapshot
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.telegram.glance import glance
+from dsmr_logger.tools import printable
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 from dsmr_logger.tools.simulate_neurio import FakeSensor
 
@@ -176,4 +177,4 @@ def progress_line(snap: Snapshot) -> str:
         if sink.failing_since is not None and sink.last_error:
             text += f", last error {sink.last_error}"
         parts.append(text)
-    return " | ".join(parts)
+    return printable(" | ".join(parts))  # a sink's last error quotes what its server sent
