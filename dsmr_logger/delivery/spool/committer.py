@@ -158,10 +158,14 @@ class Committer:
         acks, self._acks = self._acks, []
         if (batch or acks or window.pending_counts()) and not await self._commit(batch, acks):
             # Keep everything in memory and try again at the next flush: nothing is lost
-            # while the process lives, and sinks keep delivering meanwhile.
+            # while the process lives, and sinks keep delivering meanwhile. What every sink
+            # confirmed or dead-lettered meanwhile is done: it leaves the window now (nothing
+            # else would release it: ``confirmed`` took it for spooled).
             for record in batch:
                 record.spooled = False
-            window.put_back(batch)
+                if not record.waiting:
+                    window.release(record)
+            window.put_back([record for record in batch if record.waiting])
             # A sink that confirmed one of the batch meanwhile queued an ack for it; the retry
             # spools it without that sink, so that ack must not reach the spool.
             unspooled = {record.seq for record in batch}
