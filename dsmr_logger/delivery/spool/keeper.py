@@ -47,6 +47,8 @@ class SpoolKeeper:
         self.available = False
         self.gone: SpoolGone | None = None
         """Deleted files found outside a flush; the next flush starts the spool again."""
+        self.restarts = 0
+        """Times the spool was started anew after its files were deleted (``restart``)."""
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""
@@ -117,6 +119,7 @@ class SpoolKeeper:
         self.failed(exc)
         self.gone = None
         self.available = False
+        self.restarts += 1
         whole_log = await self.call(self.spool.segments_present)
         await self.call(self.spool.abandon)
         if not whole_log:
