@@ -37,12 +37,13 @@ from test_daemon_process import (
     log_tail,
     reads,
     stamp,
+    stop_meter,
     wait_until,
 )
 
 from dsmr_logger.cli import main
 from dsmr_logger.delivery.queue import Queues
-from dsmr_logger.delivery.spool import Spool, telegram_dir
+from dsmr_logger.delivery.spool import Spool, SpoolError, telegram_dir
 from dsmr_logger.delivery.spool.link import Trouble
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.capture import default_capture
@@ -294,6 +295,45 @@ def test_a_spool_directory_deleted_while_running_is_started_again(
     ] or errors == [SPOOL_TROUBLE, "spool files deleted while running; starting anew"], errors
     delivered = [stamp(t) for t in server.received()]
     assert sorted(set(delivered)) == sorted(s for s, _ in reads(log)), "a telegram was lost"
+
+
+def dead_letter_stamps(spool: Path) -> set[str]:
+    """The dead letters as ``spool list`` sees them (none while it cannot read the spool)."""
+    reader = Spool(spool, max_bytes=1 << 20)
+    try:
+        reader.open(shared=True)
+    except SpoolError:
+        return set()
+    try:
+        return {stamp(letter.telegram) for letter in reader.dead_letters()}
+    finally:
+        reader.close()
+
+
+def test_a_wal_file_deleted_while_running_loses_no_dead_letter_at_a_sigkill(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """Deleting ``spool.sqlite3-wal`` under a running daemon went unnoticed: SQLite went on
+    committing into the deleted file, and a SIGKILL then took every change since the last
+    checkpoint with it (170 of 170 dead letters, the only copy of those telegrams, counted
+    nowhere). The daemon now sees the file gone, checkpoints what the deleted file holds into
+    the database, and starts a new one."""
+    spool = tmp_path / "spool.sqlite3"
+    server.control(poison_substring="1-0:1.8.1", poison_answer="parse_failure")  # refuse all
+    config = write_config(tmp_path, spool, server)
+    daemon, log = procs.daemon(config)
+    wait_until(lambda: events(log, "started"), 15, "the start")
+    meter = procs.endless_meter(interval=0.02)
+    wait_until(lambda: len(dead_letter_stamps(spool)) >= 20, 15, "20 dead letters")
+    Path(f"{spool}-wal").unlink()
+    deleted_at = len(reads(log))
+    wait_until(lambda: len(reads(log)) >= deleted_at + 40, 15, "40 more telegrams read")
+    stop_meter(meter)
+    read = [s for s, _ in reads(log)]
+    wait_until(lambda: set(read) <= dead_letter_stamps(spool), 15, "the last dead letters")
+    daemon.kill()
+    daemon.wait(timeout=5)
+    assert set(read) <= dead_letter_stamps(spool), "dead letters lost with the deleted WAL"
 
 
 def pending(spool: Path) -> int:

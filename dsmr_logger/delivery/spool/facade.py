@@ -125,6 +125,11 @@ class Spool:
         self.state.close()
         self._writes.writer = False
 
+    def save_state(self) -> None:
+        """Before letting go of files deleted while open: what a deleted WAL holds goes into
+        the database file, if that is still there."""
+        self.state.save_wal()
+
     def abandon(self) -> None:
         """Let go of the files as a killed process would: no final fsync, no cleanup."""
         self.log.close()

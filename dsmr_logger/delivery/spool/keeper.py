@@ -121,6 +121,7 @@ class SpoolKeeper:
         self.available = False
         self.restarts += 1
         whole_log = await self.call(self.spool.segments_present)
+        await self.call(self.spool.save_state)
         await self.call(self.spool.abandon)
         if not whole_log:
             moved = await self.call(self.spool.set_aside_remains)

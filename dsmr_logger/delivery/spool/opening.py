@@ -71,6 +71,7 @@ class Opening:
         self._convert_rows()
         state.set_version()
         spool.forget_finished()
+        state.present()  # notes the WAL the writes above made
 
     def _first_seq(self) -> int:
         """What a new log's first segment is named: above every seq SQLite knows, or, when
