@@ -336,6 +336,35 @@ def test_a_wal_file_deleted_while_running_loses_no_dead_letter_at_a_sigkill(
     assert set(read) <= dead_letter_stamps(spool), "dead letters lost with the deleted WAL"
 
 
+def test_a_state_file_deleted_while_running_keeps_its_dead_letters_beside(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """Deleting ``spool.sqlite3`` under a running daemon: it starts a new one, rebuilding the
+    backlog from the segment files, but the dead letters the deleted file held (the only copy
+    of those telegrams; 20 of 20 here before) vanished with a generic line. The daemon still
+    reads the deleted file: it copies it beside, as a damaged one is moved aside, and says
+    where."""
+    spool = tmp_path / "spool.sqlite3"
+    server.control(poison_substring="1-0:1.8.1", poison_answer="parse_failure")  # refuse all
+    config = write_config(tmp_path, spool, server)
+    daemon, log = procs.daemon(config)
+    wait_until(lambda: events(log, "started"), 15, "the start")
+    meter = procs.endless_meter(interval=0.02)
+    wait_until(lambda: len(dead_letter_stamps(spool)) >= 20, 15, "20 dead letters")
+    spool.unlink()
+    deleted_at = len(reads(log))
+    wait_until(lambda: len(reads(log)) >= deleted_at + 20, 15, "20 more telegrams read")
+    stop_meter(meter)
+    read = {s for s, _ in reads(log)}
+    wait_until(lambda: len(dead_letter_stamps(spool)) >= 20, 15, "dead letters in the new file")
+    assert stop(daemon) == 0
+    said = "spool state file deleted while running"
+    kept = [e["kept"] for e in log_events(log) if e.get("event", "").startswith(said)]
+    assert len(kept) == 1, log_tail(log, 20)
+    assert Path(kept[0]).name.startswith("spool.sqlite3.gone-")
+    assert read == dead_letter_stamps(spool) | dead_letter_stamps(Path(kept[0]))
+
+
 def pending(spool: Path) -> int:
     reader = Spool(spool, max_bytes=1 << 20)
     try:

@@ -241,11 +241,25 @@ class StateDb:
             self.wal_inode = wal
         return wal == self.wal_inode
 
-    def save_wal(self) -> None:
-        """Copy what the WAL holds into the database file (its WAL was deleted: an open
-        connection still reads it, a new one would not) and empty it."""
-        with contextlib.suppress(sqlite3.Error, SpoolError):
+    def save_remains(self) -> Path | None:
+        """Before letting go of files deleted while open, keep what the open connection still
+        reads: a deleted WAL's changes go into the database file; a deleted (or replaced)
+        database file is copied beside, as a damaged one is moved aside (its dead letters are
+        the only copy of those telegrams). Returns where the copy is, if one was made."""
+        try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            if self.path.stat().st_ino == self.inode:
+                return None
+        except FileNotFoundError:
+            pass
+        except (OSError, sqlite3.Error, SpoolError):
+            return None
+        target = self.path.with_name(f"{self.path.name}.gone-{int(time.time())}")
+        try:
+            self.db.execute("VACUUM INTO ?", (str(target),))
+        except (sqlite3.Error, SpoolError):
+            return None
+        return target
 
     def set_aside_remains(self) -> Path | None:
         """What is left of a spool whose files were deleted while open (its state without its
