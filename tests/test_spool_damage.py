@@ -173,6 +173,29 @@ def test_damage_found_while_running_is_repaired_and_counted_once(tmp_path: Path)
     spool.close()
 
 
+def test_a_damaged_telegram_the_cap_drops_is_dropped_with_its_copy_in_memory(
+    tmp_path: Path,
+) -> None:
+    """The cap drops the oldest segment, which holds a telegram whose bytes were damaged since
+    (its head still names it). It was counted ``lost`` and left out of what the commit reports
+    dropped, so a sink still holding it in memory delivered it: 11 counted lost in a run, all
+    11 delivered. The cap drops it as the rest of its segment: reported dropped (the queue
+    forgets its copy), counted once, as dropped."""
+    path = tmp_path / "spool.sqlite3"
+    cap = 16 * 8000  # segments of 8,000 bytes: 9 telegrams each
+    spool = Spool(path, max_bytes=cap)
+    spool.open()
+    assert spool.commit([(telegram(i), ["home"]) for i in range(1, 31)]) == {}
+    first = segments(path)[0]
+    victim = entries(first)[4]
+    flip(first, victim.end - 10)  # inside its telegram
+    dropped = spool.commit([(telegram(i), ["home"]) for i in range(31, 180)])
+    assert victim.seq in dropped["home"], "its copy in memory would still be delivered"
+    assert spool.counters()["home"] == {"dropped": len(dropped["home"])}
+    assert victim.seq not in seqs(spool, "home")
+    spool.close()
+
+
 def test_an_interrupted_repair_is_finished_at_the_next_open_and_not_counted_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

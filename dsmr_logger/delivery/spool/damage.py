@@ -42,12 +42,15 @@ class Damage:
         self.noted: Counter[str] = Counter()
         """Telegrams counted lost per sink (since the spool was created): what status shows."""
 
-    def account(self, segment: Segment, items: Sequence[Entry | Gap]) -> dict[str, int]:
+    def account(
+        self, segment: Segment, items: Sequence[Entry | Gap], *, count_named: bool = True
+    ) -> dict[str, int]:
         """Per sink, how many records it still needed that are missing from ``items`` (a whole
-        segment read): named ones exactly, the rest from its summary, or else by their gaps."""
+        segment read): named ones exactly (unless ``count_named`` is False: the caller counts
+        them), the rest from its summary, or else by their gaps."""
         gaps = [item for item in items if isinstance(item, Gap)]
         lost: Counter[str] = Counter()
-        for gap in gaps:
+        for gap in gaps if count_named else ():
             for head in gap.lost:
                 lost.update(s for s in head.sinks if self._cursors.get(s).needs(head.seq))
         unknown = [gap for gap in gaps if gap.unknown]
