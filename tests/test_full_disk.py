@@ -43,7 +43,7 @@ from test_daemon_process import (
 
 from dsmr_logger.cli import main
 from dsmr_logger.delivery.queue import Queues
-from dsmr_logger.delivery.spool import Spool, SpoolError, telegram_dir
+from dsmr_logger.delivery.spool import Spool, SpoolError, committer, telegram_dir
 from dsmr_logger.delivery.spool.link import Trouble
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.capture import default_capture
@@ -633,3 +633,59 @@ async def test_a_telegram_done_while_its_commit_fails_is_not_held_for_ever(
     finally:
         reader.close()
     assert letters == ([frame.telegram] if answer == "dead-lettered" else [])
+
+
+async def test_a_dead_letter_the_spool_could_not_take_is_named_at_the_stop(
+    tmp_path: Path,
+) -> None:
+    """A telegram dead-lettered while the spool cannot be written waits in memory for the
+    spool; stopping before it could be written lost it without a word (the stop's error line
+    counted only undelivered telegrams). It is named there now, with the others."""
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=1 << 20)
+    (frame, *_) = FrameAssembler().feed(default_capture(), 0.0)
+    with structlog.testing.capture_logs() as logs:
+        queues = Queues(spool, {"home": 0.0}, flush_interval=0.0, strict=False)
+        await queues.open()
+        queues.accept(frame)
+        head = await queues.sinks["home"].head()
+        spool.db.execute("PRAGMA busy_timeout = 0")
+        other = sqlite3.connect(spool.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # held to the end: the spool cannot be written
+        try:
+            await queues.dead_letter("home", head, status=400, body="no", reason="refused")
+            await queues.close()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+    (stop,) = [e for e in logs if e["event"].startswith("stopping with")]
+    assert (stop["telegrams"], stop["dead_letters"]) == (0, 1), stop
+
+
+async def test_dead_letters_past_what_memory_keeps_are_counted_as_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``LETTERS_LIMIT`` dead letters waiting for an unwritable spool, the oldest are let
+    go: each counted as dropped for its sink (before, gone without a count)."""
+    monkeypatch.setattr(committer, "LETTERS_LIMIT", 2)
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=1 << 20)
+    frames = FrameAssembler().feed(default_capture(), 0.0)[:3]
+    queues = Queues(spool, {"home": 0.0}, flush_interval=0.0, strict=False)
+    await queues.open()
+    spool.db.execute("PRAGMA busy_timeout = 0")
+    other = sqlite3.connect(spool.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    for frame in frames:
+        queues.accept(frame)
+        head = await queues.sinks["home"].head()
+        await queues.dead_letter("home", head, status=400, body="no", reason="refused")
+    other.execute("ROLLBACK")
+    other.close()
+    await queues.flush(everything=True)
+    await queues.close()
+    reader = Spool(spool.path, max_bytes=1 << 20)
+    reader.open(shared=True)
+    try:
+        assert [d.telegram for d in reader.dead_letters()] == [f.telegram for f in frames[1:]]
+        assert reader.counters() == {"home": {"dropped": 1}}
+    finally:
+        reader.close()

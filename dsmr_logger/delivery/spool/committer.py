@@ -35,6 +35,8 @@ ACKS_LIMIT = 50_000
 """Confirmations kept while the spool cannot be written (5 MB); older ones are let go: those
 telegrams are sent again after a restart, never lost."""
 LETTERS_LIMIT = 1000
+"""Dead letters kept in memory while the spool cannot take them; older ones are let go,
+counted as dropped for their sink."""
 REQUEUE_TICKS = 4
 
 
@@ -125,6 +127,8 @@ class Committer:
         answer = {**answer, "spooled": spooled}
         if not await self._write_letter(sink, stored, answer):
             self._letters.append((sink, stored, answer))
+            for gone, _, _ in self._letters[:-LETTERS_LIMIT]:  # let go: counted as dropped
+                self._window.counted["dropped"][gone] += 1
             del self._letters[:-LETTERS_LIMIT]
 
     async def _write_letter(
@@ -313,9 +317,10 @@ class Committer:
         if self._keeper.available and not self._keeper.trouble.active:
             with contextlib.suppress(SpoolError, sqlite3.Error, OSError):
                 await self._forget_adopted()  # else adopted again at the next start: sent twice
-        if self._window.count:
+        if self._window.count or self._letters:
             self._log.error(
                 "stopping with telegrams that could not be written to the spool; they are lost",
                 telegrams=self._window.count,
+                dead_letters=len(self._letters),
                 error=self._keeper.trouble.error,
             )
