@@ -29,6 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import cli_process
 import pytest
 from conftest import CORPUS, REPO_ROOT, require_corpus
 from dsmr_reader_server import DsmrReaderProcess, DsmrReaderServer
@@ -630,6 +631,51 @@ def test_recovery_between_a_500_and_the_probe_dead_letters_nothing(
     read = [s for s, _ in reads(log)]
     assert dead_letters_in_spool(tmp_path / "spool.sqlite3") == []
     assert delivered == read
+
+
+def requeued_rows(spool: Path) -> int:
+    db = sqlite3.connect(f"file:{spool}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT COUNT(*) FROM requeued").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_requeued_dead_letters_survive_a_sigkill_right_after_the_daemon_took_them(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """``spool requeue`` beside a running daemon, then SIGKILL just after the daemon took them
+    back (its log line): they were only in its memory then, for up to 1.5 x flush_interval, yet
+    gone from the spool. All 10 of 10 requeued telegrams were lost that way, counted nowhere.
+    A requeued telegram leaves ``requeued`` only once it is spooled again (or delivered)."""
+    server.control(poison_substring="1-0:1.8.1", poison_answer="parse_failure")  # refuse all
+    spool = tmp_path / "spool.sqlite3"
+    config = write_config(tmp_path, server.url, level="debug", spool={"flush_interval": 2.0})
+    daemon, log = procs.daemon(config)
+    wait_until(lambda: started(log), 10.0, "the daemon to start")
+    meter = procs.endless_meter(interval=0.05)
+    wait_until(lambda: len(dead_letters_in_spool(spool)) >= 5, 20.0, "dead letters")
+    stop_meter(meter)
+    wait_until(
+        lambda: len(dead_letters_in_spool(spool)) == len(reads(log)), 10.0, "all dead-lettered"
+    )
+    letters = dead_letters_in_spool(spool)
+    server.control(mode="refuse")  # they stay in memory once taken back
+    requeued = cli_process.dsmr_logger("spool", "requeue", "--config", config)
+    assert requeued.returncode == 0, requeued.stderr
+    taken = "requeued telegrams queued again"
+    wait_until(lambda: has_event(log, taken), 20.0, "the daemon to take them", interval=0.005)
+    daemon.kill()
+    daemon.wait(timeout=5)
+    kept = pending_in_spool(spool) + dead_letters_in_spool(spool)
+    assert requeued_rows(spool) + len(kept) >= len(letters), "requeued telegrams lost"
+
+    server.control(mode="ok", poison_substring="not in any telegram")
+    again, _ = procs.daemon(config)
+    wait_until(lambda: received_count(server) >= len(letters), 20.0, "the requeued telegrams")
+    status, _ = terminate(again)
+    assert status == 0
+    assert sorted(stamp(t) for t in set(server.received())) == sorted(stamp(t) for t in letters)
 
 
 # --- 4. a full spool -----------------------------------------------------------------------------

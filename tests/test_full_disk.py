@@ -37,12 +37,13 @@ from test_daemon_process import (
     log_tail,
     reads,
     stamp,
+    stop_meter,
     wait_until,
 )
 
 from dsmr_logger.cli import main
 from dsmr_logger.delivery.queue import Queues
-from dsmr_logger.delivery.spool import Spool, telegram_dir
+from dsmr_logger.delivery.spool import Spool, SpoolError, committer, telegram_dir
 from dsmr_logger.delivery.spool.link import Trouble
 from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.capture import default_capture
@@ -296,6 +297,74 @@ def test_a_spool_directory_deleted_while_running_is_started_again(
     assert sorted(set(delivered)) == sorted(s for s, _ in reads(log)), "a telegram was lost"
 
 
+def dead_letter_stamps(spool: Path) -> set[str]:
+    """The dead letters as ``spool list`` sees them (none while it cannot read the spool)."""
+    reader = Spool(spool, max_bytes=1 << 20)
+    try:
+        reader.open(shared=True)
+    except SpoolError:
+        return set()
+    try:
+        return {stamp(letter.telegram) for letter in reader.dead_letters()}
+    finally:
+        reader.close()
+
+
+def test_a_wal_file_deleted_while_running_loses_no_dead_letter_at_a_sigkill(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """Deleting ``spool.sqlite3-wal`` under a running daemon went unnoticed: SQLite went on
+    committing into the deleted file, and a SIGKILL then took every change since the last
+    checkpoint with it (170 of 170 dead letters, the only copy of those telegrams, counted
+    nowhere). The daemon now sees the file gone, checkpoints what the deleted file holds into
+    the database, and starts a new one."""
+    spool = tmp_path / "spool.sqlite3"
+    server.control(poison_substring="1-0:1.8.1", poison_answer="parse_failure")  # refuse all
+    config = write_config(tmp_path, spool, server)
+    daemon, log = procs.daemon(config)
+    wait_until(lambda: events(log, "started"), 15, "the start")
+    meter = procs.endless_meter(interval=0.02)
+    wait_until(lambda: len(dead_letter_stamps(spool)) >= 20, 15, "20 dead letters")
+    Path(f"{spool}-wal").unlink()
+    deleted_at = len(reads(log))
+    wait_until(lambda: len(reads(log)) >= deleted_at + 40, 15, "40 more telegrams read")
+    stop_meter(meter)
+    read = [s for s, _ in reads(log)]
+    wait_until(lambda: set(read) <= dead_letter_stamps(spool), 15, "the last dead letters")
+    daemon.kill()
+    daemon.wait(timeout=5)
+    assert set(read) <= dead_letter_stamps(spool), "dead letters lost with the deleted WAL"
+
+
+def test_a_state_file_deleted_while_running_keeps_its_dead_letters_beside(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """Deleting ``spool.sqlite3`` under a running daemon: it starts a new one, rebuilding the
+    backlog from the segment files, but the dead letters the deleted file held (the only copy
+    of those telegrams; 20 of 20 here before) vanished with a generic line. The daemon still
+    reads the deleted file: it copies it beside, as a damaged one is moved aside, and says
+    where."""
+    spool = tmp_path / "spool.sqlite3"
+    server.control(poison_substring="1-0:1.8.1", poison_answer="parse_failure")  # refuse all
+    config = write_config(tmp_path, spool, server)
+    daemon, log = procs.daemon(config)
+    wait_until(lambda: events(log, "started"), 15, "the start")
+    meter = procs.endless_meter(interval=0.02)
+    wait_until(lambda: len(dead_letter_stamps(spool)) >= 20, 15, "20 dead letters")
+    spool.unlink()
+    deleted_at = len(reads(log))
+    wait_until(lambda: len(reads(log)) >= deleted_at + 20, 15, "20 more telegrams read")
+    stop_meter(meter)
+    read = {s for s, _ in reads(log)}
+    wait_until(lambda: len(dead_letter_stamps(spool)) >= 20, 15, "dead letters in the new file")
+    assert stop(daemon) == 0
+    said = "spool state file deleted while running"
+    kept = [e["kept"] for e in log_events(log) if e.get("event", "").startswith(said)]
+    assert len(kept) == 1, log_tail(log, 20)
+    assert Path(kept[0]).name.startswith("spool.sqlite3.gone-")
+    assert read == dead_letter_stamps(spool) | dead_letter_stamps(Path(kept[0]))
+
+
 def pending(spool: Path) -> int:
     reader = Spool(spool, max_bytes=1 << 20)
     try:
@@ -519,3 +588,104 @@ async def test_a_spool_failing_two_ways_in_turn_logs_one_line(disk: Path) -> Non
     spool_lines = [e for e in logs if "spool" in e["event"]]
     assert [e["event"] for e in spool_lines] == [SPOOL_TROUBLE, "spool writable again"]
     assert spool_lines[0]["log_level"] == "error"
+
+
+@pytest.mark.parametrize("answer", ["confirmed", "dead-lettered"])
+async def test_a_telegram_done_while_its_commit_fails_is_not_held_for_ever(
+    tmp_path: Path, answer: str
+) -> None:
+    """A sink confirms (or dead-letters) a telegram while the commit spooling it fails (another
+    writer holds SQLite, as a full card fails it). It was delivered from memory: it must leave
+    the memory window. It used to stay counted there for ever: ``in_memory`` 1 in ``/status``,
+    and at the stop "stopping with telegrams that could not be written to the spool; they are
+    lost" for a telegram that had arrived (seen in every full-disk run against a flapping sink).
+    """
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=1 << 20)
+    (frame, *_) = FrameAssembler().feed(default_capture(), 0.0)
+    with structlog.testing.capture_logs() as logs:
+        queues = Queues(spool, {"home": 0.0}, flush_interval=0.0, strict=False)
+        await queues.open()
+        queues.accept(frame)
+        head = await queues.sinks["home"].head()
+        spool.db.execute("PRAGMA busy_timeout = 300")
+        other = sqlite3.connect(spool.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        flushing = asyncio.create_task(queues.flush(everything=True))
+        while not queues.committing:
+            await asyncio.sleep(0.001)
+        if answer == "confirmed":
+            await queues.confirm("home", head)
+        else:
+            await queues.dead_letter("home", head, status=400, body="no", reason="refused")
+        await flushing
+        assert not queues.spool_snapshot().writable, "the commit was to fail"
+        other.execute("ROLLBACK")
+        other.close()
+        assert queues.spool_snapshot().in_memory == 0, "a telegram the sink has is held"
+        await queues.flush(everything=True)
+        await queues.close()
+    assert not [e for e in logs if e["event"].startswith("stopping with telegrams")], logs
+    reader = Spool(spool.path, max_bytes=1 << 20)
+    reader.open(shared=True)
+    try:
+        assert reader.page("home", 0, 2**62, 10) == [], "delivered, yet spooled for the sink"
+        letters = [letter.telegram for letter in reader.dead_letters()]
+    finally:
+        reader.close()
+    assert letters == ([frame.telegram] if answer == "dead-lettered" else [])
+
+
+async def test_a_dead_letter_the_spool_could_not_take_is_named_at_the_stop(
+    tmp_path: Path,
+) -> None:
+    """A telegram dead-lettered while the spool cannot be written waits in memory for the
+    spool; stopping before it could be written lost it without a word (the stop's error line
+    counted only undelivered telegrams). It is named there now, with the others."""
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=1 << 20)
+    (frame, *_) = FrameAssembler().feed(default_capture(), 0.0)
+    with structlog.testing.capture_logs() as logs:
+        queues = Queues(spool, {"home": 0.0}, flush_interval=0.0, strict=False)
+        await queues.open()
+        queues.accept(frame)
+        head = await queues.sinks["home"].head()
+        spool.db.execute("PRAGMA busy_timeout = 0")
+        other = sqlite3.connect(spool.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # held to the end: the spool cannot be written
+        try:
+            await queues.dead_letter("home", head, status=400, body="no", reason="refused")
+            await queues.close()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+    (stop,) = [e for e in logs if e["event"].startswith("stopping with")]
+    assert (stop["telegrams"], stop["dead_letters"]) == (0, 1), stop
+
+
+async def test_dead_letters_past_what_memory_keeps_are_counted_as_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``LETTERS_LIMIT`` dead letters waiting for an unwritable spool, the oldest are let
+    go: each counted as dropped for its sink (before, gone without a count)."""
+    monkeypatch.setattr(committer, "LETTERS_LIMIT", 2)
+    spool = Spool(tmp_path / "spool.sqlite3", max_bytes=1 << 20)
+    frames = FrameAssembler().feed(default_capture(), 0.0)[:3]
+    queues = Queues(spool, {"home": 0.0}, flush_interval=0.0, strict=False)
+    await queues.open()
+    spool.db.execute("PRAGMA busy_timeout = 0")
+    other = sqlite3.connect(spool.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    for frame in frames:
+        queues.accept(frame)
+        head = await queues.sinks["home"].head()
+        await queues.dead_letter("home", head, status=400, body="no", reason="refused")
+    other.execute("ROLLBACK")
+    other.close()
+    await queues.flush(everything=True)
+    await queues.close()
+    reader = Spool(spool.path, max_bytes=1 << 20)
+    reader.open(shared=True)
+    try:
+        assert [d.telegram for d in reader.dead_letters()] == [f.telegram for f in frames[1:]]
+        assert reader.counters() == {"home": {"dropped": 1}}
+    finally:
+        reader.close()

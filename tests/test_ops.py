@@ -19,6 +19,8 @@ from waiting import wait_until
 
 from dsmr_logger.config import Config, HttpConfig, from_mapping
 from dsmr_logger.daemon import Daemon
+from dsmr_logger.delivery.spool import Spool, StoredTelegram, telegram_dir
+from dsmr_logger.delivery.spool.scan import Segment, scan
 from dsmr_logger.runtime.health import judge, status_document
 from dsmr_logger.runtime.notify import Notifier
 from dsmr_logger.runtime.snapshot import Snapshot
@@ -164,6 +166,40 @@ async def test_status_and_metrics_report_what_was_sent(tmp_path: Path) -> None:
             assert "sink home: 5 delivered, backlog 0" in out.getvalue()
     finally:
         port.close()
+
+
+async def test_metrics_count_telegrams_lost_to_a_damaged_spool(tmp_path: Path) -> None:
+    """``spool list`` and ``status`` say how many telegrams a damaged spool cost each sink;
+    /metrics did not, so monitoring saw every reading delivered, dead-lettered or dropped but
+    never these. It counts them now, and what waits only in memory."""
+    path = tmp_path / "spool.sqlite3"
+    spool = Spool(path, max_bytes=1 << 20)
+    spool.open()
+    spool.commit([(StoredTelegram(i + 1, t, 1_700_000_000.0 + i), ["home"]) for i, t in
+                  enumerate(TELEGRAMS[:5])])  # fmt: skip
+    spool.close()
+    (segment,) = telegram_dir(path).glob("*.seg")
+    victim = [e for e in scan(Segment(1, segment, segment.stat().st_size)) if e.seq == 3]
+    data = bytearray(segment.read_bytes())
+    data[victim[0].end - 20] ^= 0x08  # inside telegram 3
+    segment.write_bytes(bytes(data))
+    port = VirtualSerialPort()
+    try:
+        async with (
+            DsmrReaderServer(api_key=KEY) as server,
+            running(Daemon(make_config(tmp_path, port.path, server.url))) as daemon,
+        ):
+            await wait_until(lambda: len(server.received) == 4, "the four readable ones")
+            _, text = await get(daemon, "/metrics")
+    finally:
+        port.close()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("dsmr_logger_sink_lost_total", (("sink", "home"),))] == 1
+    assert samples[("dsmr_logger_spool_in_memory", ())] == 0
 
 
 async def test_status_without_a_daemon_reads_the_spool(tmp_path: Path) -> None:

@@ -117,6 +117,19 @@ class SnapshotCollector(Collector):
                 "1 while the spool can be written (0: telegrams are held only in memory)",
                 value=int(snap.spool.writable),
             )
+            yield GaugeMetricFamily(
+                "dsmr_logger_spool_in_memory",
+                "Telegrams held only in memory (not yet spooled, some sink still waiting)",
+                value=snap.spool.in_memory,
+            )
+            lost = CounterMetricFamily(
+                "dsmr_logger_sink_lost",
+                "Telegrams lost to a damaged or deleted spool file",
+                labels=["sink"],
+            )
+            for name in sorted({s.name for s in snap.sinks} | set(snap.spool.lost)):
+                lost.add_metric([name], snap.spool.lost.get(name, 0))
+            yield lost
 
 
 class StatusServer:

@@ -7,8 +7,10 @@ telegram reported dropped is really lost (Fluent Bit's drop-oldest, per output, 
 
 Invariants: after a commit the files exceed ``max_bytes`` only by segments holding a spared
 telegram (and the one appended to); every telegram dropped is reported once per sink that
-still needed it, never one a sink had confirmed; an unreadable record in a dropped segment is
-counted as lost (``damage.py``), not dropped.
+still needed it, never one a sink had confirmed. A record in a dropped segment whose telegram
+is damaged but whose head still names it is dropped as the rest (reported, so the copy a sink
+may hold in memory goes too: counted lost, it was delivered from there); one whose head is
+damaged too cannot be named, and is counted as lost (``damage.py``).
 """
 
 from __future__ import annotations
@@ -70,30 +72,39 @@ class SizeCap:
             if segment in finished:
                 continue
             items = list(scan(segment))
-            for sink, count in self._damage.account(segment, items).items():
+            for sink, count in self._damage.account(segment, items, count_named=False).items():
                 lost[sink] = lost.get(sink, 0) + count
             self._log.damaged.discard(segment.first_seq)
             spared = False
-            for entry in items:
-                if isinstance(entry, Entry):
-                    spared |= self._drop(entry, protect, dropped)
+            for item in items:
+                if isinstance(item, Entry):
+                    spared |= self._drop(item.seq, item.sinks, protect, dropped)
+                else:
+                    for head in item.lost:  # named by its head: dropped like the rest
+                        spared |= self._drop(head.seq, head.sinks, protect, dropped)
             for sink, (_, last) in self._summaries.get(segment.first_seq).items():
                 self._cursors.get(sink).move_past(last)
                 changed.add(sink)
             if not spared:
                 excess -= segment.size
 
-    def _drop(self, entry: Entry, protect: Collection[int], dropped: dict[str, list[int]]) -> bool:
+    def _drop(
+        self,
+        seq: int,
+        sinks: Collection[str],
+        protect: Collection[int],
+        dropped: dict[str, list[int]],
+    ) -> bool:
         """Drop one record for every sink that needs it; True if it was spared instead."""
         spared = False
-        for sink in entry.sinks:
+        for sink in sinks:
             cursor = self._cursors.get(sink)
-            if not cursor.needs(entry.seq):
+            if not cursor.needs(seq):
                 continue
-            if entry.seq in protect:
-                cursor.spared.add(entry.seq)
+            if seq in protect:
+                cursor.spared.add(seq)
                 spared = True
             else:
-                cursor.spared.discard(entry.seq)  # no longer being sent: it goes too
-                dropped.setdefault(sink, []).append(entry.seq)
+                cursor.spared.discard(seq)  # no longer being sent: it goes too
+                dropped.setdefault(sink, []).append(seq)
         return spared

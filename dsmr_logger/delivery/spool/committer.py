@@ -14,6 +14,7 @@ before a newer one), and a confirmation only ever names a record already appende
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,8 @@ ACKS_LIMIT = 50_000
 """Confirmations kept while the spool cannot be written (5 MB); older ones are let go: those
 telegrams are sent again after a restart, never lost."""
 LETTERS_LIMIT = 1000
+"""Dead letters kept in memory while the spool cannot take them; older ones are let go,
+counted as dropped for their sink."""
 REQUEUE_TICKS = 4
 
 
@@ -61,6 +64,10 @@ class Committer:
         self._acks: list[tuple[str, int]] = []
         self._letters: list[tuple[str, StoredTelegram, dict[str, Any]]] = []
         """Dead letters the spool could not take yet (written after the next commit)."""
+        self._adopted: dict[int, Record] = {}
+        """Requeued rows taken back into memory: they stay in the spool's ``requeued`` until
+        their telegram is spooled again, or every sink is done with it."""
+        self._adopted_from = keeper.restarts
         self._strict_wakeup = asyncio.Event()
         self._early_flush: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
@@ -120,6 +127,8 @@ class Committer:
         answer = {**answer, "spooled": spooled}
         if not await self._write_letter(sink, stored, answer):
             self._letters.append((sink, stored, answer))
+            for gone, _, _ in self._letters[:-LETTERS_LIMIT]:  # let go: counted as dropped
+                self._window.counted["dropped"][gone] += 1
             del self._letters[:-LETTERS_LIMIT]
 
     async def _write_letter(
@@ -158,10 +167,14 @@ class Committer:
         acks, self._acks = self._acks, []
         if (batch or acks or window.pending_counts()) and not await self._commit(batch, acks):
             # Keep everything in memory and try again at the next flush: nothing is lost
-            # while the process lives, and sinks keep delivering meanwhile.
+            # while the process lives, and sinks keep delivering meanwhile. What every sink
+            # confirmed or dead-lettered meanwhile is done: it leaves the window now (nothing
+            # else would release it: ``confirmed`` took it for spooled).
             for record in batch:
                 record.spooled = False
-            window.put_back(batch)
+                if not record.waiting:
+                    window.release(record)
+            window.put_back([record for record in batch if record.waiting])
             # A sink that confirmed one of the batch meanwhile queued an ack for it; the retry
             # spools it without that sink, so that ack must not reach the spool.
             unspooled = {record.seq for record in batch}
@@ -230,20 +243,43 @@ class Committer:
     async def adopt_requeued(self) -> int:
         """Queue dead letters a user requeued (``dsmr-logger spool requeue``), even while running.
 
-        They are enqueued like new telegrams before their rows are removed, so a crash in
-        between can only send one twice, never lose it.
+        Their rows are removed only once their telegrams are spooled again (or every sink is
+        done with them): until then they are in this process's memory only, and a SIGKILL then
+        lost them (10 of 10, killed right after they were taken back). A crash in between can
+        only send one twice, never lose it.
         """
         keeper = self._keeper
         if not keeper.available:
             return 0
+        await self._forget_adopted()
         waiting = await keeper.call(keeper.spool.requeued, list(self._sinks))
+        fresh = [(row, sink, stored) for row, sink, stored in waiting if row not in self._adopted]
         now = asyncio.get_running_loop().time()
-        for _, sink, stored in waiting:
-            self.enqueue(self._window.new(stored.telegram, stored.received_at, now, {sink}))
-        if waiting:  # a lock here fails the flusher, which the daemon restarts (tried again)
-            await keeper.call(keeper.spool.forget_requeued, [row for row, _, _ in waiting])
-            self._log.info("requeued telegrams queued again", telegrams=len(waiting))
-        return len(waiting)
+        for row, sink, stored in fresh:
+            record = self._window.new(stored.telegram, stored.received_at, now, {sink})
+            self._adopted[row] = record
+            self.enqueue(record)
+        if fresh:
+            self._log.info("requeued telegrams queued again", telegrams=len(fresh))
+        return len(fresh)
+
+    async def _forget_adopted(self) -> None:
+        """Remove the rows of adopted telegrams the spool no longer needs: spooled again, or
+        done for every sink (a dead letter written, not one still waiting in memory)."""
+        keeper = self._keeper
+        if self._adopted_from != keeper.restarts:  # started anew: those rows went with the file
+            self._adopted, self._adopted_from = {}, keeper.restarts
+        async with self._flushing:  # a commit under way may fail yet: ``spooled`` is final after
+            unwritten = {stored.seq for _, stored, _ in self._letters}
+            safe = [
+                row
+                for row, record in self._adopted.items()
+                if record.spooled or not (record.waiting or record.seq in unwritten)
+            ]
+            if safe:  # a lock here fails the flusher, which the daemon restarts (tried again)
+                await keeper.call(keeper.spool.forget_requeued, safe)
+                for row in safe:
+                    del self._adopted[row]
 
     async def run_flusher(self) -> None:
         """Flush every ``flush_interval / 2``; adopt requeued telegrams every 2 x flush_interval.
@@ -278,9 +314,13 @@ class Committer:
         leftover, self._window.strict_waiting = self._window.strict_waiting, []
         self._window.unflushed.extend(leftover)
         await self.flush(everything=True)
-        if self._window.count:
+        if self._keeper.available and not self._keeper.trouble.active:
+            with contextlib.suppress(SpoolError, sqlite3.Error, OSError):
+                await self._forget_adopted()  # else adopted again at the next start: sent twice
+        if self._window.count or self._letters:
             self._log.error(
                 "stopping with telegrams that could not be written to the spool; they are lost",
                 telegrams=self._window.count,
+                dead_letters=len(self._letters),
                 error=self._keeper.trouble.error,
             )

@@ -65,14 +65,14 @@ class Cursors:
         for sink in changed:
             cursor = self.get(sink)
             db.execute(
-                "INSERT INTO cursors (sink, seq) VALUES (?, ?) "
-                "ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq",
+                "INSERT INTO cursors (sink, seq, crc) VALUES (?1, ?2, row_crc(?1, ?2)) "
+                "ON CONFLICT (sink) DO UPDATE SET seq = excluded.seq, crc = excluded.crc",
                 (sink, cursor.seq),
             )
             for table, seqs in (("done", cursor.done), ("spared", cursor.spared)):
                 db.execute(f"DELETE FROM {table} WHERE sink = ?", (sink,))
                 db.executemany(
-                    f"INSERT INTO {table} (sink, seq) VALUES (?, ?)",
+                    f"INSERT INTO {table} (sink, seq, crc) VALUES (?1, ?2, row_crc(?1, ?2))",
                     [(sink, seq) for seq in sorted(seqs)],
                 )
 

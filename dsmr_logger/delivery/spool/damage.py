@@ -10,14 +10,17 @@ upper bound). A sink that was done with those records loses nothing.
 
 Invariant: each lost record is counted once. The counters, the corrected summary and a row in
 ``rewrites`` are one transaction; the new file replaces the old one after it, and an
-interrupted replacement is finished at the next open (the row says it was counted).
+interrupted replacement is finished at the next open (the row says it was counted). A record
+cut from the end of the log is no longer in it: the log ends at the last record kept, so one
+appended again from a copy elsewhere (a schema-1 row being converted) is written, while new
+telegrams still number above the cut one (``keep_numbering``).
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from dsmr_logger.delivery.spool.cursors import Cursors
@@ -41,15 +44,22 @@ class Damage:
         self._logger = logger
         self.noted: Counter[str] = Counter()
         """Telegrams counted lost per sink (since the spool was created): what status shows."""
+        self.copied: Collection[int] = ()
+        """Seqs with a copy outside the log (schema-1 rows being converted): a damaged record
+        among them is appended again from it, not lost."""
 
-    def account(self, segment: Segment, items: Sequence[Entry | Gap]) -> dict[str, int]:
+    def account(
+        self, segment: Segment, items: Sequence[Entry | Gap], *, count_named: bool = True
+    ) -> dict[str, int]:
         """Per sink, how many records it still needed that are missing from ``items`` (a whole
-        segment read): named ones exactly, the rest from its summary, or else by their gaps."""
+        segment read): named ones exactly (unless ``count_named`` is False: the caller counts
+        them), the rest from its summary, or else by their gaps."""
         gaps = [item for item in items if isinstance(item, Gap)]
         lost: Counter[str] = Counter()
-        for gap in gaps:
+        for gap in gaps if count_named else ():
             for head in gap.lost:
-                lost.update(s for s in head.sinks if self._cursors.get(s).needs(head.seq))
+                if head.seq not in self.copied:
+                    lost.update(s for s in head.sinks if self._cursors.get(s).needs(head.seq))
         unknown = [gap for gap in gaps if gap.unknown]
         bound = self._log.last_seq + 1
         first = segment.first_seq
@@ -121,6 +131,8 @@ class Damage:
         self._summaries.unsaved.clear()
         self.noted.update(lost)
         self._finish(segment, size)
+        if not sealed:
+            self._log.last_seq = entries[-1].seq if entries else segment.first_seq - 1
         self._report(segment, items, lost, len(data), size)
         return lost
 
@@ -149,6 +161,7 @@ class Damage:
         self.noted.update(lost)
         size = segment.size
         self._finish(segment, keep)
+        self._log.last_seq = entries[-1].seq if entries else segment.first_seq - 1
         self._report(segment, items, lost, size, keep)
         return lost
 
@@ -236,7 +249,7 @@ class Damage:
         now: int,
     ) -> None:
         gaps = [item for item in items if isinstance(item, Gap)]
-        named = [head for gap in gaps for head in gap.lost]
+        named = [head for gap in gaps for head in gap.lost if head.seq not in self.copied]
         unknown = sum(gap.unknown for gap in gaps)
         if not named and not unknown and not any(lost.values()):
             if gaps:

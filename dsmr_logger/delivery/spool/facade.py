@@ -125,6 +125,11 @@ class Spool:
         self.state.close()
         self._writes.writer = False
 
+    def save_state(self) -> Path | None:
+        """Before letting go of files deleted while open: what a deleted WAL holds goes into
+        the database file; a deleted database file is copied beside (returns where)."""
+        return self.state.save_remains()
+
     def abandon(self) -> None:
         """Let go of the files as a killed process would: no final fsync, no cleanup."""
         self.log.close()

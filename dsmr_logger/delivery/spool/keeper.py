@@ -47,6 +47,8 @@ class SpoolKeeper:
         self.available = False
         self.gone: SpoolGone | None = None
         """Deleted files found outside a flush; the next flush starts the spool again."""
+        self.restarts = 0
+        """Times the spool was started anew after its files were deleted (``restart``)."""
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""
@@ -117,11 +119,22 @@ class SpoolKeeper:
         self.failed(exc)
         self.gone = None
         self.available = False
+        self.restarts += 1
         whole_log = await self.call(self.spool.segments_present)
+        copied = await self.call(self.spool.save_state)
         await self.call(self.spool.abandon)
         if not whole_log:
             moved = await self.call(self.spool.set_aside_remains)
-            self._log.error("spool files deleted while running; starting anew", kept=str(moved))
+            self._log.error(
+                "spool files deleted while running; starting anew", kept=str(moved or copied)
+            )
+        elif copied is not None:
+            self._log.error(
+                "spool state file deleted while running; started anew from the segment files "
+                "(their telegrams are sent again: at least once); its dead letters and counters "
+                "are kept in a copy",
+                kept=str(copied),
+            )
         spooled: dict[int, Record] = {}
         for queue in self._sinks.values():
             spooled.update((id(r), r) for r in queue.spooled_in_memory(keep=not whole_log))

@@ -5,7 +5,8 @@ A user lists them (``spool list``), and after fixing the cause hands them back
 (within seconds if it runs, else at its next start), so requeueing is safe beside the daemon.
 
 Invariant: a letter leaves ``dead_letters`` in the transaction that puts it in ``requeued``, and
-leaves ``requeued`` only after the daemon queued it again: at most sent twice, never lost.
+leaves ``requeued`` only after the daemon spooled it again (or every sink was done with it): at
+most sent twice, never lost.
 """
 
 from __future__ import annotations

@@ -63,14 +63,20 @@ class Opening:
             old_format = version < SCHEMA_VERSION and is_v1(segment)  # else no file opened
             if (size is not None and size != segment.size) or old_format:
                 log.damaged.add(segment.first_seq)
-        for first in sorted(log.damaged):
-            damaged = log.find(first)
-            if damaged is not None:
-                spool.damage.repair(damaged)
-        spool.summaries.observed.clear()  # every observed file was read whole and repaired
-        self._convert_rows()
+        if state.has_table("telegrams"):  # a conversion to finish: the rows are the telegrams
+            spool.damage.copied = {row for (row,) in state.db.execute("SELECT id FROM telegrams")}
+        try:
+            for first in sorted(log.damaged):
+                damaged = log.find(first)
+                if damaged is not None:
+                    spool.damage.repair(damaged)
+            spool.summaries.observed.clear()  # every observed file was read whole and repaired
+            self._convert_rows()
+        finally:
+            spool.damage.copied = ()
         state.set_version()
         spool.forget_finished()
+        state.present()  # notes the WAL the writes above made
 
     def _first_seq(self) -> int:
         """What a new log's first segment is named: above every seq SQLite knows, or, when

@@ -96,8 +96,8 @@ class Summaries:
         for first in sorted(self.unsaved):
             db.execute("DELETE FROM segments WHERE first_seq = ?", (first,))
             db.executemany(
-                "INSERT INTO segments (first_seq, sink, records, last_seq, size) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO segments (first_seq, sink, records, last_seq, size, crc) "
+                "VALUES (?1, ?2, ?3, ?4, ?5, row_crc(?1, ?2, ?3, ?4, ?5))",
                 [
                     (first, s, n, last, self.sizes.get(first))
                     for s, (n, last) in self.get(first).items()
