@@ -187,22 +187,26 @@ class ArchiveTarget:
         return True
 
     async def settle(self) -> None:
-        for day, data in sorted(self._pending.items()):
+        """Append each day's telegrams; a day written leaves ``_pending`` at once, so a failure
+        on a later day (and ``close`` settling again on the way out) never writes it twice."""
+        wrote = False
+        for day in sorted(self._pending):
             path = self.directory / f"{day}.log"
             try:
                 with path.open("ab") as file:
-                    file.write(data)
+                    file.write(self._pending[day])
                     file.flush()
                     os.fsync(file.fileno())
             except OSError as exc:
                 raise CloudError(f"--to-archive: cannot write {path}: {exc.strerror}") from exc
-        if self._pending:
+            del self._pending[day]
+            wrote = True
+        if wrote:
             descriptor = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
-        self._pending.clear()
 
     async def close(self) -> None:
         await self.settle()
