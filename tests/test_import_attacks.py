@@ -12,8 +12,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cloud_fakes import VirtualClock
-from test_import_climkit import ZONE, climkit, make_config, spring_series
+from aiohttp import web
+from cloud_fakes import ClimkitFake, VirtualClock
+from test_import_climkit import (
+    METER,
+    METERS,
+    PASSWORD,
+    SITE,
+    USER,
+    ZONE,
+    climkit,
+    make_config,
+    spring_series,
+)
 
 from dsmr_logger.imports.cloud import CloudError
 from dsmr_logger.imports.command import import_history
@@ -65,3 +76,62 @@ async def test_an_archive_day_that_cannot_be_written_leaves_the_others_written_o
         for t in frames_in(read_capture(folder / f"{day}.log"))
     ]
     assert written == wanted
+
+
+class SkewedClock:
+    """The client's wall clock: the server's plus ``offset`` (set back when NTP steps it)."""
+
+    def __init__(self, base: VirtualClock) -> None:
+        self.base = base
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return self.base.time() + self.offset
+
+    async def sleep(self, seconds: float) -> None:
+        await self.base.sleep(seconds)
+
+
+async def test_a_clock_set_back_an_hour_mid_import_does_not_stall_it(tmp_path: Path) -> None:
+    """NTP steps the Pi's clock back an hour after the second day's request: the requests made
+    are as old as they were, so the import goes on at one a second instead of waiting for the
+    hour to come round again (the server's clock never moved, and the fake checks its 1/s)."""
+    points = spring_series()
+    server_clock = VirtualClock(datetime(2024, 4, 10, 12, tzinfo=UTC))
+    clock = SkewedClock(server_clock)
+    since, until = datetime(2024, 3, 29, tzinfo=ZONE), datetime(2024, 4, 3, tzinfo=ZONE)
+
+    class SteppedBack(ClimkitFake):
+        async def _data(self, request: web.Request) -> web.Response:
+            if self.data_requests == 2:
+                clock.offset = -3600.0
+            return await super()._data(request)
+
+    fake = SteppedBack(
+        server_clock,
+        username=USER,
+        password=PASSWORD,
+        site=SITE,
+        meters=METERS,
+        data={METER: points},
+        zone=ZONE,
+    )
+    started = server_clock.time()
+    async with fake:
+        config = make_config(tmp_path, fake.api_url, "http://127.0.0.1:9")
+        status = await import_history(
+            "climkit",
+            config,
+            sink=None,
+            archive=tmp_path / "archive",
+            since=since,
+            until=until,
+            out=io.StringIO(),
+            clock=clock,
+        )
+        assert status == 0
+        assert clock.offset == -3600.0, "the clock was not set back: the test proves nothing"
+        assert fake.violations == []
+        assert len(fake.windows) == 6
+    # Nine requests at one a second: well under a minute of the server's time, not an hour.
+    assert server_clock.time() - started < 60

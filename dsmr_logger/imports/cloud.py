@@ -129,7 +129,10 @@ class RateLimiter:
     period are forgotten); a request is granted only when, for each bucket, fewer than ``limit``
     granted times lie within ``period + margin`` before now, and not before ``_paused_until``.
     The windows slide, so whatever way a server counts (fixed or sliding windows) the client stays
-    inside. ``margin`` covers the network: two requests sent 1 s apart can arrive closer.
+    inside. ``margin`` covers the network: two requests sent 1 s apart can arrive closer. A clock
+    set back during a run (NTP stepping it) moves every remembered time back with it: a request
+    keeps its age and a pause its length, instead of the import waiting for the hour to come round
+    again.
     """
 
     def __init__(
@@ -149,16 +152,27 @@ class RateLimiter:
         self._horizon = max(b.period for b in buckets) + margin
         self._granted: list[float] = []
         self._paused_until = 0.0
+        self._seen = clock.time()
         if state is not None:
             self._load(state)
 
     def delay(self) -> float:
         """Seconds until a request may go (0: now)."""
-        return max(0.0, self.free_at() - self.clock.time())
+        return max(0.0, self.free_at() - self._now())
+
+    def _now(self) -> float:
+        """The clock's time, the remembered times moved back by as much as it was set back."""
+        now = self.clock.time()
+        if now < self._seen:
+            jump = self._seen - now
+            self._granted = [t - jump for t in self._granted]
+            self._paused_until -= jump
+        self._seen = now
+        return now
 
     def free_at(self) -> float:
         """When the next request may go (a wall-clock time)."""
-        now = self.clock.time()
+        now = self._now()
         at = max(now, self._paused_until)
         for bucket in self.buckets:
             recent = [t for t in self._granted if t > now - bucket.period - self.margin]
@@ -168,7 +182,7 @@ class RateLimiter:
 
     def take(self) -> None:
         """Record a request going out now (after ``delay()`` said 0)."""
-        now = self.clock.time()
+        now = self._now()
         self._granted = [t for t in self._granted if t > now - self._horizon]
         self._granted.append(now)
         self._save()
@@ -181,7 +195,7 @@ class RateLimiter:
 
     def left(self) -> list[tuple[Bucket, int]]:
         """Each bucket and the requests it allows now."""
-        now = self.clock.time()
+        now = self._now()
         return [
             (b, max(0, b.limit - sum(1 for t in self._granted if t > now - b.period - self.margin)))
             for b in self.buckets
