@@ -135,3 +135,49 @@ async def test_a_clock_set_back_an_hour_mid_import_does_not_stall_it(tmp_path: P
         assert len(fake.windows) == 6
     # Nine requests at one a second: well under a minute of the server's time, not an hour.
     assert server_clock.time() - started < 60
+
+
+async def test_a_client_clock_behind_the_servers_still_renews_the_token_in_time(
+    tmp_path: Path,
+) -> None:
+    """The Pi's clock is an hour behind Climkit's: the token's ``valid_until`` then looks 75
+    minutes away. Climkit's tokens live 15 minutes (its document), so the client renews within
+    those and never sends an expired token (the fake flags one), through a run of 20 minutes
+    (each day's answer is followed by two and a half minutes elsewhere)."""
+    points = spring_series()
+    server_clock = VirtualClock(datetime(2024, 4, 10, 12, tzinfo=UTC))
+    clock = SkewedClock(server_clock)
+    clock.offset = -3600.0
+
+    class Slow(ClimkitFake):
+        async def _data(self, request: web.Request) -> web.Response:
+            answer = await super()._data(request)
+            server_clock.now += 150.0  # two and a half minutes to the next day's request
+            return answer
+
+    fake = Slow(
+        server_clock,
+        username=USER,
+        password=PASSWORD,
+        site=SITE,
+        meters=METERS,
+        data={METER: points},
+        zone=ZONE,
+    )
+    started = server_clock.time()
+    async with fake:
+        config = make_config(tmp_path, fake.api_url, "http://127.0.0.1:9")
+        status = await import_history(
+            "climkit",
+            config,
+            sink=None,
+            archive=tmp_path / "archive",
+            since=datetime(2024, 3, 28, tzinfo=ZONE),
+            until=datetime(2024, 4, 4, tzinfo=ZONE),
+            out=io.StringIO(),
+            clock=clock,
+        )
+        assert status == 0
+        assert server_clock.time() - started > 900, "the run outlived no token: proves nothing"
+        assert fake.violations == []
+        assert fake.unauthorised == 0
