@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cloud_fakes import ClimkitFake, VirtualClock
+from dsmr_reader_server import DsmrReaderServer
 from test_import_climkit import (
+    KEY,
     METER,
     METERS,
     PASSWORD,
@@ -181,3 +183,43 @@ async def test_a_client_clock_behind_the_servers_still_renews_the_token_in_time(
         assert server_clock.time() - started > 900, "the run outlived no token: proves nothing"
         assert fake.violations == []
         assert fake.unauthorised == 0
+
+
+async def test_history_the_cloud_fills_in_late_is_fetched_by_the_next_run(tmp_path: Path) -> None:
+    """A run at 10:00 finds yesterday's afternoon missing (the gateway uploads it later) but
+    this morning there. History younger than a day is asked for again by the next run, so the
+    run at 12:00 brings the afternoon in, each slot once; it is not skipped because a later
+    slot had arrived first."""
+    points = spring_series()
+    since = datetime(2024, 3, 29, tzinfo=ZONE)
+    late = (datetime(2024, 3, 29, 14, tzinfo=ZONE), datetime(2024, 3, 30, tzinfo=ZONE))
+    clock = VirtualClock(datetime(2024, 3, 30, 10, tzinfo=ZONE))
+    visible = [p for p in points if not late[0] < p.at <= late[1]]
+    async with (
+        climkit(clock, visible) as fake,
+        DsmrReaderServer(api_key=KEY, zone="Europe/Zurich") as dsmr,
+    ):
+        config = make_config(tmp_path, fake.api_url, dsmr.url)
+
+        async def run() -> int:
+            return await import_history(
+                "climkit",
+                config,
+                sink="home",
+                archive=None,
+                since=since,
+                until=None,
+                out=io.StringIO(),
+                clock=clock,
+            )
+
+        assert await run() == 0
+        first = [p.at for p in visible if since <= p.at <= clock.datetime()]
+        assert [datetime.fromisoformat(r["timestamp"]) for r in dsmr.readings] == first
+        fake.data[METER] = points  # the gateway's upload arrives
+        clock.now += 2 * 3600
+        assert await run() == 0
+        assert fake.violations == []
+    stamps = [datetime.fromisoformat(r["timestamp"]) for r in dsmr.readings]
+    assert len(stamps) == len(set(stamps)), "a slot sent twice"
+    assert sorted(stamps) == [p.at for p in points if since <= p.at <= clock.datetime()]
