@@ -8,12 +8,12 @@ nothing skipped, the cloud's rules kept, one clear line when it cannot go on.
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from cloud_fakes import ClimkitFake, VirtualClock
+from cloud_fakes import ClimkitFake, NeurioFake, VirtualClock, neurio_series
 from dsmr_reader_server import DsmrReaderServer
 from test_import_climkit import (
     KEY,
@@ -27,6 +27,13 @@ from test_import_climkit import (
     make_config,
     spring_series,
 )
+from test_import_neurio import CLIENT_ID as NEURIO_ID
+from test_import_neurio import KEY as NEURIO_KEY
+from test_import_neurio import SECRET as NEURIO_SECRET
+from test_import_neurio import SENSOR
+from test_import_neurio import START as NEURIO_START
+from test_import_neurio import imported as neurio_imported
+from test_import_neurio import make_config as neurio_config
 
 from dsmr_logger.imports.cloud import CloudError
 from dsmr_logger.imports.command import import_history
@@ -223,3 +230,42 @@ async def test_history_the_cloud_fills_in_late_is_fetched_by_the_next_run(tmp_pa
     stamps = [datetime.fromisoformat(r["timestamp"]) for r in dsmr.readings]
     assert len(stamps) == len(set(stamps)), "a slot sent twice"
     assert sorted(stamps) == [p.at for p in points if since <= p.at <= clock.datetime()]
+
+
+@pytest.mark.parametrize("reset", ["absent", "in the past"])
+async def test_neurio_budget_spent_without_a_usable_reset_waits_the_documented_hour(
+    tmp_path: Path, reset: str
+) -> None:
+    """``RateLimit-Remaining: 0`` says the budget is gone; a ``RateLimit-Reset`` missing, or an
+    epoch already past (the server's clock behind), says nothing of when it comes back. The
+    client then waits the document's hour rather than sending into a sure 429 (a violation the
+    fake records) and giving up after its retries."""
+    samples = neurio_series(NEURIO_START, NEURIO_START + timedelta(days=2))
+    clock = VirtualClock(datetime(2024, 11, 20, 8, tzinfo=UTC))
+
+    class Unclear(NeurioFake):
+        def _budget(self) -> tuple[dict[str, str], bool]:
+            headers, over = super()._budget()
+            if reset == "absent":
+                del headers["RateLimit-Reset"]
+            else:
+                headers["RateLimit-Reset"] = str(int((clock.time() - 600) * 1000))
+            return headers, over
+
+    fake = Unclear(
+        clock,
+        client_id=NEURIO_ID,
+        client_secret=NEURIO_SECRET,
+        sensor=SENSOR,
+        samples=samples,
+    )
+    fake.LIMIT = 30
+    async with fake, DsmrReaderServer(api_key=NEURIO_KEY) as dsmr:
+        config = neurio_config(tmp_path, fake, dsmr.url)
+        out = io.StringIO()
+        status = await neurio_imported(
+            config, clock, out, per_page=12, until=NEURIO_START + timedelta(days=2)
+        )
+        assert status == 0, out.getvalue()
+        assert fake.violations == []
+        assert len(dsmr.readings) == 2 * 288
