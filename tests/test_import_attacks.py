@@ -7,12 +7,16 @@ nothing skipped, the cloud's rules kept, one clear line when it cannot go on.
 
 from __future__ import annotations
 
+import asyncio
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from aiohttp import web
+from cli_process import dsmr_logger, one_clear_line
 from cloud_fakes import ClimkitFake, NeurioFake, VirtualClock, neurio_series
 from dsmr_reader_server import DsmrReaderServer
 from test_import_climkit import (
@@ -27,6 +31,8 @@ from test_import_climkit import (
     make_config,
     spring_series,
 )
+from test_import_garbage import VALID
+from test_import_garbage import config_file as garbage_config
 from test_import_neurio import CLIENT_ID as NEURIO_ID
 from test_import_neurio import KEY as NEURIO_KEY
 from test_import_neurio import SECRET as NEURIO_SECRET
@@ -269,3 +275,72 @@ async def test_neurio_budget_spent_without_a_usable_reset_waits_the_documented_h
         assert status == 0, out.getvalue()
         assert fake.violations == []
         assert len(dsmr.readings) == 2 * 288
+
+
+@asynccontextmanager
+async def raw_cloud(odd: dict[str, str]) -> AsyncIterator[str]:
+    """``test_import_garbage``'s cloud, with the odd answers as raw JSON text: a number no float
+    can hold (``1e10000000``) is valid JSON and only text can carry it."""
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path in odd:
+            return web.Response(text=odd[request.path], content_type="application/json")
+        return web.json_response(VALID[request.path]())
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("name", "path", "text", "said"),
+    [
+        (
+            "copper",
+            "/api/partner/e/meter/m/readings",
+            '{"results": [{"time": "2026-03-28T01:00:00Z", "actual": 1, "value": 1e10000000}]}',
+            "value: implausibly large",
+        ),
+        (
+            "neurio",
+            "/samples",
+            '[{"timestamp": "2026-03-28T00:05:00Z", "consumptionEnergy": 1e10000000}]',
+            "consumptionEnergy: implausibly large",
+        ),
+        (
+            "neurio",
+            "/samples",
+            '[{"timestamp": 1e10000000, "consumptionEnergy": 5}]',
+            "timestamp: out of range",
+        ),
+    ],
+)
+async def test_a_number_past_decimals_range_is_one_line_and_exit_1(
+    tmp_path: Path, name: str, path: str, text: str, said: str
+) -> None:
+    """JSON numbers are read exactly (as Decimal); one whose exponent is past what arithmetic
+    on it allows is a value that cannot be read, named in one line, not a traceback."""
+    async with raw_cloud({path: text}) as url:
+        result = await asyncio.to_thread(
+            dsmr_logger,
+            "import",
+            name,
+            "--to-archive",
+            tmp_path / "archive",
+            "--since",
+            "2026-03-28",
+            "--until",
+            "2026-03-29",
+            "--config",
+            garbage_config(tmp_path, name, url),
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert said in one_clear_line(result, "dsmr-logger: import:")
