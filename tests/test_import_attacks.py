@@ -278,13 +278,15 @@ async def test_neurio_budget_spent_without_a_usable_reset_waits_the_documented_h
 
 
 @asynccontextmanager
-async def raw_cloud(odd: dict[str, str]) -> AsyncIterator[str]:
-    """``test_import_garbage``'s cloud, with the odd answers as raw JSON text: a number no float
-    can hold (``1e10000000``) is valid JSON and only text can carry it."""
+async def raw_cloud(odd: dict[str, tuple[int, str, str]]) -> AsyncIterator[str]:
+    """``test_import_garbage``'s cloud, with the odd answers (status, content type, text) as
+    raw text: a number no float can hold (``1e10000000``) is valid JSON only text can carry,
+    and a proxy's error page is HTML."""
 
     async def answer(request: web.Request) -> web.Response:
         if request.path in odd:
-            return web.Response(text=odd[request.path], content_type="application/json")
+            status, kind, text = odd[request.path]
+            return web.Response(status=status, text=text, content_type=kind)
         return web.json_response(VALID[request.path]())
 
     app = web.Application()
@@ -327,7 +329,7 @@ async def test_a_number_past_decimals_range_is_one_line_and_exit_1(
 ) -> None:
     """JSON numbers are read exactly (as Decimal); one whose exponent is past what arithmetic
     on it allows is a value that cannot be read, named in one line, not a traceback."""
-    async with raw_cloud({path: text}) as url:
+    async with raw_cloud({path: (200, "application/json", text)}) as url:
         result = await asyncio.to_thread(
             dsmr_logger,
             "import",
@@ -344,3 +346,39 @@ async def test_a_number_past_decimals_range_is_one_line_and_exit_1(
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert said in one_clear_line(result, "dsmr-logger: import:")
+
+
+PROXY_PAGE = """<html>
+<head><title>403 Forbidden</title></head>
+<body>
+<center><h1>403 Forbidden</h1></center>
+<hr><center>nginx</center>
+</body>
+</html>
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [("copper", "/api/partner/e/meter/m/readings"), ("neurio", "/samples")],
+)
+async def test_a_proxys_html_error_page_is_one_line(tmp_path: Path, name: str, path: str) -> None:
+    """A proxy in front of the cloud refuses with its HTML page: the error names the endpoint
+    and the status, and shows the page's text on the same single line."""
+    async with raw_cloud({path: (403, "text/html", PROXY_PAGE)}) as url:
+        result = await asyncio.to_thread(
+            dsmr_logger,
+            "import",
+            name,
+            "--to-archive",
+            tmp_path / "archive",
+            "--since",
+            "2026-03-28",
+            "--until",
+            "2026-03-29",
+            "--config",
+            garbage_config(tmp_path, name, url),
+        )
+    assert result.returncode == 1, result.stderr
+    line = one_clear_line(result, f"{name}: GET {path.removeprefix('/api')}", "HTTP 403")
+    assert "<title>403 Forbidden</title></head> <body>" in line

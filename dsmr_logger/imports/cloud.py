@@ -52,7 +52,7 @@ from dsmr_logger.net.http import (
 MAX_RETRY_AFTER = 86400.0
 """A server asking to wait longer than a day is not waited for: the import stops and says so."""
 SHOWN_BODY = 2000
-"""Characters of an error answer's body shown to the user."""
+"""Characters of an error answer's body shown to the user (its whitespace runs made one space)."""
 
 
 class Clock(Protocol):
@@ -531,7 +531,10 @@ class CloudClient:
             status = response.status
             if 200 <= status < 300:
                 return response
-            text = self.redact(response.body.decode("utf-8", "replace").strip())[:SHOWN_BODY]
+            # One line: a proxy's HTML page spreads over many, and the error is one (redacted
+            # first: a secret may hold a run of spaces).
+            body = self.redact(response.body.decode("utf-8", "replace"))
+            text = " ".join(body.split())[:SHOWN_BODY]
             if status == 401 and auth and self.tokens is not None:
                 if renewed:
                     raise CloudError(
