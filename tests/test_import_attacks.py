@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cli_process import dsmr_logger, one_clear_line
-from cloud_fakes import ClimkitFake, NeurioFake, VirtualClock, neurio_series
+from cloud_fakes import ClimkitFake, CopperFake, NeurioFake, VirtualClock, neurio_series
 from dsmr_reader_server import DsmrReaderServer
 from test_import_climkit import (
     KEY,
@@ -31,6 +31,14 @@ from test_import_climkit import (
     make_config,
     spring_series,
 )
+from test_import_copper import CLIENT_ID as COPPER_ID
+from test_import_copper import ELECTRIC, ENTERPRISE, GAS, WEEK_END, WEEK_START
+from test_import_copper import KEY as COPPER_KEY
+from test_import_copper import METERS as COPPER_METERS
+from test_import_copper import SECRET as COPPER_SECRET
+from test_import_copper import electric_week as copper_week
+from test_import_copper import gas_week as copper_gas_week
+from test_import_copper import make_config as copper_config
 from test_import_garbage import VALID
 from test_import_garbage import config_file as garbage_config
 from test_import_neurio import CLIENT_ID as NEURIO_ID
@@ -382,3 +390,65 @@ async def test_a_proxys_html_error_page_is_one_line(tmp_path: Path, name: str, p
     assert result.returncode == 1, result.stderr
     line = one_clear_line(result, f"{name}: GET {path.removeprefix('/api')}", "HTTP 403")
     assert "<title>403 Forbidden</title></head> <body>" in line
+
+
+async def test_a_garbled_answer_marked_fresh_is_not_served_from_the_cache_again(
+    tmp_path: Path,
+) -> None:
+    """Copper (or a proxy before it) answers one window with a cut-off body, yet with its usual
+    ``Cache-Control: max-age`` of a year. The import stops naming it; the next run, the cloud
+    answering well again, asks again and completes, instead of reading the same garbage back
+    from its cache for a year."""
+    points, gas = copper_week(), copper_gas_week()
+    clock = VirtualClock(datetime(2024, 3, 1, 9, tzinfo=UTC))
+
+    class Cut(CopperFake):
+        cut = 1
+        garbled = ""
+
+        async def _readings(self, request: web.Request) -> web.Response:
+            answer = await super()._readings(request)
+            if self.cut and answer.status == 200 and request.match_info["mid"] == ELECTRIC:
+                self.cut -= 1
+                self.garbled = request.path_qs
+                assert answer.text is not None
+                return web.Response(
+                    text=answer.text[:100],
+                    content_type="application/json",
+                    headers={"Cache-Control": answer.headers["Cache-Control"]},
+                )
+            return answer
+
+    fake = Cut(
+        clock,
+        client_id=COPPER_ID,
+        client_secret=COPPER_SECRET,
+        enterprise=ENTERPRISE,
+        meters=COPPER_METERS,
+        data={ELECTRIC: points, GAS: gas},
+    )
+    async with fake, DsmrReaderServer(api_key=COPPER_KEY) as dsmr:
+        config = copper_config(tmp_path, fake, dsmr.url)
+
+        async def run() -> int:
+            return await import_history(
+                "copper",
+                config,
+                sink="home",
+                archive=None,
+                since=WEEK_START,
+                until=WEEK_END,
+                out=io.StringIO(),
+                clock=clock,
+            )
+
+        with pytest.raises(CloudError, match="answer is not JSON"):
+            await run()
+        assert fake.cut == 0
+        clock.now += 120  # the recent answers' minute of freshness is over
+        assert await run() == 0
+        # The garbled window was fetched again: a fresh answer the client could read was not.
+        assert fake.refetched_while_fresh == [fake.garbled]
+        assert fake.violations == [f"{fake.garbled} fetched again while fresh"]
+    stamps = [datetime.fromisoformat(r["timestamp"]) for r in dsmr.readings]
+    assert stamps == [p.at for p in points if WEEK_START <= p.at <= WEEK_END]

@@ -492,9 +492,10 @@ class CloudClient:
             payload = urllib.parse.urlencode(form).encode()
             content_type = "application/x-www-form-urlencoded"
         response = await self._send(method, target, payload, content_type, auth, endpoint)
+        answer = _decode(response.body, endpoint, self.redact)  # garbage is never cached
         if cache is not None and (seconds := max_age(response.headers)) is not None:
             cache.put(endpoint, response.body, seconds)
-        return _decode(response.body, endpoint, self.redact)
+        return answer
 
     async def _send(
         self,
