@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -17,7 +19,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from cli_process import dsmr_logger, one_clear_line
-from cloud_fakes import ClimkitFake, CopperFake, NeurioFake, VirtualClock, neurio_series
+from cloud_fakes import (
+    ClimkitFake,
+    CopperFake,
+    NeurioFake,
+    RealClock,
+    VirtualClock,
+    neurio_series,
+)
 from dsmr_reader_server import DsmrReaderServer
 from test_import_climkit import (
     KEY,
@@ -36,6 +45,7 @@ from test_import_copper import ELECTRIC, ENTERPRISE, GAS, WEEK_END, WEEK_START
 from test_import_copper import KEY as COPPER_KEY
 from test_import_copper import METERS as COPPER_METERS
 from test_import_copper import SECRET as COPPER_SECRET
+from test_import_copper import ZONE as ZONE_NL
 from test_import_copper import electric_week as copper_week
 from test_import_copper import gas_week as copper_gas_week
 from test_import_copper import make_config as copper_config
@@ -48,6 +58,7 @@ from test_import_neurio import SENSOR
 from test_import_neurio import START as NEURIO_START
 from test_import_neurio import imported as neurio_imported
 from test_import_neurio import make_config as neurio_config
+from waiting import wait_until
 
 from dsmr_logger.imports.cloud import CloudError
 from dsmr_logger.imports.command import import_history
@@ -452,3 +463,66 @@ async def test_a_garbled_answer_marked_fresh_is_not_served_from_the_cache_again(
         assert fake.violations == [f"{fake.garbled} fetched again while fresh"]
     stamps = [datetime.fromisoformat(r["timestamp"]) for r in dsmr.readings]
     assert stamps == [p.at for p in points if WEEK_START <= p.at <= WEEK_END]
+
+
+async def test_a_copper_import_killed_mid_request_has_counted_that_request(tmp_path: Path) -> None:
+    """``python -m dsmr_logger import copper`` is killed with SIGKILL while a request is on its
+    way (the fake holds the answer): the request counts against the hour, as it does at
+    Copper, and the same command then completes; its closing line says exactly the budget the
+    fake has left, every request of both runs counted."""
+    points, gas = copper_week(), copper_gas_week()
+    hold_at = 6  # the meter list, then the fifth readings request
+
+    class Holding(CopperFake):
+        holding = asyncio.Event()
+        release = asyncio.Event()
+
+        async def _readings(self, request: web.Request) -> web.Response:
+            if len(self.history) == hold_at - 1 and not self.release.is_set():
+                self.history.append(self.clock.time())  # counted on arrival, never answered
+                self.holding.set()
+                await self.release.wait()
+                return web.json_response({"detail": "gone"}, status=503)
+            return await super()._readings(request)
+
+    fake = Holding(
+        RealClock(),
+        client_id=COPPER_ID,
+        client_secret=COPPER_SECRET,
+        enterprise=ENTERPRISE,
+        meters=COPPER_METERS,
+        data={ELECTRIC: points, GAS: gas},
+    )
+    async with fake:
+        config = tmp_path / "config.toml"
+        config.write_text(
+            '[meter]\nport = "/dev/null"\ntimezone = "Europe/Amsterdam"\n'
+            f'[spool]\npath = "{tmp_path / "state" / "spool.sqlite3"}"\n'
+            f'[import.copper]\nclient_id = "{COPPER_ID}"\nclient_secret = "{COPPER_SECRET}"\n'
+            f'enterprise_id = "{ENTERPRISE}"\nmeter = "{ELECTRIC}"\ngas_meter = "{GAS}"\n'
+            f'base_url = "{fake.api_url}"\nauth_url = "{fake.auth_url}"\n'
+        )
+        command = [
+            *("-m", "dsmr_logger", "import", "copper", "--config", str(config)),
+            *("--to-archive", str(tmp_path / "archive")),
+            *("--since", WEEK_START.isoformat(), "--until", WEEK_END.isoformat()),
+        ]
+        first = await asyncio.create_subprocess_exec(sys.executable, *command)
+        await wait_until(fake.holding.is_set, "a request held on its way", timeout=60)
+        first.kill()
+        await asyncio.wait_for(first.wait(), 30)
+        fake.release.set()
+        assert len(fake.history) == hold_at
+
+        second = await asyncio.create_subprocess_exec(sys.executable, *command, stdout=PIPE)
+        out, _ = await asyncio.wait_for(second.communicate(), 60)
+        assert second.returncode == 0
+        assert fake.violations == []
+    left = 100 - len(fake.history)
+    assert f"budget left: {left} of 100/hour, {900 + left} of 1000/day" in out.decode()
+    written = [
+        meter_time(t, ZONE_NL)
+        for day in sorted((tmp_path / "archive").iterdir())
+        for t in frames_in(read_capture(day))
+    ]
+    assert written == [p.at for p in points if WEEK_START <= p.at <= WEEK_END]
