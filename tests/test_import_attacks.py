@@ -526,3 +526,45 @@ async def test_a_copper_import_killed_mid_request_has_counted_that_request(tmp_p
         for t in frames_in(read_capture(day))
     ]
     assert written == [p.at for p in points if WEEK_START <= p.at <= WEEK_END]
+
+
+async def test_a_token_with_a_space_is_masked_whole(tmp_path: Path) -> None:
+    """A token server hands out ``access_token: "tok-Alpha9 tok-Beta7"`` (a space, which
+    RFC 6750 does not allow, yet it goes out as given); the API refuses it with a 401 that
+    echoes the header. Neither half of the token reaches the user's screen."""
+    token = "tok-Alpha9 tok-Beta7"
+
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/oauth2/token":
+            return web.json_response(
+                {"access_token": token, "token_type": "Bearer", "expires_in": 3600}
+            )
+        shown = request.headers.get("Authorization", "")
+        return web.json_response({"message": f"bad authorization {shown!r}"}, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        result = await asyncio.to_thread(
+            dsmr_logger,
+            "import",
+            "neurio",
+            "--to-archive",
+            tmp_path / "archive",
+            "--since",
+            "2026-03-28",
+            "--config",
+            garbage_config(tmp_path, "neurio", url),
+        )
+    finally:
+        await runner.cleanup()
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dsmr-logger:")]
+    assert len(errors) == 1 and "HTTP 401 again with a new token" in errors[0], result.stderr
+    assert "****" in errors[0]
+    for half in token.split():
+        assert half not in result.stdout + result.stderr, result.stderr

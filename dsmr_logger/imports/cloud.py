@@ -255,7 +255,8 @@ class Token:
 
     @property
     def secret(self) -> str:
-        return self.authorization.rpartition(" ")[2]
+        """The token after the scheme, whole: one with a space in it is masked entirely."""
+        return self.authorization.partition(" ")[2]
 
 
 class TokenHolder:
