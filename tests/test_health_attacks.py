@@ -1,0 +1,151 @@
+"""Health attacked: servers that are not DSMR-reader, and a daemon's clocks and ports abused.
+
+Like ``test_health.py``: a real daemon process with ``[http] listen``, a fake DSMR-reader (or a
+web server that is not one) on 127.0.0.1, ``/healthz`` polled the way a monitoring system does,
+and the series of verdicts asserted together with what the server holds.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from aiohttp import web
+from dsmr_reader_server import DsmrReaderProcess
+from test_daemon_process import (
+    SINK,
+    Processes,
+    dead_letters_in_spool,
+    log_events,
+    received_count,
+    stamp,
+    terminate,
+    wait_until,
+    wait_until_quiet,
+    write_config,
+)
+from test_health import (
+    Monitor,
+    a_meter,
+    events,
+    fetch,
+    free_port,
+    procs,
+    read_stamps,
+    server,
+    sink_status,
+)
+
+from dsmr_logger.config import DsmrReaderSinkConfig
+from dsmr_logger.delivery.answers import Verdict, advice
+from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink, DsmrReaderV2Sink
+from dsmr_logger.delivery.spool import StoredTelegram
+from dsmr_logger.telegram.capture import default_capture, frames_in
+
+TELEGRAMS = frames_in(default_capture())
+
+__all__ = ["procs", "server"]  # fixtures
+
+
+def test_a_captive_portal_answering_200_is_not_a_delivery(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """A router's login page answers 200 with HTML to every request (DSMR-reader answers 201
+    with an empty body, or 200 on old versions). Nothing it "takes" may count as delivered:
+    every telegram stays queued, /healthz is 503 naming the sink for as long as it lasts, and
+    once the portal is gone every telegram read arrives, in order. (Before: each 200 was a
+    delivery, the telegrams were confirmed and gone, and health said 200 throughout.)"""
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        server.url,
+        level="debug",
+        sink={"retry_max": 0.5},
+        http={"listen": f"127.0.0.1:{port}"},
+    )
+    daemon, log = procs.daemon(config)
+    meter = a_meter(procs, tmp_path)
+    wait_until(lambda: received_count(server) >= 10, 20.0, "10 deliveries")
+    server.control(mode="captive_portal")
+    with Monitor(port) as monitor:
+        read_at_switch = len(read_stamps(log))
+        wait_until(lambda: len(read_stamps(log)) >= read_at_switch + 30, 20.0, "30 more read")
+        first_bad = wait_until(
+            lambda: next((s for s in monitor.samples if s.status == 503), None), 10.0, "a 503"
+        )
+        wait_until(lambda: len(monitor.answered(first_bad.at)) >= 10, 10.0, "10 more samples")
+        sink = sink_status(port)
+        later = monitor.answered(first_bad.at)
+    assert all(s.status == 503 for s in later), [s.status for s in later]
+    assert all(f"sink {SINK} misconfigured: HTTP 200" in s.reasons for s in later)
+    assert all("not DSMR-reader" in s.reasons for s in later)
+    assert sink["delivered"] == received_count(server)  # what the server really holds
+    assert sink["misconfigured"] is True and sink["dead_letters"] == 0
+    assert sink["backlog"] >= 20
+    errors = [e for e in log_events(log) if e.get("level") == "error"]
+    assert len(errors) == 1 and errors[0]["sink"] == SINK, errors
+
+    server.control(mode="ok")
+    wait_until(lambda: fetch(port, "/healthz")[0] == 200, 10.0, "healthy again")
+    meter.terminate()
+    meter.wait(timeout=10)
+    wait_until_quiet(server, 1.0, 20.0)
+    assert terminate(daemon)[0] == 0
+    delivered = [stamp(t) for t in server.received()]
+    assert delivered == read_stamps(log), "not every telegram read, in order, once"
+    assert dead_letters_in_spool(tmp_path / "spool.sqlite3") == []
+    assert events(log, "telegrams dead-lettered") == []
+
+
+PORTAL = "<!DOCTYPE html><html><title>Sign in</title></html>"
+
+
+@pytest.mark.parametrize(
+    ("api", "status", "content_type", "body", "verdict"),
+    [
+        ("v1", 201, "text/html", "", Verdict.DELIVERED),  # DSMR-reader since v1.6
+        ("v1", 200, "text/html", "", Verdict.DELIVERED),  # older DSMR-reader
+        ("v1", 200, "text/html", PORTAL, Verdict.MISCONFIGURED),
+        ("v1", 200, "application/json", '{"error": "quota exceeded"}', Verdict.MISCONFIGURED),
+        ("v2", 201, "application/json", '{"id": 7, "timestamp": "x"}', Verdict.DELIVERED),
+        ("v2", 200, "text/html", PORTAL, Verdict.MISCONFIGURED),
+        ("v2", 201, "text/html", "", Verdict.MISCONFIGURED),
+        ("v2", 200, "application/json", '["not", "a", "reading"]', Verdict.MISCONFIGURED),
+    ],
+)
+async def test_a_success_only_dsmr_reader_would_send_counts_as_stored(
+    api: str, status: int, content_type: str, body: str, verdict: Verdict
+) -> None:
+    """Which 2xx answers are a delivery: v1's empty 201 (or 200), v2's reading as a JSON
+    object. Any other body under a success status comes from something that is not DSMR-reader
+    and stored nothing: the telegram is kept, the sink misconfigured with the advice to check
+    its url."""
+
+    async def answer(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=status, text=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        config = DsmrReaderSinkConfig(name=SINK, url=url, api_key="k", api=api, timeout=5.0)
+        zone = ZoneInfo("Europe/Amsterdam")
+        sink = DsmrReaderV2Sink(config, zone=zone) if api == "v2" else DsmrReaderV1Sink(config)
+        await sink.start()
+        try:
+            got = await sink.send(StoredTelegram(1, TELEGRAMS[0], time.time()))
+        finally:
+            await sink.close()
+    finally:
+        await runner.cleanup()
+    assert got.verdict is verdict, got
+    if verdict is Verdict.MISCONFIGURED:
+        assert "not DSMR-reader" in advice(got) and "url" in advice(got)
+        assert got.describe().startswith(f"HTTP {status}")
