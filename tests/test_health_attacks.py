@@ -7,13 +7,16 @@ and the series of verdicts asserted together with what the server holds.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+import waiting
 from aiohttp import web
-from dsmr_reader_server import DsmrReaderProcess
+from dsmr_reader_server import DsmrReaderProcess, DsmrReaderServer
 from test_daemon_process import (
     SINK,
     Processes,
@@ -37,12 +40,16 @@ from test_health import (
     server,
     sink_status,
 )
+from test_ops import KEY as OPS_KEY
+from test_ops import get, make_config, running
 
 from dsmr_logger.config import DsmrReaderSinkConfig
+from dsmr_logger.daemon import Daemon
 from dsmr_logger.delivery.answers import Verdict, advice
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink, DsmrReaderV2Sink
 from dsmr_logger.delivery.spool import StoredTelegram
 from dsmr_logger.telegram.capture import default_capture, frames_in
+from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
 TELEGRAMS = frames_in(default_capture())
 
@@ -149,3 +156,96 @@ async def test_a_success_only_dsmr_reader_would_send_counts_as_stored(
     if verdict is Verdict.MISCONFIGURED:
         assert "not DSMR-reader" in advice(got) and "url" in advice(got)
         assert got.describe().startswith(f"HTTP {status}")
+
+
+# --- clock jumps: the wall clock set back or forward (no RTC on a Pi; NTP, a hand) ----------------
+
+
+class SettableWall:
+    """The wall clock, moved by hand: ``offset`` seconds from the real one."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def reasons_until(daemon: Daemon, wanted: str, timeout: float = 10.0) -> list[str]:
+    """Poll /healthz until one of its reasons contains ``wanted``; returns them all."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status, body = await get(daemon, "/healthz")
+            reasons: list[str] = json.loads(body)["reasons"]
+            if any(wanted in reason for reason in reasons):
+                assert status == 503
+                return reasons
+            await asyncio.sleep(0.02)
+
+
+async def test_the_wall_clock_set_back_an_hour_hides_neither_a_silent_meter_nor_a_failing_sink(
+    tmp_path: Path,
+) -> None:
+    """The meter falls silent and the clock is set back an hour: within ``frame_window`` of
+    real silence /healthz is 503, and a sink refusing connections is 503 after
+    ``sink_failing`` (real seconds, not the clock's). (Before: "the last telegram" was an hour
+    in the future, so the silence and the failure were hidden for an hour.)"""
+    meter = VirtualSerialPort()
+    wall = SettableWall()
+    try:
+        async with DsmrReaderServer(api_key=OPS_KEY) as dsmr:
+            config = make_config(tmp_path, meter.path, dsmr.url, frame_window=1.0)
+            daemon = Daemon(config, wall_clock=wall)
+            async with running(daemon):
+                await MeterSimulator(meter, TELEGRAMS[:3], interval=0.02, as_recorded=True).run(3)
+                await waiting.wait_until(lambda: len(dsmr.received) == 3, "three stored")
+                assert (await get(daemon, "/healthz"))[0] == 200
+                wall.offset = -3600.0
+                (reason,) = await reasons_until(daemon, "no valid telegram")
+                silence = float(reason.split("no valid telegram for ")[1].split(" s")[0])
+                assert 1.0 <= silence < 600, reason  # real seconds of silence
+
+                await dsmr.set_mode("refuse")
+                await MeterSimulator(meter, TELEGRAMS[3:5], interval=0.02, as_recorded=True).run(2)
+                await waiting.wait_until(
+                    lambda: daemon.workers[0].stats.failing_since is not None, "a failure"
+                )
+                wall.offset -= 3600.0
+                reasons = await reasons_until(daemon, "sink home failing for")
+                failing = next(r for r in reasons if r.startswith("sink home failing for"))
+                assert "failing for -" not in failing
+                await dsmr.set_mode("ok")
+    finally:
+        meter.close()
+
+
+async def test_the_wall_clock_set_forward_a_day_is_no_silence_and_no_long_failure(
+    tmp_path: Path,
+) -> None:
+    """NTP sets a Pi's clock forward by a day after the daemon started: still "starting" (no
+    telegram yet, well within ``frame_window`` of real time), and a sink refusing connections
+    for a moment is not "failing for 86400 s". (Before: 503 "since the start 86400 s ago" and
+    "sink home failing for 86400 s" at once.)"""
+    meter = VirtualSerialPort()
+    wall = SettableWall()
+    try:
+        async with DsmrReaderServer(api_key=OPS_KEY, mode="refuse") as dsmr:
+            config = make_config(
+                tmp_path, meter.path, dsmr.url, frame_window=120.0, sink_failing=120.0
+            )
+            daemon = Daemon(config, wall_clock=wall)
+            async with running(daemon):
+                wall.offset = 86400.0
+                status, body = await get(daemon, "/healthz")
+                assert (status, json.loads(body)["state"]) == (200, "starting"), body
+                await MeterSimulator(meter, TELEGRAMS[:2], interval=0.02, as_recorded=True).run(2)
+                await waiting.wait_until(
+                    lambda: daemon.workers[0].stats.retries >= 2, "two refused attempts"
+                )
+                wall.offset += 86400.0
+                status, body = await get(daemon, "/healthz")
+                assert (status, json.loads(body)["reasons"]) == (200, []), body
+                await dsmr.set_mode("ok")
+                await waiting.wait_until(lambda: len(dsmr.received) == 2, "both stored")
+    finally:
+        meter.close()

@@ -159,6 +159,9 @@ class SinkWorker:
         self.retry_max = retry_max
         self._jitter = jitter
         self._wall = wall_clock
+        self._clock = clock
+        self.failing_began: float | None = None
+        """``clock`` when the current failure began (``stats.failing_since`` on the wall)."""
         self._log = (log or structlog.get_logger("dsmr_logger.delivery")).bind(sink=sink.name)
         self._report = DeadLetterReport(self._log, clock, REPORT_INTERVAL)
         self.max_in_flight = max_in_flight
@@ -318,10 +321,10 @@ class SinkWorker:
             if self._episode_logged or self.stats.misconfigured:
                 self._log.info(
                     "sink recovered",
-                    failing_for=round(self._wall() - self.stats.failing_since, 1),
+                    failing_for=round(self._clock() - (self.failing_began or 0.0), 1),
                     backlog=len(self.queue),
                 )
-            self.stats.failing_since = None
+            self.stats.failing_since = self.failing_began = None
             self.stats.misconfigured = False
             self.stats.fix = None
 
@@ -345,7 +348,7 @@ class SinkWorker:
         self.stats.last_error = description
         self.stats.last_error_at = now
         if first:
-            self.stats.failing_since = now
+            self.stats.failing_since, self.failing_began = now, self._clock()
         if answer.verdict is Verdict.MISCONFIGURED and fix is None:
             fix = advice(answer)
         if fix is not None:
