@@ -313,6 +313,8 @@ class Daemon:
                     fix=stats.fix,
                     possible_duplicates=stats.possible_duplicates,
                     refused_in_a_row=stats.refused_in_a_row,
+                    refused_recently=stats.refused_recently,
+                    resolved_recently=stats.resolved_recently,
                 )
             )
         attempts = max(status.attempts, status.connects)

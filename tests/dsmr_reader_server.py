@@ -984,8 +984,11 @@ class DsmrReaderServer:
         if changes.get("reset"):
             self.reset()
         if "poison_substring" in changes:
-            needle = changes["poison_substring"]
-            self.poison = None if needle is None else (lambda telegram: needle in telegram)
+            needle = changes["poison_substring"]  # a string, or a list: any of them
+            needles = [needle] if isinstance(needle, str) else needle
+            self.poison = (
+                None if needle is None else (lambda telegram: any(n in telegram for n in needles))
+            )
         if "v2_reject_timestamps" in changes:
             self.v2_reject = _reject_timestamps(changes["v2_reject_timestamps"])
         for key in ("poison_answer", "delay", "retry_after", "hang_outcome", "flap_rate"):

@@ -106,6 +106,43 @@ def test_a_captive_portal_answering_200_is_not_a_delivery(
     assert events(log, "telegrams dead-lettered") == []
 
 
+def test_every_other_telegram_refused_is_unhealthy_though_no_run_forms(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """DSMR-reader refuses every telegram of an odd second ("Failed to parse telegram") and
+    stores the others: half the readings are dead-lettered, yet never two in a row. /healthz
+    is 503 naming the sink and the share refused, for as long as it lasts; once every telegram
+    is taken again it is healthy. (Before: 200 throughout, only a run of ten in a row counted.)"""
+    odd_seconds = [f"{digit}W)" for digit in "13579"]  # the meter timestamp's last digit
+    server.control(poison_substring=odd_seconds, poison_answer="parse_failure")
+    port = free_port()
+    config = write_config(tmp_path, server.url, level="debug", http={"listen": f"127.0.0.1:{port}"})
+    daemon, _ = procs.daemon(config)
+    meter = a_meter(procs, tmp_path)
+    with Monitor(port) as monitor:
+        wait_until(lambda: sink_status(port)["dead_letters"] >= 30, 30.0, "30 dead letters")
+        first_bad = wait_until(
+            lambda: next((s for s in monitor.samples if s.status == 503), None), 10.0, "a 503"
+        )
+        wait_until(lambda: len(monitor.answered(first_bad.at)) >= 10, 10.0, "10 more samples")
+        sink = sink_status(port)
+        server.control(poison_substring=None)
+        wait_until(
+            lambda: any(s.status == 200 for s in monitor.answered(first_bad.at)),
+            30.0,
+            "healthy again",
+        )
+        samples = monitor.answered(first_bad.at)
+    meter.terminate()
+    meter.wait(timeout=10)
+    assert terminate(daemon)[0] == 0
+    assert sink["refused_in_a_row"] <= 1 and sink["delivered"] >= 20
+    run = samples[: next(i for i, s in enumerate(samples) if s.status == 200)]
+    assert len(run) >= 10 and all(s.status == 503 for s in run)
+    assert all(f"sink {SINK}: " in s.reasons and " of the last " in s.reasons for s in run)
+    assert all("dead-lettered (HTTP 500 Failed to parse telegram)" in s.reasons for s in run)
+
+
 PORTAL = "<!DOCTYPE html><html><title>Sign in</title></html>"
 
 
