@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -22,6 +23,7 @@ from test_daemon_process import (
     Processes,
     dead_letters_in_spool,
     log_events,
+    log_tail,
     received_count,
     stamp,
     terminate,
@@ -286,3 +288,48 @@ async def test_the_wall_clock_set_forward_a_day_is_no_silence_and_no_long_failur
                 await waiting.wait_until(lambda: len(dsmr.received) == 2, "both stored")
     finally:
         meter.close()
+
+
+# --- the status port flooded -------------------------------------------------------------------
+
+
+def test_a_flood_of_slow_clients_on_the_status_port_does_not_stop_delivery(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """Under systemd a service may hold 1,024 files. Clients that open the status port and
+    send half a request head, and never more (slowloris), must not take them all: the daemon
+    keeps reading the meter and delivering, also over new connections to DSMR-reader, and
+    /healthz answers again once they are gone. (Before: each slow client held a file for
+    good; with 120 of them under a limit of 128 files the sink could not connect again and
+    delivery stopped.)"""
+    port = free_port()
+    config = write_config(tmp_path, server.url, level="debug", http={"listen": f"127.0.0.1:{port}"})
+    daemon, log = procs.daemon(config, prefix=["prlimit", "--nofile=128:128", "--"])
+    meter = a_meter(procs, tmp_path)
+    wait_until(lambda: received_count(server) >= 5, 20.0, "5 deliveries")
+    slow: list[socket.socket] = []
+    try:
+        for _ in range(200):
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            slow.append(client)
+        server.control(mode="refuse")  # every connection to DSMR-reader closed: new ones needed
+        read = len(read_stamps(log))
+        wait_until(lambda: len(read_stamps(log)) >= read + 5, 20.0, "5 more telegrams read")
+        server.control(mode="ok")
+        stored = received_count(server)
+        wait_until(
+            lambda: received_count(server) >= stored + 20,
+            20.0,
+            "20 more deliveries, over a new connection",
+            detail=lambda: log_tail(log),
+        )
+    finally:
+        for client in slow:
+            client.close()
+    wait_until(lambda: fetch(port, "/healthz")[0] == 200, 20.0, "/healthz answering again")
+    meter.terminate()
+    meter.wait(timeout=10)
+    wait_until_quiet(server, 1.0, 20.0)
+    assert terminate(daemon)[0] == 0
+    assert [stamp(t) for t in server.received()] == read_stamps(log)
