@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from test_daemon_process import (
     wait_until_quiet,
     write_config,
 )
+from test_full_disk import spool_counters
 from test_health import (
     Monitor,
     a_meter,
@@ -48,8 +50,10 @@ from test_ops import get, make_config, running
 from dsmr_logger.config import DsmrReaderSinkConfig
 from dsmr_logger.daemon import Daemon
 from dsmr_logger.delivery.answers import Verdict, advice
+from dsmr_logger.delivery.queue import Queues
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV1Sink, DsmrReaderV2Sink
-from dsmr_logger.delivery.spool import StoredTelegram
+from dsmr_logger.delivery.spool import Spool, StoredTelegram
+from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.capture import default_capture, frames_in
 from dsmr_logger.tools.simulate import MeterSimulator, VirtualSerialPort
 
@@ -333,3 +337,41 @@ def test_a_flood_of_slow_clients_on_the_status_port_does_not_stop_delivery(
     wait_until_quiet(server, 1.0, 20.0)
     assert terminate(daemon)[0] == 0
     assert [stamp(t) for t in server.received()] == read_stamps(log)
+
+
+# --- counters across a spool started anew ------------------------------------------------------
+
+
+async def test_telegrams_counted_lost_stay_counted_when_the_spool_state_is_started_anew(
+    tmp_path: Path,
+) -> None:
+    """``lost`` (in /status, ``status`` and ``dsmr_logger_sink_lost_total``) is a count since the
+    spool was created: when its state file is deleted under the running daemon and started
+    anew from the segment files, the telegrams counted lost before stay counted (and are
+    written into the new file). (Before: the count fell back to 0, and a Prometheus counter
+    went down within one process.)"""
+    path = tmp_path / "state" / "spool.sqlite3"
+    queues = Queues(
+        Spool(path, max_bytes=1 << 20), {"home": 0.0}, flush_interval=0.0, strict=False, hot_limit=3
+    )
+    await queues.open()
+    frames = FrameAssembler().feed(default_capture() * 3, 0.0)
+    for frame in frames[:20]:
+        queues.accept(frame)
+    await queues.flush(everything=True)
+    shutil.rmtree(path.parent)  # the files go: the backlog read back from disk is lost
+    queues.accept(frames[20])
+    await queues.flush(everything=True)
+    queues.accept(frames[21])
+    await queues.flush(everything=True)  # the loss is written into the new file
+    before = queues.spool_snapshot().lost["home"]
+    assert before > 0
+    path.unlink()  # now only the state file goes; the segment files stay
+    queues.accept(frames[22])
+    await queues.flush(everything=True)
+    assert list(path.parent.glob("spool.sqlite3.gone-*")), "not started anew"
+    assert queues.spool_snapshot().lost.get("home", 0) >= before
+    queues.accept(frames[23])
+    await queues.flush(everything=True)
+    await queues.close()
+    assert spool_counters(path)["home"]["lost"] >= before
