@@ -375,3 +375,48 @@ async def test_telegrams_counted_lost_stay_counted_when_the_spool_state_is_start
     await queues.flush(everything=True)
     await queues.close()
     assert spool_counters(path)["home"]["lost"] >= before
+
+
+# --- a redirect to an address that is not one ----------------------------------------------------
+
+
+def test_a_redirect_to_an_address_that_is_not_a_url_is_misconfigured_not_a_crash(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """A server (a proxy, a portal) answers 301 with ``Location: http://[::1/...`` (an IPv6
+    bracket never closed). The sink is misconfigured (503 naming it), the daemon keeps
+    reading and queueing, and after the fix everything arrives in order. (Before: reading the
+    Location raised ValueError in the sink's task: "task crashed", exit 1, and the same crash
+    at each restart by the service manager.)"""
+    server.control(mode="redirect", redirect_to="http://[::1")
+    port = free_port()
+    config = write_config(
+        tmp_path,
+        server.url,
+        level="debug",
+        sink={"retry_max": 0.5},
+        http={"listen": f"127.0.0.1:{port}"},
+    )
+    daemon, log = procs.daemon(config)
+    meter = a_meter(procs, tmp_path)
+    with Monitor(port) as monitor:
+        wait_until(lambda: len(read_stamps(log)) >= 20, 20.0, "20 telegrams read")
+        first_bad = wait_until(
+            lambda: next((s for s in monitor.samples if s.status == 503), None),
+            10.0,
+            "a 503",
+            detail=lambda: log_tail(log),
+        )
+        wait_until(lambda: len(monitor.answered(first_bad.at)) >= 10, 10.0, "10 more samples")
+        later = monitor.answered(first_bad.at)
+    assert daemon.poll() is None, log_tail(log)
+    assert all(f"sink {SINK} misconfigured: HTTP 301" in s.reasons for s in later)
+    assert all("not a valid URL" in s.reasons for s in later)
+    assert not events(log, "task crashed; stopping (the service manager restarts the daemon)")
+    server.control(mode="ok")
+    wait_until(lambda: fetch(port, "/healthz")[0] == 200, 10.0, "healthy after the fix")
+    meter.terminate()
+    meter.wait(timeout=10)
+    wait_until_quiet(server, 1.0, 20.0)
+    assert terminate(daemon)[0] == 0
+    assert [stamp(t) for t in server.received()] == read_stamps(log)

@@ -22,7 +22,13 @@ import structlog
 
 from dsmr_logger import __version__
 from dsmr_logger.config import DsmrReaderSinkConfig
-from dsmr_logger.delivery.answers import Answer, Verdict, classify, no_answer
+from dsmr_logger.delivery.answers import (
+    Answer,
+    Verdict,
+    absolute_location,
+    classify,
+    no_answer,
+)
 from dsmr_logger.delivery.sinks import Telegram
 from dsmr_logger.net.http import HttpClient, parse_json
 from dsmr_logger.telegram.obis import ParseError, parse
@@ -113,12 +119,11 @@ class DsmrReaderSink:
         except (TimeoutError, OSError) as exc:
             return no_answer(exc)
         text = answer_text(response.body, self.config.api_key)
-        location = response.headers.get("location")
         answer = classify(
             response.status,
             text,
             response.headers.get("retry-after"),
-            location=None if location is None else urllib.parse.urljoin(self.endpoint, location),
+            location=absolute_location(self.endpoint, response.headers.get("location")),
             api_path=self.path,
         )
         if answer.verdict is Verdict.DELIVERED and not self.stored(text):
