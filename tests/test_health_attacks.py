@@ -75,7 +75,7 @@ def test_a_captive_portal_answering_200_is_not_a_delivery(
         tmp_path,
         server.url,
         level="debug",
-        sink={"retry_max": 0.5},
+        sink={"retry_max": 0.5, "timeout": 10.0},
         http={"listen": f"127.0.0.1:{port}"},
     )
     daemon, log = procs.daemon(config)
@@ -119,10 +119,16 @@ def test_every_other_telegram_refused_is_unhealthy_though_no_run_forms(
     stores the others: half the readings are dead-lettered, yet never two in a row. /healthz
     is 503 naming the sink and the share refused, for as long as it lasts; once every telegram
     is taken again it is healthy. (Before: 200 throughout, only a run of ten in a row counted.)"""
-    odd_seconds = [f"{digit}W)" for digit in "13579"]  # the meter timestamp's last digit
+    odd_seconds = [f"{digit}W)\r\n0-0:96.1.1" for digit in "13579"]  # the meter's timestamp
     server.control(poison_substring=odd_seconds, poison_answer="parse_failure")
     port = free_port()
-    config = write_config(tmp_path, server.url, level="debug", http={"listen": f"127.0.0.1:{port}"})
+    config = write_config(
+        tmp_path,
+        server.url,
+        level="debug",
+        sink={"timeout": 10.0},  # a loaded machine's slow answer is no failure here
+        http={"listen": f"127.0.0.1:{port}"},
+    )
     daemon, _ = procs.daemon(config)
     meter = a_meter(procs, tmp_path)
     with Monitor(port) as monitor:
@@ -163,6 +169,7 @@ PORTAL = "<!DOCTYPE html><html><title>Sign in</title></html>"
         ("v2", 200, "text/html", PORTAL, Verdict.MISCONFIGURED),
         ("v2", 201, "text/html", "", Verdict.MISCONFIGURED),
         ("v2", 200, "application/json", '["not", "a", "reading"]', Verdict.MISCONFIGURED),
+        ("v2", 200, "application/json", '{"error": "quota exceeded"}', Verdict.MISCONFIGURED),
     ],
 )
 async def test_a_success_only_dsmr_reader_would_send_counts_as_stored(
@@ -394,7 +401,7 @@ def test_a_redirect_to_an_address_that_is_not_a_url_is_misconfigured_not_a_crash
         tmp_path,
         server.url,
         level="debug",
-        sink={"retry_max": 0.5},
+        sink={"retry_max": 0.5, "timeout": 10.0},
         http={"listen": f"127.0.0.1:{port}"},
     )
     daemon, log = procs.daemon(config)

@@ -5,8 +5,9 @@ CR and LF kept), so DSMR-reader's own parser and CRC check see exactly what the 
 ``POST {url}/api/v2/datalogger/dsmrreading`` takes the reading's fields with an explicit
 timestamp: it serves meters DSMR-reader cannot parse itself (Swedish, Austrian, ...) and backfills.
 A success is DSMR-reader's own: v1 answers 201 (200 before v1.6) with an empty body, v2 the stored
-reading as JSON. A 2xx with any other body (a captive portal's login page, a JSON error from some
-gateway) stored nothing: confirming it would lose the telegram, so the sink is misconfigured.
+reading as a JSON object (with its ``timestamp``). A 2xx with any other body (a captive portal's
+login page, a JSON error from some gateway) stored nothing: confirming it would lose the telegram,
+so the sink is misconfigured.
 Each sink holds its own keep-alive connections (``sinks/http.py``): a telegram a second for years
 is the whole workload, so every microsecond and MiB of the client counts on a Raspberry Pi.
 """
@@ -169,11 +170,12 @@ class DsmrReaderSink:
             self._client = None
 
 
-def _is_object(text: str) -> bool:
+def _is_reading(text: str) -> bool:
     try:
-        return isinstance(parse_json(text.encode()), dict)
+        document = parse_json(text.encode())
     except ValueError:
         return False
+    return isinstance(document, dict) and "timestamp" in document
 
 
 def _is_reading_list(text: str) -> bool:
@@ -194,8 +196,8 @@ class DsmrReaderV2Sink(DsmrReaderSink):
     path = V2_PATH
 
     def stored(self, text: str) -> bool:
-        """v2's success answer is the stored reading, a JSON object."""
-        return _is_object(text)
+        """v2's success answer is the stored reading: a JSON object with its timestamp."""
+        return _is_reading(text)
 
     def __init__(self, config: DsmrReaderSinkConfig, *, zone: ZoneInfo) -> None:
         super().__init__(config)
