@@ -103,13 +103,16 @@ class Daemon:
         config: Config,
         *,
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         notifier: Notifier | None = None,
         log: Any = None,
     ) -> None:
+        """``clock`` measures how long ago things happened (the wall clock may jump)."""
         self.config = config
         self.notifier = notifier or Notifier({})
         self.sink_configs = default_sinks(config)
         self._wall = wall_clock
+        self._clock = clock
         self._log = log or structlog.get_logger("dsmr_logger")
         self.queues = Queues(
             Spool(
@@ -132,6 +135,7 @@ class Daemon:
                 retry_max=getattr(cfg, "retry_max", 60.0),
                 max_in_flight=getattr(cfg, "max_in_flight", 1),
                 wall_clock=wall_clock,
+                clock=clock,
             )
             for sink, cfg in zip(self.sinks, self.sink_configs, strict=True)
         ]
@@ -149,11 +153,15 @@ class Daemon:
 
             self.status_server = StatusServer(self.snapshot, config.http, wall_clock=wall_clock)
         self.started_at: float | None = None
+        self._started: float | None = None
+        self._last_frame: float | None = None
+        """``clock`` at the start and at the last valid frame: ages the wall clock cannot skew."""
         self._last_telegram: bytes | None = None
         self._debug = config.log.level == "debug"
 
     def _on_frame(self, frame: Frame) -> None:
         self._last_telegram = frame.telegram
+        self._last_frame = self._clock()
         self.queues.accept(frame)
         if self._debug:  # glance costs ~20 µs a telegram: only for the debug line
             self._log.debug("telegram", **glance(frame.telegram).values, bytes=len(frame.raw))
@@ -164,7 +172,7 @@ class Daemon:
         Raises ``StartupError`` or ``SpoolError`` when it cannot start; whatever it had opened is
         closed by then.
         """
-        self.started_at = self._wall()
+        self.started_at, self._started = self._wall(), self._clock()
         async with contextlib.AsyncExitStack() as opened:
             await self._open(opened)
             crashed = await self._serve(stop)
@@ -273,7 +281,14 @@ class Daemon:
                 raise TaskCrashed(name) from exc
 
     def snapshot(self) -> Snapshot:
-        now = self._wall()
+        """Times of the start, the last frame and a sink's failure are given as the wall
+        clock now minus their age on ``clock``: health judges ages, so the wall clock set
+        back an hour neither hides a silent meter nor makes a new one look stale."""
+        now, mono = self._wall(), self._clock()
+
+        def ago(at: float | None) -> float | None:
+            return None if at is None else now - (mono - at)
+
         counters = self.source.counters
         status = self.source.status
         sinks = []
@@ -293,11 +308,13 @@ class Daemon:
                     throttled=queue.stats.throttled,
                     last_error=stats.last_error,
                     last_error_at=stats.last_error_at,
-                    failing_since=stats.failing_since,
+                    failing_since=ago(worker.failing_began),
                     misconfigured=stats.misconfigured,
                     fix=stats.fix,
                     possible_duplicates=stats.possible_duplicates,
                     refused_in_a_row=stats.refused_in_a_row,
+                    refused_recently=stats.refused_recently,
+                    resolved_recently=stats.resolved_recently,
                 )
             )
         attempts = max(status.attempts, status.connects)
@@ -310,10 +327,10 @@ class Daemon:
             bytes_in=counters.bytes_in,
             garbage_bytes=counters.garbage_bytes,
             reconnects=max(0, attempts - 1),
-            last_frame_at=status.last_frame_at,
+            last_frame_at=ago(self._last_frame),
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),
-            started_at=self.started_at,
+            started_at=ago(self._started),
             meter_error=status.last_error,
             meter_error_at=status.last_error_at,
             meter_attempts=attempts,

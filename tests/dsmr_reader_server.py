@@ -50,7 +50,9 @@ traceback page), ``parse_failure``, ``bad_request``, ``forbidden``, ``disabled``
 ``rate_limited`` (429 with ``Retry-After: <retry_after>``), ``redirect`` (301 to the same path
 under ``redirect_to``, by default ``https://`` + the server's own address: what an http → https
 redirect looks like), ``proxy_bad_request`` (400 with nginx's own HTML page to every request on
-every path, GETs too: a reverse proxy that passes nothing on). Forced modes answer every request.
+every path, GETs too: a reverse proxy that passes nothing on), ``captive_portal`` (200 with a
+login page to every request: a router or portal that stores nothing and says "OK"). Forced modes
+answer every request.
 ``flapping`` answers each request (a post or a v2 list) with the HTML 500 page with probability
 ``flap_rate`` and normally otherwise, drawing from ``random.Random(flap_seed)``: a server failing
 at random, the same way on every run of a test that sends the same requests in the same order.
@@ -114,6 +116,7 @@ MODES = (
     "flapping",
     "redirect",
     "proxy_bad_request",
+    "captive_portal",
 )
 PARSE_FAILURE = "Failed to parse telegram"
 INVALID_AUTH = "Invalid auth key"
@@ -143,6 +146,13 @@ PROXY_400_PAGE = """<html>
 <center><h1>400 Bad Request</h1></center>
 <hr><center>nginx</center>
 </body>
+</html>
+"""
+
+# What a captive portal or a router's login page answers to any request, whatever its method.
+PORTAL_PAGE = """<!DOCTYPE html>
+<html><head><title>Sign in to the network</title></head>
+<body><form method="post" action="/login"><input name="password" type="password"></form></body>
 </html>
 """
 
@@ -688,6 +698,7 @@ class DsmrReaderServer:
             "disabled": (405, API_DISABLED, "disabled"),
             "rate_limited": (429, "Too Many Requests", "rate_limited"),
             "proxy_bad_request": (400, PROXY_400_PAGE, "proxy_bad_request"),
+            "captive_portal": (200, PORTAL_PAGE, "captive_portal"),
         }
         if self._mode in forced:
             return forced[self._mode]
@@ -808,6 +819,7 @@ class DsmrReaderServer:
             "disabled": (405, API_DISABLED, "disabled", html),
             "rate_limited": (429, "Too Many Requests", "rate_limited", text),
             "proxy_bad_request": (400, PROXY_400_PAGE, "proxy_bad_request", html),
+            "captive_portal": (200, PORTAL_PAGE, "captive_portal", html),
         }
         if self._flapped():
             return 500, self._html500(), "flapping", html
@@ -972,8 +984,11 @@ class DsmrReaderServer:
         if changes.get("reset"):
             self.reset()
         if "poison_substring" in changes:
-            needle = changes["poison_substring"]
-            self.poison = None if needle is None else (lambda telegram: needle in telegram)
+            needle = changes["poison_substring"]  # a string, or a list: any of them
+            needles = [needle] if isinstance(needle, str) else needle
+            self.poison = (
+                None if needle is None else (lambda telegram: any(n in telegram for n in needles))
+            )
         if "v2_reject_timestamps" in changes:
             self.v2_reject = _reject_timestamps(changes["v2_reject_timestamps"])
         for key in ("poison_answer", "delay", "retry_after", "hang_outcome", "flap_rate"):

@@ -117,7 +117,7 @@ def classify(
     target = hint = None
     if status in REDIRECTS:
         target = _without_secrets(location) if location else None
-        hint = redirect_advice(target, api_path)
+        hint = redirect_advice(target, api_path) if target or not location else BAD_LOCATION
     return Answer(
         verdict,
         status,
@@ -151,6 +151,23 @@ def advice(answer: Answer) -> str:
     return ""
 
 
+BAD_LOCATION = (
+    "the server redirects to an address that is not a valid URL: set the sink's url to "
+    "DSMR-reader itself"
+)
+
+
+def absolute_location(base: str, location: str | None) -> str | None:
+    """A ``Location`` made absolute against ``base``; as sent when it is no URL at all (the
+    server's input: ``http://[::1`` must not raise)."""
+    if location is None:
+        return None
+    try:
+        return urllib.parse.urljoin(base, location)
+    except ValueError:
+        return location
+
+
 def redirect_advice(location: str | None, api_path: str) -> str:
     """Advice "use https://host as url" when the redirect keeps the API path, else where to."""
     if not location:
@@ -163,9 +180,13 @@ def redirect_advice(location: str | None, api_path: str) -> str:
     )
 
 
-def _without_secrets(url: str) -> str:
-    """The URL without user:password, query or fragment (a redirect may carry a token)."""
-    parts = urllib.parse.urlsplit(url)
+def _without_secrets(url: str) -> str | None:
+    """The URL without user:password, query or fragment (a redirect may carry a token); None
+    when it is not a URL."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # "http://[::1": an IPv6 bracket never closed, a bad address in it
+        return None
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"

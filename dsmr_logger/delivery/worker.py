@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -57,6 +58,9 @@ POISON_STRIKES = 10
 dead-lettered as poison (see the module docstring for the odds)."""
 REFUSED_RUN_REASON = 10
 """Telegrams dead-lettered in a row (nothing delivered between) that make ``/healthz`` say so."""
+RECENT = 100
+"""Telegrams last resolved (delivered or dead-lettered) that ``refused_recently`` counts in: ten
+refused among them make ``/healthz`` say so, though no run forms (every other one refused)."""
 REPORT_INTERVAL = 60.0
 """Seconds between dead-letter warnings: the first is logged at once, later ones as a count."""
 
@@ -77,6 +81,9 @@ class SinkStats:
     """Failed attempts that may have stored a telegram that was then stored again."""
     refused_in_a_row: int = 0
     """Telegrams dead-lettered since the last delivery."""
+    refused_recently: int = 0
+    """Telegrams dead-lettered among the last ``resolved_recently`` (at most ``RECENT``)."""
+    resolved_recently: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
     failing_since: float | None = None
@@ -159,6 +166,9 @@ class SinkWorker:
         self.retry_max = retry_max
         self._jitter = jitter
         self._wall = wall_clock
+        self._clock = clock
+        self.failing_began: float | None = None
+        """``clock`` when the current failure began (``stats.failing_since`` on the wall)."""
         self._log = (log or structlog.get_logger("dsmr_logger.delivery")).bind(sink=sink.name)
         self._report = DeadLetterReport(self._log, clock, REPORT_INTERVAL)
         self.max_in_flight = max_in_flight
@@ -171,6 +181,8 @@ class SinkWorker:
         self._in_flight = 0
         self._episode_logged = False
         """The current failure was logged (so its recovery is); short ones are only counted."""
+        self._recent: deque[bool] = deque(maxlen=RECENT)
+        """Whether each of the last telegrams resolved was dead-lettered."""
         self._maybe_stored: dict[int, int] = {}
         """Failed attempts per telegram that may have reached the server's database."""
         self._delivered_ahead: set[int] = set()
@@ -314,14 +326,15 @@ class SinkWorker:
         self.stats.delivered += 1
         self.stats.possible_duplicates += self._maybe_stored.pop(item.seq, 0)
         self.stats.refused_in_a_row = 0
+        self._resolved(refused=False)
         if self.stats.failing_since is not None:
             if self._episode_logged or self.stats.misconfigured:
                 self._log.info(
                     "sink recovered",
-                    failing_for=round(self._wall() - self.stats.failing_since, 1),
+                    failing_for=round(self._clock() - (self.failing_began or 0.0), 1),
                     backlog=len(self.queue),
                 )
-            self.stats.failing_since = None
+            self.stats.failing_since = self.failing_began = None
             self.stats.misconfigured = False
             self.stats.fix = None
 
@@ -332,9 +345,17 @@ class SinkWorker:
         self._maybe_stored.pop(item.seq, None)
         self.stats.dead_letters += 1
         self.stats.refused_in_a_row += 1
+        self._resolved(refused=True)
         self.stats.last_error = answer.describe()
         self.stats.last_error_at = self._wall()
         self._report.add(reason, answer.describe())
+
+    def _resolved(self, *, refused: bool) -> None:
+        if len(self._recent) == RECENT and self._recent[0]:
+            self.stats.refused_recently -= 1
+        self._recent.append(refused)
+        self.stats.refused_recently += refused
+        self.stats.resolved_recently = len(self._recent)
 
     def _failed(self, answer: Answer, *, fix: str | None = None) -> None:
         """Note a failed attempt; log a state change once. ``fix``: the sink is misconfigured."""
@@ -345,7 +366,7 @@ class SinkWorker:
         self.stats.last_error = description
         self.stats.last_error_at = now
         if first:
-            self.stats.failing_since = now
+            self.stats.failing_since, self.failing_began = now, self._clock()
         if answer.verdict is Verdict.MISCONFIGURED and fix is None:
             fix = advice(answer)
         if fix is not None:

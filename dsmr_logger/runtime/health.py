@@ -4,9 +4,11 @@ Healthy means telegrams are read and delivered. Unhealthy names each reason: no 
 ``frame_window`` (with the link's last error: what a user needs to fix it), a meter device or a
 sink misconfigured (at once: it will not fix itself), a sink failing for longer than
 ``sink_failing``, or a sink whose last ``REFUSED_RUN`` telegrams were all dead-lettered (a server
-refusing everything must not look healthy). Right after a start the meter has had no time to send
-a telegram: for ``frame_window`` the state is "starting" and healthy, so monitoring does not flap
-on every restart (measured before: 503 "no valid telegram for ever" 0.3 s after each restart).
+refusing everything must not look healthy), or that dead-lettered ``REFUSED_RUN`` of its last 100
+(every other one refused forms no run, yet half the readings are not stored). Right after a
+start the meter has had no time to send a telegram: for ``frame_window`` the state is "starting"
+and healthy, so monitoring does not flap on every restart (measured before: 503 "no valid
+telegram for ever" 0.3 s after each restart).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ REFUSED = frozenset({"misconfigured", "unauthorized"})
 """Meter states that are configuration to fix (a device refusing a token or login): a reason at
 once, even while starting."""
 REFUSED_RUN = 10
-"""Telegrams dead-lettered in a row (nothing delivered between) that make a sink unhealthy."""
+"""Telegrams dead-lettered in a row (nothing delivered between), or among the last 100 resolved,
+that make a sink unhealthy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +91,11 @@ def _sink_reasons(sink: SinkSnapshot, now: float, limits: HttpConfig) -> list[st
             f"sink {sink.name}: the last {sink.refused_in_a_row} telegrams were all "
             f"dead-lettered ({sink.last_error}); see dsmr-logger spool list"
         )
+    elif sink.refused_recently >= REFUSED_RUN:
+        reasons.append(
+            f"sink {sink.name}: {sink.refused_recently} of the last {sink.resolved_recently} "
+            f"telegrams were dead-lettered ({sink.last_error}); see dsmr-logger spool list"
+        )
     return reasons
 
 
@@ -138,6 +146,7 @@ def status_document(snap: Snapshot, now: float, limits: HttpConfig) -> dict[str,
                 "retries": sink.retries,
                 "dead_letters": sink.dead_letters,
                 "refused_in_a_row": sink.refused_in_a_row,
+                "refused_recently": sink.refused_recently,
                 "possible_duplicates": sink.possible_duplicates,
                 "dropped": sink.dropped,
                 "throttled": sink.throttled,

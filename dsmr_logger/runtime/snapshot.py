@@ -26,6 +26,9 @@ class SinkSnapshot:
     """Failed attempts that may have stored a telegram that was then stored again."""
     refused_in_a_row: int = 0
     """Telegrams dead-lettered since the last delivery."""
+    refused_recently: int = 0
+    """Telegrams dead-lettered among the last ``resolved_recently`` delivered or dead-lettered."""
+    resolved_recently: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,10 +2,18 @@
 
 Served by aiohttp in the daemon's own event loop; every answer is computed from one snapshot at
 request time, so it costs nothing between requests.
+
+Every connection holds a file, and a service may hold 1,024 of them (systemd's default): clients
+that connect and never finish a request (slowloris), or a flood of them, must not take the ones
+the meter, the spool and the sinks need. So at most ``MAX_CLIENTS`` connections are served at
+once (more are closed as soon as they are accepted) and one sending no whole request within
+``IDLE_TIMEOUT`` is closed. Measured before: 120 half-sent requests under a limit of 128 files
+held every file; the sink could not connect again and delivery stopped.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterator
 
@@ -19,6 +27,17 @@ from dsmr_logger.runtime.health import judge, status_document
 from dsmr_logger.runtime.snapshot import Snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+MAX_CLIENTS = 16
+"""Connections served at once (a monitoring system, Prometheus and ``status`` need a few)."""
+IDLE_TIMEOUT = 10.0
+"""Seconds a connection may wait for a whole request, or sit idle between two."""
+
+
+class _Turned(asyncio.Protocol):
+    """A connection past ``MAX_CLIENTS``: closed at once, its file given back."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 
 class SnapshotCollector(Collector):
@@ -146,6 +165,7 @@ class StatusServer:
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(SnapshotCollector(snapshot))
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self.port: int | None = None
 
     def app(self) -> web.Application:
@@ -158,20 +178,35 @@ class StatusServer:
     async def start(self) -> None:
         assert self._config.address is not None
         host, port = self._config.address
-        runner = web.AppRunner(self.app(), access_log=None)
+        runner = web.AppRunner(self.app(), access_log=None, keepalive_timeout=IDLE_TIMEOUT)
         await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:  # the port is taken: nothing may stay half-open
-            await runner.cleanup()
-            raise
         self._runner = runner
-        self.port = runner.addresses[0][1]
+        try:
+            # A backlog of MAX_CLIENTS: asyncio accepts at most that many in one go, before
+            # any of them is counted in ``connections``.
+            self._listener = await asyncio.get_running_loop().create_server(
+                self._accepted, host, port, backlog=MAX_CLIENTS
+            )
+        except BaseException:  # the port is taken: nothing may stay half-open
+            await self.stop()
+            raise
+        self.port = self._listener.sockets[0].getsockname()[1]
+
+    def _accepted(self) -> asyncio.BaseProtocol:
+        assert self._runner is not None and self._runner.server is not None
+        if len(self._runner.server.connections) >= MAX_CLIENTS:
+            return _Turned()
+        return self._runner.server()
 
     async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the connections still open
             self._runner = None
+        if self._listener is not None:
+            await self._listener.wait_closed()
+            self._listener = None
 
     async def _healthz(self, _: web.Request) -> web.Response:
         health = judge(self._snapshot(), self._wall(), self._config)

@@ -4,6 +4,10 @@
 CR and LF kept), so DSMR-reader's own parser and CRC check see exactly what the meter sent.
 ``POST {url}/api/v2/datalogger/dsmrreading`` takes the reading's fields with an explicit
 timestamp: it serves meters DSMR-reader cannot parse itself (Swedish, Austrian, ...) and backfills.
+A success is DSMR-reader's own: v1 answers 201 (200 before v1.6) with an empty body, v2 the stored
+reading as a JSON object (with its ``timestamp``). A 2xx with any other body (a captive portal's
+login page, a JSON error from some gateway) stored nothing: confirming it would lose the telegram,
+so the sink is misconfigured.
 Each sink holds its own keep-alive connections (``sinks/http.py``): a telegram a second for years
 is the whole workload, so every microsecond and MiB of the client counts on a Raspberry Pi.
 """
@@ -19,7 +23,13 @@ import structlog
 
 from dsmr_logger import __version__
 from dsmr_logger.config import DsmrReaderSinkConfig
-from dsmr_logger.delivery.answers import Answer, Verdict, classify, no_answer
+from dsmr_logger.delivery.answers import (
+    Answer,
+    Verdict,
+    absolute_location,
+    classify,
+    no_answer,
+)
 from dsmr_logger.delivery.sinks import Telegram
 from dsmr_logger.net.http import HttpClient, parse_json
 from dsmr_logger.telegram.obis import ParseError, parse
@@ -32,6 +42,11 @@ V2_PATH = "/api/v2/datalogger/dsmrreading"
 MAX_BODY = 64 * 1024
 FORM = "application/x-www-form-urlencoded"
 PROBE_QUERY = V2_PATH + "?timestamp__gte=2999-01-01T00:00:00Z&limit=1"
+NOT_DSMR = (
+    "the server answered success with a body DSMR-reader never sends, so nothing counts as "
+    "stored: not DSMR-reader (a captive portal, a router's login page or another web server at "
+    "that address?); check the sink's url"
+)
 
 _UNRESERVED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
 _ESCAPED = [b"%%%02X" % byte for byte in range(256)]
@@ -105,14 +120,28 @@ class DsmrReaderSink:
         except (TimeoutError, OSError) as exc:
             return no_answer(exc)
         text = answer_text(response.body, self.config.api_key)
-        location = response.headers.get("location")
-        return classify(
+        answer = classify(
             response.status,
             text,
             response.headers.get("retry-after"),
-            location=None if location is None else urllib.parse.urljoin(self.endpoint, location),
+            location=absolute_location(self.endpoint, response.headers.get("location")),
             api_path=self.path,
         )
+        if answer.verdict is Verdict.DELIVERED and not self.stored(text):
+            # A captive portal's or a router's page: stored nowhere, so it must not be
+            # confirmed (it would be gone). Kept queued until DSMR-reader itself answers.
+            return Answer(
+                Verdict.MISCONFIGURED,
+                response.status,
+                text[:2000],
+                maybe_stored=True,
+                hint=NOT_DSMR,
+            )
+        return answer
+
+    def stored(self, text: str) -> bool:
+        """A success answer DSMR-reader sends: v1's is empty (201; 200 before v1.6)."""
+        return not text.strip()
 
     async def probe(self) -> Answer:
         """Does DSMR-reader answer, database included? DELIVERED if so; stores nothing.
@@ -141,6 +170,14 @@ class DsmrReaderSink:
             self._client = None
 
 
+def _is_reading(text: str) -> bool:
+    try:
+        document = parse_json(text.encode())
+    except ValueError:
+        return False
+    return isinstance(document, dict) and "timestamp" in document
+
+
 def _is_reading_list(text: str) -> bool:
     try:
         document = parse_json(text.encode())
@@ -157,6 +194,10 @@ class DsmrReaderV2Sink(DsmrReaderSink):
     """Parses and maps each telegram itself; one that cannot be mapped is dead-lettered."""
 
     path = V2_PATH
+
+    def stored(self, text: str) -> bool:
+        """v2's success answer is the stored reading: a JSON object with its timestamp."""
+        return _is_reading(text)
 
     def __init__(self, config: DsmrReaderSinkConfig, *, zone: ZoneInfo) -> None:
         super().__init__(config)

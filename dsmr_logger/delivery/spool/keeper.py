@@ -5,7 +5,9 @@ read-only or failing one) does not stop the daemon: it reads the meter and deliv
 meanwhile, numbering on from what a reader beside can see, and the spool is opened again at the
 next flush. A spool whose files are deleted while open is started again: if its telegrams are
 still there, it is rebuilt from them; else what memory holds is spooled again, and the backlog
-only the deleted files held is counted lost. Each change is one log line (``Trouble``).
+only the deleted files held is counted lost. Each change is one log line (``Trouble``). Its
+counters (``lost``, ``dropped``) count since the spool was created: a state started anew goes on
+from the old one's, so ``lost`` in ``/status`` and ``dsmr_logger_sink_lost_total`` never go down.
 
 Invariant: while ``available`` the spool is open; every sink's cold part then reflects the
 spool's backlog as of its last (re)opening.
@@ -49,6 +51,10 @@ class SpoolKeeper:
         """Deleted files found outside a flush; the next flush starts the spool again."""
         self.restarts = 0
         """Times the spool was started anew after its files were deleted (``restart``)."""
+        self._carried: dict[str, dict[str, int]] = {}
+        """The counters of a state started anew, to go on from at the next opening."""
+        self._lost_shown: dict[str, int] = {}
+        """``lost`` as it was before the state was started anew: never shown less."""
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""
@@ -104,6 +110,8 @@ class SpoolKeeper:
         and read each sink's backlog from it."""
         self.available = True
         self.writable()
+        if self._carried:
+            await self._carry_counters()
         self._window.renumber(await self.call(self.spool.last_seq), self._sinks)
         backlogs = await self.call(self.spool.backlogs)
         upto = await self.call(self.spool.backlog_upto, "")
@@ -120,6 +128,12 @@ class SpoolKeeper:
         self.gone = None
         self.available = False
         self.restarts += 1
+        try:
+            self._carried = await self.call(self.spool.counters)
+        except (SpoolError, sqlite3.Error, OSError):
+            self._carried = {}
+        shown = {sink: counts.get("lost", 0) for sink, counts in self._carried.items()}
+        self._lost_shown = {s: max(n, self._lost_shown.get(s, 0)) for s, n in shown.items()}
         whole_log = await self.call(self.spool.segments_present)
         copied = await self.call(self.spool.save_state)
         await self.call(self.spool.abandon)
@@ -148,13 +162,26 @@ class SpoolKeeper:
             self._window.counted["lost"].update(lost)
             self._log.error("backlog lost with the deleted spool files", lost=lost)
 
+    async def _carry_counters(self) -> None:
+        """Add what the spool's counters lack of the old state's, at the next commit."""
+        now = await self.call(self.spool.counters)
+        for sink, counts in self._carried.items():
+            for name, pending in self._window.counted.items():  # "dropped", "lost"
+                missing = counts.get(name, 0) - now.get(sink, {}).get(name, 0)
+                if missing > 0:
+                    pending[sink] += missing
+        self._carried = {}
+
     def snapshot(self) -> SpoolSnapshot:
+        lost = self.spool.lost
+        for sink, count in self._lost_shown.items():
+            lost[sink] = max(count, lost.get(sink, 0))
         return SpoolSnapshot(
             writable=self.available and not self.trouble.active,
             error=self.trouble.error,
             failing_since=self.trouble.since,
             in_memory=self._window.count,
-            lost=self.spool.lost,
+            lost=lost,
         )
 
     async def close(self) -> None:
