@@ -470,7 +470,12 @@ async def test_a_hostile_answer_is_counted_and_the_next_sample_still_taken(case:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    assert source.rejected() == {reason: 1}
+    rejected = source.rejected()
+    # Past its script the sensor repeats the last sample; a poll that lands there (a loaded
+    # machine polls more often than the test looks) is a duplicate, rightly: only those.
+    repeats = rejected.pop("duplicate_sample", 0)
+    assert repeats <= max(0, sensor.answered - 5)
+    assert rejected == {reason: 1}
     assert source.status.state is MeterState.OK
     assert [registers(f)["1-0:1.8.1"] for f in frames] == [
         quantize(Decimal(BASE_WS + 500 * n) / 3_600_000, "0.001") for n in (0, 2, 3, 4)
