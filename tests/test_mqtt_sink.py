@@ -10,13 +10,15 @@ session, so what the broker took while the subscriber or the broker itself was a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -25,9 +27,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import waiting
 from conftest import CORPUS, REPO_ROOT, require_corpus
 from dsmr_reader_server import DsmrReaderProcess
 from mosquitto import Mosquitto, Received, Subscriber, TestCA, free_port
+from mqtt_fake import ScriptedBroker
 from test_daemon_process import (  # the daemon-process harness, shared
     FILLERS,
     Processes,
@@ -47,7 +51,11 @@ from test_daemon_process import (  # the daemon-process harness, shared
 
 from dsmr_logger.config import ConfigError, MqttSinkConfig, effective_toml, from_mapping
 from dsmr_logger.delivery.answers import Verdict
+from dsmr_logger.delivery.queue import Queues
 from dsmr_logger.delivery.sinks.mqtt import FIELDS, MqttSink, default_client_id
+from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.delivery.worker import POISON_STRIKES, SinkWorker
+from dsmr_logger.sources.p1.framing import FrameAssembler
 from dsmr_logger.telegram.build import restamp
 from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.obis import parse
@@ -361,6 +369,116 @@ async def test_the_broker_sees_the_default_client_id(broker: Mosquitto) -> None:
     assert (await sink.send(items(capture_telegrams()[:1])[0])).verdict is Verdict.DELIVERED
     await sink.close()
     assert "as dsmr-logger-testpi-mqtt " in broker.log()
+
+
+@dataclass
+class Line:
+    """A sink behind its worker, queue and spool, wired as the daemon wires them."""
+
+    queues: Queues
+    worker: SinkWorker
+
+    def accept(self, telegrams: list[bytes], start: float = 1_700_000_000.0) -> None:
+        for i, telegram in enumerate(telegrams):
+            (frame,) = FrameAssembler().feed(telegram, start + i)
+            self.queues.accept(frame)
+
+    def backlog(self) -> int:
+        return self.queues.undelivered()[SINK]
+
+    async def dead_letters(self) -> list[Any]:
+        return await self.queues.in_spool(self.queues.spool.dead_letters, SINK)
+
+
+@contextlib.asynccontextmanager
+async def delivery_line(tmp_path: Path, config: MqttSinkConfig) -> AsyncIterator[Line]:
+    queues = Queues(
+        Spool(tmp_path / "spool.sqlite3", max_bytes=64 << 20),
+        {SINK: 0.0},
+        flush_interval=0.1,
+        strict=False,
+    )
+    await queues.open()
+    sink = await started_sink(config)
+    worker = SinkWorker(sink, queues, retry_initial=0.02, retry_max=0.2)
+    tasks = [asyncio.create_task(worker.run()), asyncio.create_task(queues.run_flusher())]
+    try:
+        yield Line(queues, worker)
+    finally:
+        await worker.stop(1.0)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await queues.close()
+        await sink.close()
+
+
+async def test_a_broker_refusing_every_message_it_is_sent_dead_letters_nothing(
+    tmp_path: Path,
+) -> None:
+    """The broker took the connection and its status, then its storage (or a plugin) failed:
+    it answers PUBACK 0x80 to every telegram. That is the broker's outage, not a poison
+    telegram: nothing is dead-lettered, all stays queued, and it is delivered, in order, once
+    the broker takes messages again. (Before, the health probe only checked the connection,
+    so every telegram was struck ten times and dead-lettered, one every 2.5 s by default.)"""
+    telegrams = capture_telegrams()[:5]
+    phase = "up"  # the status is taken; from the first telegram on, everything is refused
+
+    def answer(topic: str, payload: bytes) -> int:
+        nonlocal phase
+        if phase == "up" and topic != "dsmr/status":
+            phase = "failing"
+        return 0x80 if phase == "failing" else 0x00
+
+    async with ScriptedBroker(answer) as b:
+        async with delivery_line(tmp_path, sink_config(b.url)) as line:
+            line.accept(telegrams)
+            await waiting.wait_until(
+                lambda: line.worker.stats.retries >= 3 * POISON_STRIKES,
+                "the broker's refusals to be retried",
+                20.0,
+            )
+            assert line.worker.stats.dead_letters == 0
+            assert await line.dead_letters() == []
+            assert line.backlog() == len(telegrams)
+            phase = "recovered"
+            await waiting.wait_until(lambda: line.backlog() == 0, "the backlog delivered", 20.0)
+            assert line.worker.stats.delivered == len(telegrams)
+            assert await line.dead_letters() == []
+        delivered = [p for t, p in b.published if t == "dsmr/telegram"]
+        assert list(dict.fromkeys(delivered)) == telegrams, "each one, oldest first"
+
+
+async def test_a_telegram_the_broker_refuses_while_it_takes_others_is_poison(
+    tmp_path: Path,
+) -> None:
+    """The other side of the rule: one telegram refused (0x80) every time while the broker
+    takes everything else is dead-lettered after its strikes; the rest are delivered."""
+    telegrams = capture_telegrams()[:4]
+    poison = telegrams[1]
+    bad_reading = reading_of(poison)
+
+    def answer(topic: str, payload: bytes) -> int:
+        return 0x80 if payload in (poison, bad_reading) else 0x00
+
+    async with ScriptedBroker(answer) as b, delivery_line(tmp_path, sink_config(b.url)) as line:
+        line.accept(telegrams)
+        await waiting.wait_until(lambda: line.backlog() == 0, "the queue settled", 20.0)
+        letters = await line.dead_letters()
+        assert [d.telegram for d in letters] == [poison]
+        assert "poison" in letters[0].reason
+        assert line.worker.stats.delivered == len(telegrams) - 1
+
+
+def reading_of(telegram: bytes, received_at: float = 1_700_000_001.0) -> bytes:
+    from dsmr_logger.delivery.sinks.mqtt import reading_payload
+
+    received = datetime.fromtimestamp(received_at, UTC)
+    return reading_payload(
+        to_v2(parse(telegram, zone=ZONE), received_at=received).fields, received_at
+    )
 
 
 # --- 3. TLS --------------------------------------------------------------------------------------

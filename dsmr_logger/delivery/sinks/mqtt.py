@@ -341,16 +341,22 @@ class MqttSink:
         return answer
 
     async def probe(self) -> Answer:
-        """Does the broker take this client? DELIVERED if it is (or gets) connected; publishes
-        nothing new. The worker asks after an ambiguous answer (SUSPECT) to tell a message the
-        broker chokes on from a broker that is down."""
+        """Does the broker take messages from this client? DELIVERED if, connected, it
+        acknowledges ``online`` on ``<topic>/status`` (retained: it says nothing new). The worker
+        asks after an ambiguous answer (SUSPECT) to tell a message the broker chokes on from a
+        broker that is down, or that refuses everything (PUBACK 0x80 to every message once its
+        storage or a plugin failed: a connection alone would pass, and strike every telegram)."""
         try:
-            await self._connection()
+            client = await self._connection()
+            ack = await self._publish(client, Message(f"{self.topic}/status", ONLINE, retain=True))
         except _Unusable as exc:
             return exc.answer
         except (mqtt.MqttError, OSError) as exc:
             return answer_for(exc)
-        return Answer(Verdict.DELIVERED)
+        finally:
+            if self._client is not None and not self._client.connected:
+                self._forget(self._client)
+        return answer_for(ack)
 
     async def _publish(self, client: mqtt.MqttClient, message: Message) -> mqtt.PubAck:
         return await client.publish(
