@@ -472,6 +472,53 @@ async def test_a_telegram_the_broker_refuses_while_it_takes_others_is_poison(
         assert line.worker.stats.delivered == len(telegrams) - 1
 
 
+async def test_a_resend_after_an_unanswered_publish_is_counted_as_a_possible_duplicate(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """The broker hangs with a telegram sent and unacknowledged: it may have stored it (here it
+    does, once it runs again), so the resend is a possible duplicate, counted in the sink's
+    ``possible_duplicates`` as for the HTTP sinks (before: always 0 for MQTT)."""
+    telegram = capture_telegrams()[0]
+    with subscriber(broker, "dsmr/telegram") as sub:
+        async with delivery_line(tmp_path, sink_config(broker.url, timeout=0.5)) as line:
+            line.accept(capture_telegrams()[1:2])
+            await waiting.wait_until(lambda: line.backlog() == 0, "the connection up", 20.0)
+            broker.pause()
+            try:
+                line.accept([telegram], start=1_700_000_100.0)
+                await waiting.wait_until(
+                    lambda: line.worker.stats.retries >= 2, "no PUBACK, then retried", 20.0
+                )
+            finally:
+                broker.resume()
+            await waiting.wait_until(lambda: line.backlog() == 0, "delivered once back", 20.0)
+            await in_thread(sub, 3, "the first, and the second twice")
+            stats = line.worker.stats
+    copies = sub.payloads("dsmr/telegram").count(telegram)
+    assert copies == 2, "the broker stored the unacknowledged one, then the resend"
+    assert stats.possible_duplicates == copies - 1
+
+
+async def test_a_telegram_whose_reading_was_taken_and_raw_telegram_refused_counts_as_sent(
+    tmp_path: Path,
+) -> None:
+    """Its reading was acknowledged, its raw telegram refused once (0x80): sent again, the
+    reading reaches the broker twice, and that is counted as a possible duplicate."""
+    telegram = capture_telegrams()[0]
+    refusals = [0x80]
+
+    def answer(topic: str, payload: bytes) -> int:
+        return refusals.pop() if topic == "dsmr/telegram" and refusals else 0x00
+
+    async with ScriptedBroker(answer) as b:
+        async with delivery_line(tmp_path, sink_config(b.url)) as line:
+            line.accept([telegram])
+            await waiting.wait_until(lambda: line.backlog() == 0, "delivered", 20.0)
+            stats = line.worker.stats
+        assert b.topics().count("dsmr/reading") == 2
+    assert (stats.delivered, stats.possible_duplicates) == (1, 1)
+
+
 def reading_of(telegram: bytes, received_at: float = 1_700_000_001.0) -> bytes:
     from dsmr_logger.delivery.sinks.mqtt import reading_payload
 

@@ -23,7 +23,10 @@ messages). ``<topic>/status`` says ``online`` (retained) while the logger is con
 How the broker's answers map (``answer_for``): a refused login (CONNACK 0x86/0x87) is a
 misconfigured sink (one clear error, keep spooling, probe slowly); PUBACK 0x87 (the account may
 not write the topic) and 0x90 too; a message over the broker's size limit (announced Maximum
-Packet Size, or PUBACK 0x95) is dead-lettered; anything else transient is retried.
+Packet Size, or PUBACK 0x95) is dead-lettered; anything else transient is retried. A telegram
+sent again after a publish went unanswered (``AckTimeout``, ``ConnectionLost``), or after the
+broker took its reading but not its raw telegram, may reach subscribers twice: the worker counts
+it in ``possible_duplicates``, as for the HTTP sinks.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -121,7 +124,12 @@ def answer_for(outcome: mqtt.PubAck | BaseException) -> Answer:
                 error=_join(str(outcome), "another client connected with this client_id"),
             )
     if isinstance(outcome, OSError):
-        return Answer(Verdict.RETRY, error=f"{type(outcome).__name__}: {outcome}"[:300])
+        # Sent and unanswered (``AckTimeout``, ``ConnectionLost``): the broker may have it.
+        return Answer(
+            Verdict.RETRY,
+            error=f"{type(outcome).__name__}: {outcome}"[:300],
+            maybe_stored=bool(getattr(outcome, "maybe_sent", True)),
+        )
     raise outcome
 
 
@@ -334,6 +342,12 @@ class MqttSink:
         )
         answers = [answer_for(outcome) for outcome in outcomes]
         answer = worst(answers)
+        if answer.verdict is not Verdict.DELIVERED and any(
+            a.verdict is Verdict.DELIVERED or a.maybe_stored
+            for a, m in zip(answers, messages, strict=True)
+            if not m.retain
+        ):  # its reading (or raw telegram) reached the broker: sending it again repeats that
+            answer = replace(answer, maybe_stored=True)
         if answer.verdict is Verdict.DELIVERED:
             self._announced.update(m.topic for m in messages if m.retain)
         if not client.connected:
