@@ -272,10 +272,10 @@ async def test_refused_credentials_are_a_misconfigured_sink(
 @pytest.mark.parametrize(
     ("overrides", "fix"),
     [
-        ({"topic": "elsewhere"}, "allow this account to publish under the sink's topic"),
+        ({"topic": "elsewhere"}, "refused elsewhere/status: PUBACK 0x87"),
         (
             {"discovery": True, "discovery_prefix": "ha-elsewhere"},
-            "allow this account to publish under the sink's topic",
+            "refused ha-elsewhere/sensor/dsmr_logger_E0044007131650618/",
         ),
     ],
     ids=["topic", "discovery-prefix"],
@@ -287,6 +287,7 @@ async def test_a_topic_the_acl_forbids_is_a_misconfigured_sink(
     answer = await sink.send(items(capture_telegrams()[:1])[0])
     assert answer.verdict is Verdict.MISCONFIGURED
     assert "0x87 not authorized" in answer.describe() and fix in answer.describe()
+    assert "allow this account to publish to that topic" in answer.describe()
     await sink.close()
 
 

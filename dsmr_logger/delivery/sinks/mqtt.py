@@ -77,16 +77,16 @@ CONNACK_MISCONFIGURED: dict[int, str] = {
     0x9D: "check the sink's url: the broker has moved",
 }
 PUBACK_VERDICTS: dict[int, tuple[Verdict, str]] = {
-    0x87: (Verdict.MISCONFIGURED, "allow this account to publish under the sink's topic"),
-    0x90: (Verdict.MISCONFIGURED, "check the sink's topic"),
+    0x87: (Verdict.MISCONFIGURED, "allow this account to publish to that topic (the broker's ACL)"),
+    0x90: (Verdict.MISCONFIGURED, "check the sink's topic and discovery_prefix"),
     0x95: (Verdict.REJECTED, "larger than the broker takes (its message_size_limit)"),
     0x99: (Verdict.REJECTED, "the broker refused the payload's format"),
     0x91: (Verdict.RETRY, "packet identifier in use"),
     0x97: (Verdict.RETRY, "the broker's quota is exceeded"),
 }
 DISCONNECT_MISCONFIGURED: dict[int, str] = {
-    0x87: "allow this account to publish under the sink's topic",
-    0x90: "check the sink's topic",
+    0x87: "allow this account to publish under the sink's topic (and discovery_prefix)",
+    0x90: "check the sink's topic and discovery_prefix",
     0x8A: "the broker has banned this client",
 }
 SEVERITY = (
@@ -98,13 +98,16 @@ SEVERITY = (
 )
 
 
-def answer_for(outcome: mqtt.PubAck | BaseException) -> Answer:
-    """One message's fate as the worker's verdict; errors say what to fix, never a secret."""
+def answer_for(outcome: mqtt.PubAck | BaseException, topic: str | None = None) -> Answer:
+    """One message's fate as the worker's verdict; errors say what to fix, never a secret.
+    A refusal names the message's ``topic``: the sink's topic and discovery_prefix are two
+    places an ACL may deny."""
     if isinstance(outcome, mqtt.PubAck):
         if outcome.accepted:
             return Answer(Verdict.DELIVERED)
         verdict, fix = PUBACK_VERDICTS.get(outcome.reason, (Verdict.SUSPECT, ""))
-        return Answer(verdict, error=_join(f"broker refused: {outcome.describe()}", fix))
+        which = f" {topic}" if topic else ""
+        return Answer(verdict, error=_join(f"broker refused{which}: {outcome.describe()}", fix))
     if isinstance(outcome, mqtt.Refused) and outcome.reason in CONNACK_MISCONFIGURED:
         fix = CONNACK_MISCONFIGURED[outcome.reason]
         return Answer(Verdict.MISCONFIGURED, error=_join(str(outcome), fix))
@@ -340,7 +343,7 @@ class MqttSink:
         outcomes = await asyncio.gather(
             *(self._publish(client, message) for message in messages), return_exceptions=True
         )
-        answers = [answer_for(outcome) for outcome in outcomes]
+        answers = [answer_for(o, m.topic) for o, m in zip(outcomes, messages, strict=True)]
         answer = worst(answers)
         if answer.verdict is not Verdict.DELIVERED and any(
             a.verdict is Verdict.DELIVERED or a.maybe_stored
@@ -370,7 +373,7 @@ class MqttSink:
         finally:
             if self._client is not None and not self._client.connected:
                 self._forget(self._client)
-        return answer_for(ack)
+        return answer_for(ack, f"{self.topic}/status")
 
     async def _publish(self, client: mqtt.MqttClient, message: Message) -> mqtt.PubAck:
         return await client.publish(
@@ -442,7 +445,7 @@ class MqttSink:
             except BaseException:
                 await client.close()
                 raise
-            answer = answer_for(ack)
+            answer = answer_for(ack, f"{self.topic}/status")
             if answer.verdict is not Verdict.DELIVERED:  # e.g. the ACL forbids <topic>/status
                 await client.close()
                 raise _Unusable(answer)
