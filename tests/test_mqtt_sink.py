@@ -270,6 +270,31 @@ async def test_refused_credentials_are_a_misconfigured_sink(
 
 
 @pytest.mark.parametrize(
+    ("setting", "fix"),
+    [
+        ("retain_available false", "(Mosquitto: retain_available true)"),
+        ("max_qos 0", "set the sink's qos = 0, or allow QoS 1"),
+    ],
+    ids=["no-retain", "qos-0-only"],
+)
+async def test_a_broker_that_cannot_take_what_the_sink_sends_is_a_misconfigured_sink(
+    tmp_path: Path, setting: str, fix: str
+) -> None:
+    """Its CONNACK refuses the retained QoS 1 last will (0x9A, 0x9B): retrying cannot fix that,
+    so it is one clear error with the fix, not a failure retried for ever (before: RETRY)."""
+    with broker_at(tmp_path / "b", extra=[setting]) as broker:
+        sink = await started_sink(sink_config(broker.url))
+        answer = await sink.send(items(capture_telegrams()[:1])[0])
+        await sink.close()
+        assert answer.verdict is Verdict.MISCONFIGURED
+        assert fix in answer.describe()
+        if setting == "max_qos 0":  # the fix it names works
+            sink = await started_sink(sink_config(broker.url, qos=0))
+            assert (await sink.send(items(capture_telegrams()[:1])[0])).verdict is Verdict.DELIVERED
+            await sink.close()
+
+
+@pytest.mark.parametrize(
     ("overrides", "fix"),
     [
         ({"topic": "elsewhere"}, "refused elsewhere/status: PUBACK 0x87"),

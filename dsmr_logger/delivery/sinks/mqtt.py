@@ -73,6 +73,10 @@ CONNACK_MISCONFIGURED: dict[int, str] = {
     0x87: "check the sink's username and password (and the broker's ACL)",
     0x8A: "the broker has banned this client",
     0x8C: "check the sink's username and password",
+    0x9A: "the broker keeps no retained messages, which the sink's status and discovery need "
+    "(Mosquitto: retain_available true)",
+    0x9B: "the broker takes only QoS 0: set the sink's qos = 0, or allow QoS 1 "
+    "(Mosquitto: max_qos)",
     0x9C: "check the sink's url: the broker says to use another server",
     0x9D: "check the sink's url: the broker has moved",
 }
