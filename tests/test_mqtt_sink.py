@@ -56,7 +56,7 @@ from dsmr_logger.delivery.sinks.mqtt import FIELDS, MqttSink, default_client_id
 from dsmr_logger.delivery.spool import Spool
 from dsmr_logger.delivery.worker import POISON_STRIKES, SinkWorker
 from dsmr_logger.sources.p1.framing import FrameAssembler
-from dsmr_logger.telegram.build import restamp
+from dsmr_logger.telegram.build import restamp, with_crc
 from dsmr_logger.telegram.capture import frames_in
 from dsmr_logger.telegram.obis import parse
 from dsmr_logger.telegram.v2 import to_v2
@@ -250,6 +250,56 @@ async def test_a_gas_meter_gets_a_gas_sensor(broker: Mosquitto) -> None:
     assert len(gas) == 1
     assert (gas[0]["state_class"], gas[0]["unit_of_measurement"]) == ("total_increasing", "m³")
     assert gas[0]["value_template"] == "{{ value_json.extra_device_delivered }}"
+
+
+def without_returned_energy(telegram: bytes) -> bytes:
+    """The telegram of a meter that measures no returned energy (no ``1-0:2.8.x`` lines)."""
+    lines = telegram.split(b"\r\n")
+    return with_crc(b"\r\n".join(line for line in lines if not line.startswith(b"1-0:2.8.")))
+
+
+@pytest.mark.parametrize(
+    ("source", "announced", "absent"),
+    [
+        (
+            "kamstrup-omnia-e-meter-three-phase.txt",  # totals 1.8.0 and 2.8.0 only
+            {
+                "electricity_delivered_1": "Energy delivered",
+                "electricity_returned_1": "Energy returned",
+            },
+            {"electricity_delivered_2", "electricity_returned_2"},
+        ),
+        (
+            "no-returned-energy",  # the capture's meter, its 2.8.1 and 2.8.2 lines taken out
+            {"electricity_delivered_1": "Energy delivered tariff 1"},
+            {"electricity_returned_1", "electricity_returned_2"},
+        ),
+    ],
+)
+async def test_discovery_announces_no_sensor_for_a_register_the_meter_lacks(
+    broker: Mosquitto, source: str, announced: dict[str, str], absent: set[str]
+) -> None:
+    """DSMR-reader's mapping fills what a meter lacks (tariff 2 = 0 beside a total, returned
+    energy = 0): the reading carries those zeros, but Home Assistant gets no sensor for them,
+    and a total is not called tariff 1 (before: "Energy delivered tariff 2", always 0)."""
+    if source == "no-returned-energy":
+        telegram = without_returned_energy(capture_telegrams()[0])
+    else:
+        telegram = require_corpus() and (CORPUS / "athombv-node-dsmr-parser" / source).read_bytes()
+    mapped = to_v2(parse(telegram, zone=ZONE), received_at=datetime.now(UTC)).fields
+    assert absent <= set(mapped), "the reading still carries the mapping's zeros"
+    with subscriber(broker, "homeassistant/#", "dsmr/reading") as sub:
+        sink = await started_sink(sink_config(broker.url, discovery=True))
+        assert (await sink.send(Item(1, telegram, 1_700_000_000.0))).verdict is Verdict.DELIVERED
+        await sink.close()
+        expected = {n for n in mapped if "timestamp" not in n} - absent
+        await in_thread(sub, len(expected) + 1, "the configs and the reading")
+    names = {topic.split("/")[-2]: c["name"] for topic, c in discovery_of(sub).items()}
+    assert not absent & set(names), sorted(absent & set(names))
+    for field, name in announced.items():
+        assert names[field] == name
+    assert set(names) == expected
+    assert absent <= set(json.loads(sub.payloads("dsmr/reading")[0]))
 
 
 # --- 2. what the broker's answers mean -----------------------------------------------------------

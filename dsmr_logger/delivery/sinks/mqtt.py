@@ -14,7 +14,8 @@ acknowledged unit into twenty (every one of which must be acknowledged before th
 leaves the queue: twenty round trips a second on a Pi, and half-delivered telegrams to explain),
 and retaining them buys nothing for a meter that speaks every 1-10 s.
 
-With ``discovery``, each field the meter actually sends gets a retained config message under
+With ``discovery``, each field the meter actually measures (``sensors``: not the zeros the
+mapping fills in for DSMR-reader) gets a retained config message under
 ``<discovery_prefix>/sensor/<meter>/<field>/config`` (device class, state class, unit; one device
 per meter id), sent again after every reconnect (a broker without persistence forgets retained
 messages). ``<topic>/status`` says ``online`` (retained) while the logger is connected and
@@ -188,6 +189,37 @@ def _fields() -> dict[str, Field]:
 FIELDS = _fields()
 
 
+def sensors(reading: Reading, mapped: list[str]) -> dict[str, Field]:
+    """The ``mapped`` fields this meter really measures, as Home Assistant shows them.
+
+    DSMR-reader's mapping fills what a meter lacks: tariff 2 = 0 beside a total (``1.8.0``,
+    Luxembourg, Austria, EasyMeter, Kamstrup), returned energy = 0 without ``2.8.x``. Those
+    zeros stay in the reading (it is the one mapping), but get no sensor, and a total is not
+    called tariff 1.
+    """
+    dropped: set[str] = set()
+    renamed: dict[str, str] = {}
+    for code, kind in (("1", "delivered"), ("2", "returned")):
+        if _register(reading, f"{code}.8.1") and _register(reading, f"{code}.8.2"):
+            continue
+        dropped.add(f"electricity_{kind}_2")
+        if _register(reading, f"{code}.8.0"):
+            renamed[f"electricity_{kind}_1"] = f"Energy {kind}"
+        else:
+            dropped.add(f"electricity_{kind}_1")
+    return {
+        name: replace(FIELDS[name], name=renamed.get(name, FIELDS[name].name))
+        for name in mapped
+        if name in FIELDS and name not in dropped
+    }
+
+
+def _register(reading: Reading, code: str) -> bool:
+    """The meter sends ``1-0:<code>`` (or ``1-1:<code>``, as the v2 mapping reads it)."""
+    values = (reading.value(f"{prefix}:{code}") for prefix in ("1-0", "1-1"))
+    return any(value is not None and value.number is not None for value in values)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     topic: str
@@ -232,7 +264,7 @@ def reading_payload(fields: dict[str, str], received_at: float) -> bytes:
 
 
 def discovery_messages(
-    meter: Meter, fields: list[str], *, topic: str, prefix: str, node: str
+    meter: Meter, fields: dict[str, Field], *, topic: str, prefix: str, node: str
 ) -> list[Message]:
     """Retained Home Assistant discovery configs, one per field this meter sends."""
     device = {
@@ -242,10 +274,7 @@ def discovery_messages(
         "sw_version": f"dsmr-logger {__version__}",
     }
     messages = []
-    for name in fields:
-        info = FIELDS.get(name)
-        if info is None:
-            continue
+    for name, info in fields.items():
         config = {
             "name": info.name,
             "unique_id": f"{node}_{name}",
@@ -395,7 +424,7 @@ class MqttSink:
                 node = f"dsmr_logger_{meter.key}"
                 wanted = discovery_messages(
                     meter,
-                    [name for name in mapped if name not in _TIMESTAMPS],
+                    sensors(reading, list(mapped)),
                     topic=self.topic,
                     prefix=self.config.discovery_prefix,
                     node=node,
