@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dsmr_logger.net.http import check_base_url, field_value_problem
+from dsmr_logger.net.http import check_base_url, field_value_problem, wire_host
 
 BAUDRATES = (300, 600, 1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 DEFAULT_SPOOL_PATH = Path("/var/lib/dsmr-logger/spool.sqlite3")
@@ -172,6 +172,14 @@ def _split(url: str) -> urllib.parse.SplitResult:
         ) from None
 
 
+def _check_host(host: str) -> None:
+    """The HTTP client's host rule (``wire_host``) for every address a key holds."""
+    try:
+        wire_host(host)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+
+
 def _port(value: Any) -> str:
     port = _str(value)
     if "://" in port:
@@ -191,6 +199,7 @@ def _port(value: Any) -> str:
                 )
         except ValueError as exc:
             raise _Bad(f"invalid socket:// address: {exc}") from None
+        _check_host(parsed.hostname)
     return port
 
 
@@ -238,6 +247,7 @@ def mqtt_url(value: Any) -> str:
         raise _Bad("put the credentials in the username and password keys, not in the URL")
     if parsed.path or parsed.query or parsed.fragment:
         raise _Bad(f"must be only mqtt[s]://host[:port], not {url!r}")
+    _check_host(parsed.hostname)
     del port
     return f"{parsed.scheme}://{parsed.netloc}"  # the scheme lower-cased: MQTTS:// is TLS too
 
@@ -436,6 +446,7 @@ def _host(value: Any) -> str:
         parts.port  # noqa: B018 -- raises ValueError for a bad port
     except ValueError as exc:
         raise _Bad(f"invalid address {value!r}: {exc}") from None
+    _check_host(parts.hostname)
     return host
 
 

@@ -51,6 +51,35 @@ def test_an_unclosed_or_bad_ipv6_bracket_in_any_address_is_exit_2_naming_the_key
     one_clear_line(result, f"{key}: is not a valid URL")
 
 
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ('[meter]\nport = "socket://p1 meter:2001"\n', "meter.port"),
+        ('[meter]\nport = "rfc2217://meter!box:2001"\n', "meter.port"),
+        ('[meter]\ntype = "mqtt"\nurl = "mqtt://my broker"\ntopic = "p1"\n', "meter.url"),
+        (
+            '[meter]\ntype = "homewizard"\nhost = "p1 dongle"\n'
+            'token = "0123456789ABCDEF0123456789ABCDEF"\n',
+            "meter.host",
+        ),
+        (
+            '[meter]\nport = "/dev/null"\n[[sink]]\nname = "b"\ntype = "mqtt"\n'
+            'url = "mqtt://home assistant:1883"\n',
+            "sink[0] (b).url",
+        ),
+    ],
+)
+def test_a_host_name_with_a_space_in_any_address_is_exit_2_naming_the_key(
+    tmp_path: Path, section: str, key: str
+) -> None:
+    """check-config took "socket://p1 meter:2001" (and the same in a broker or dongle address),
+    and the daemon then retried a name no resolver answers, for ever. Every address a key holds
+    meets the HTTP client's host rule."""
+    result = dsmr_logger("check-config", "--config", write(tmp_path, section + spool(tmp_path)))
+    assert result.returncode == 2
+    one_clear_line(result, f"{key}: has an invalid host name")
+
+
 def test_a_login_in_a_ser2net_address_is_refused_and_never_shown(tmp_path: Path) -> None:
     """socket:// has no login: a user:password@ there is a mistake, and check-config would
     have printed it in clear."""

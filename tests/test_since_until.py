@@ -71,3 +71,28 @@ def test_a_range_of_one_instant_is_allowed_both_ends_included() -> None:
     zone = ZoneInfo("Europe/Amsterdam")
     since, until = parse_range("2026-11-01T00:15", "2026-11-01T00:15", zone)
     assert since == until == datetime(2026, 11, 1, 0, 15, tzinfo=zone)
+
+
+def test_a_wall_clock_time_the_autumn_change_shows_twice_covers_both_readings() -> None:
+    """--since/--until 02:30 on the night clocks go back: the meter gave a reading at 02:30
+    summer time and another an hour later at 02:30 winter time. Both are in the range; taking
+    the first instant for both ends silently left the second out."""
+    zone = ZoneInfo("Europe/Amsterdam")
+    since, until = parse_range("2026-10-25T02:30", "2026-10-25T02:30", zone)
+    assert since is not None and until is not None
+    summer = datetime.fromisoformat("2026-10-25T02:30+02:00")
+    winter = datetime.fromisoformat("2026-10-25T02:30+01:00")
+    assert since <= summer <= until
+    assert since <= winter <= until
+    assert (until - since).total_seconds() == 3600
+
+
+def test_a_wall_clock_time_the_spring_change_skips_misses_no_reading() -> None:
+    """02:30 does not exist on the night clocks go forward; a range ending there still holds
+    the reading at 01:59 winter time, and one starting there the reading at 03:00 summer time."""
+    zone = ZoneInfo("Europe/Amsterdam")
+    _, until = parse_range(None, "2026-03-29T02:30", zone)
+    since, _ = parse_range("2026-03-29T02:30", None, zone)
+    assert until is not None and since is not None
+    assert datetime.fromisoformat("2026-03-29T01:59+01:00") <= until
+    assert since <= datetime.fromisoformat("2026-03-29T03:00+02:00")

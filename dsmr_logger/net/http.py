@@ -517,22 +517,31 @@ def check_base_url(url: str) -> tuple[SplitResult, str]:
     host = parts.hostname
     if not host:
         raise ValueError("has no host name")
+    host_header = wire_host(host)
+    if not (parts.path.isascii() and parts.path.isprintable() and " " not in parts.path):
+        raise ValueError("path must be printable ASCII without spaces (percent-encode others)")
+    return parts, host_header
+
+
+def wire_host(host: str) -> str:
+    """``host`` (as ``urlsplit`` gives it, without brackets) as it goes on the wire: an IPv6
+    literal in brackets, a name IDNA-encoded; ValueError when it is neither. Every address the
+    configuration takes (sink URLs, ``socket://``, MQTT brokers, Wi-Fi dongles) is checked with
+    this rule, so a host name with a space is a mistake named at start, not a failed lookup
+    retried for ever."""
     if ":" in host:  # an IPv6 literal, written [::1]
         try:
             ipaddress.IPv6Address(host.partition("%")[0])
         except ValueError:
             raise ValueError("has an invalid IPv6 address in [...]") from None
-        host_header = f"[{host}]"
-    else:
-        try:
-            host_header = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise ValueError("has an invalid host name") from None
-        if not _HOST.fullmatch(host_header):
-            raise ValueError("has an invalid host name (letters, digits, '-' and '.' only)")
-    if not (parts.path.isascii() and parts.path.isprintable() and " " not in parts.path):
-        raise ValueError("path must be printable ASCII without spaces (percent-encode others)")
-    return parts, host_header
+        return f"[{host}]"
+    try:
+        encoded = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError("has an invalid host name") from None
+    if not _HOST.fullmatch(encoded):
+        raise ValueError("has an invalid host name (letters, digits, '-' and '.' only)")
+    return encoded
 
 
 def redact_url(url: str) -> str:

@@ -30,7 +30,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
@@ -594,10 +594,26 @@ LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 an hour or a day, or into another zone, never overflows."""
 
 
-def parse_moment(text: str, zone: ZoneInfo) -> datetime:
-    """--since/--until: ISO 8601 date or date-time; without an offset, in the meter's zone."""
+def parse_moment(text: str, zone: ZoneInfo, *, latest: bool = False) -> datetime:
+    """--since/--until: ISO 8601 date or date-time; without an offset, in the meter's zone.
+
+    A wall-clock time the autumn change shows twice (02:30 in Amsterdam on its last Sunday of
+    October) or the spring change skips stands for two instants an hour apart: the range is read
+    widely, ``--since`` from the earlier and ``--until`` (``latest``) to the later, so both
+    readings of a twice-shown half hour are in, and around a skipped one nothing is missed.
+    The answer carries a fixed offset, so comparing it with a meter's timestamp never depends
+    on ``fold`` (which comparisons within one zone ignore).
+    """
     moment = datetime.fromisoformat(text)
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=zone)
+    if moment.tzinfo is None:
+        try:
+            instants = sorted(moment.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
+        except OverflowError:  # 0001-01-01 in a zone east of UTC is before the year 1
+            raise ValueError(
+                f"{text!r} is out of range (from {EARLIEST.year} to {LATEST.year})"
+            ) from None
+        chosen = instants[-1] if latest else instants[0]
+        moment = chosen.astimezone(timezone(chosen.astimezone(zone).utcoffset() or timedelta()))
     try:
         within = EARLIEST <= moment.astimezone(UTC) < LATEST
     except OverflowError:  # 0001-01-01 in a zone east of UTC is before the year 1
@@ -615,7 +631,7 @@ def parse_range(
     moments: list[datetime | None] = []
     for option, text in (("--since", since), ("--until", until)):
         try:
-            moments.append(parse_moment(text, zone) if text else None)
+            moments.append(parse_moment(text, zone, latest=option == "--until") if text else None)
         except ValueError as exc:
             raise ValueError(f"{option}: {exc}") from None
     start, end = moments

@@ -40,6 +40,47 @@ counted as dropped for their sink."""
 REQUEUE_TICKS = 4
 
 
+class LetterBox:
+    """Dead letters on their way into the spool.
+
+    Invariant: a dead letter is in the spool, or waits here (the spool could not take it yet:
+    written after the next commit), or was let go past ``LETTERS_LIMIT`` and counted as dropped
+    for its sink; never let go without a count.
+    """
+
+    def __init__(self, keeper: SpoolKeeper, window: Window) -> None:
+        self._keeper = keeper
+        self._window = window
+        self.waiting: list[tuple[str, StoredTelegram, dict[str, Any]]] = []
+
+    async def put(self, sink: str, stored: StoredTelegram, answer: dict[str, Any]) -> None:
+        if await self._write(sink, stored, answer):
+            return
+        self.waiting.append((sink, stored, answer))
+        for gone, _, _ in self.waiting[:-LETTERS_LIMIT]:  # let go: counted as dropped
+            self._window.counted["dropped"][gone] += 1
+        del self.waiting[:-LETTERS_LIMIT]
+
+    async def write_waiting(self) -> None:
+        letters, self.waiting = self.waiting, []
+        for sink, stored, answer in letters:
+            if not await self._write(sink, stored, answer):
+                self.waiting.append((sink, stored, answer))
+
+    async def _write(self, sink: str, stored: StoredTelegram, answer: dict[str, Any]) -> bool:
+        if not self._keeper.available:
+            return False
+        try:
+            await self._keeper.call(self._keeper.spool.dead_letter, sink, stored, **answer)
+        except SpoolGone as exc:
+            self._keeper.gone = exc
+            return False
+        except (SpoolError, sqlite3.Error, OSError) as exc:
+            self._keeper.failed(exc)
+            return False
+        return True
+
+
 class Committer:
     def __init__(
         self,
@@ -62,8 +103,7 @@ class Committer:
         self.hot_limit = hot_limit
         self._log = log
         self._acks: list[tuple[str, int]] = []
-        self._letters: list[tuple[str, StoredTelegram, dict[str, Any]]] = []
-        """Dead letters the spool could not take yet (written after the next commit)."""
+        self._letters = LetterBox(keeper, window)
         self._adopted: dict[int, Record] = {}
         """Requeued rows taken back into memory: they stay in the spool's ``requeued`` until
         their telegram is spooled again, or every sink is done with it."""
@@ -124,27 +164,7 @@ class Committer:
             if not item.waiting and not spooled:
                 self._window.release(item)
         stored = StoredTelegram(item.seq, item.telegram, item.received_at)
-        answer = {**answer, "spooled": spooled}
-        if not await self._write_letter(sink, stored, answer):
-            self._letters.append((sink, stored, answer))
-            for gone, _, _ in self._letters[:-LETTERS_LIMIT]:  # let go: counted as dropped
-                self._window.counted["dropped"][gone] += 1
-            del self._letters[:-LETTERS_LIMIT]
-
-    async def _write_letter(
-        self, sink: str, stored: StoredTelegram, answer: dict[str, Any]
-    ) -> bool:
-        if not self._keeper.available:
-            return False
-        try:
-            await self._keeper.call(self._keeper.spool.dead_letter, sink, stored, **answer)
-        except SpoolGone as exc:
-            self._keeper.gone = exc
-            return False
-        except (SpoolError, sqlite3.Error, OSError) as exc:
-            self._keeper.failed(exc)
-            return False
-        return True
+        await self._letters.put(sink, stored, {**answer, "spooled": spooled})
 
     async def flush(self, *, everything: bool = False) -> None:
         """Commit what is still undelivered after ``flush_interval`` (or all of it), and acks."""
@@ -184,10 +204,7 @@ class Committer:
             window.release(record)
         for queue in self._sinks.values():
             queue.evict(self.hot_limit)
-        letters, self._letters = self._letters, []
-        for sink, stored, answer in letters:
-            if not await self._write_letter(sink, stored, answer):
-                self._letters.append((sink, stored, answer))
+        await self._letters.write_waiting()
 
     def _encoded(self, record: Record) -> Encoded:
         """A record's spool encoding, made once (again only if its sinks changed)."""
@@ -270,7 +287,7 @@ class Committer:
         if self._adopted_from != keeper.restarts:  # started anew: those rows went with the file
             self._adopted, self._adopted_from = {}, keeper.restarts
         async with self._flushing:  # a commit under way may fail yet: ``spooled`` is final after
-            unwritten = {stored.seq for _, stored, _ in self._letters}
+            unwritten = {stored.seq for _, stored, _ in self._letters.waiting}
             safe = [
                 row
                 for row, record in self._adopted.items()
@@ -291,7 +308,9 @@ class Committer:
         period = max(self.flush_interval / 2, 0.05)
         for tick in itertools.count(1):
             await asyncio.sleep(period)
-            waiting = window.unflushed or self._acks or self._letters or window.pending_counts()
+            waiting = (
+                window.unflushed or self._acks or self._letters.waiting or window.pending_counts()
+            )
             if waiting or not keeper.available:
                 await self.flush()
             elif keeper.trouble.active:
@@ -317,10 +336,10 @@ class Committer:
         if self._keeper.available and not self._keeper.trouble.active:
             with contextlib.suppress(SpoolError, sqlite3.Error, OSError):
                 await self._forget_adopted()  # else adopted again at the next start: sent twice
-        if self._window.count or self._letters:
+        if self._window.count or self._letters.waiting:
             self._log.error(
                 "stopping with telegrams that could not be written to the spool; they are lost",
                 telegrams=self._window.count,
-                dead_letters=len(self._letters),
+                dead_letters=len(self._letters.waiting),
                 error=self._keeper.trouble.error,
             )

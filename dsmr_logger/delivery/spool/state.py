@@ -98,6 +98,60 @@ def _damaged(exc: sqlite3.DatabaseError) -> bool:
     return isinstance(exc, _Damaged) or name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
 
 
+def _verify_rows(db: sqlite3.Connection) -> None:
+    """Raise ``_Damaged`` if a checked row no longer matches its checksum (text that is no
+    longer UTF-8 is read as it is, to fail the check rather than the reading)."""
+    db.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
+    try:
+        for table, columns in CHECKED.items():
+            for *values, crc in db.execute(f"SELECT {', '.join(columns)}, crc FROM {table}"):
+                if crc != row_crc(*values):
+                    raise _Damaged(f"a row of {table} does not match its checksum")
+    finally:
+        db.text_factory = str
+
+
+class SpoolLock:
+    """An ``flock`` on ``lock`` in the segment directory. Invariant: at most one daemon holds
+    it (``take``); a tool only asks whether one does (``held``) and never holds it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._fd: int | None = None
+
+    def take(self, path: Path) -> None:
+        """Hold the lock, or raise ``SpoolBusy`` naming the spool ``path``."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolBusy(
+                f"{path}: in use by another dsmr-logger daemon (stop it first)"
+            ) from None
+        self._fd = fd
+
+    def held(self) -> bool:
+        """A daemon holds it (never this object: a tool asks)."""
+        try:
+            fd = os.open(self.directory / "lock", os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 READER_ROOM = 1 << 20
 """Free bytes below which a tool reads the spool without letting SQLite create any file."""
 
@@ -111,12 +165,15 @@ def _room(directory: Path) -> bool:
 
 
 class StateDb:
+    """The SQLite file: connected as a writer (locked, checked, upgraded) or a reader; every
+    change one transaction."""
+
     def __init__(self, path: Path, lock_dir: Path, *, strict: bool) -> None:
         self.path = path
         self.lock_dir = lock_dir
         self.strict = strict
         self._db: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
+        self._lock = SpoolLock(lock_dir)
         self.inode: int | None = None
         self.wal_inode: int | None = None
         """The WAL file SQLite writes to (it exists from the first write on)."""
@@ -134,7 +191,7 @@ class StateDb:
         if writer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             was_a_spool = self.lock_dir.is_dir()
-            self._lock()
+            self._lock.take(self.path)
             try:
                 return self._connect_writer()
             except sqlite3.DatabaseError as exc:
@@ -166,7 +223,7 @@ class StateDb:
                 f"{self.path}: written by a newer dsmr-logger (schema {version}); upgrade"
             )
         if version == SCHEMA_VERSION:
-            self._verify_rows()
+            _verify_rows(db)
         if version == 2:
             with contextlib.suppress(sqlite3.OperationalError):  # added by schema 3
                 db.execute("ALTER TABLE segments ADD COLUMN size INTEGER")
@@ -176,19 +233,6 @@ class StateDb:
         self.inode = self.path.stat().st_ino
         self.wal_inode = None
         return version
-
-    def _verify_rows(self) -> None:
-        """Raise ``_Damaged`` if a checked row no longer matches its checksum (text that is no
-        longer UTF-8 is read as it is, to fail the check rather than the reading)."""
-        db = self.db
-        db.text_factory = lambda data: data.decode("utf-8", "surrogateescape")
-        try:
-            for table, columns in CHECKED.items():
-                for *values, crc in db.execute(f"SELECT {', '.join(columns)}, crc FROM {table}"):
-                    if crc != row_crc(*values):
-                        raise _Damaged(f"a row of {table} does not match its checksum")
-        finally:
-            db.text_factory = str
 
     def _add_checksums(self) -> None:
         """An older schema: give every checked row its checksum (rows written since carry one)."""
@@ -203,7 +247,7 @@ class StateDb:
         """Beside a daemon, or with room on the disk: as SQLite does (``spool requeue`` writes
         through it). On a full disk with no daemon: read only, creating no file, as an immutable
         file when its WAL is empty, else with SQLite's heap-memory WAL index."""
-        held = self._held_by_daemon()
+        held = self._lock.held()
         if held or _room(self.path.parent):
             try:
                 db = self._connect(f"file:{self.path}?mode=rwc")  # backfill starts one
@@ -249,31 +293,6 @@ class StateDb:
             if source.exists():
                 os.replace(source, Path(f"{target}{suffix}"))
         self.set_aside = target
-
-    def _lock(self) -> None:
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolBusy(
-                f"{self.path}: in use by another dsmr-logger daemon (stop it first)"
-            ) from None
-        self._lock_fd = fd
-
-    def _held_by_daemon(self) -> bool:
-        try:
-            fd = os.open(self.lock_dir / "lock", os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
 
     def present(self) -> bool:
         """The file and its WAL are still the ones opened (not deleted or replaced behind our
@@ -331,9 +350,7 @@ class StateDb:
 
     def close(self) -> None:
         self.close_db()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def abandon(self) -> None:
         """Let go as a killed process would (for crash tests): no checkpoint, no cleanup."""
