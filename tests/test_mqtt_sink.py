@@ -934,7 +934,12 @@ def test_sigkill_during_an_outage_with_strict_durability_loses_nothing(
                 lambda: kept <= set(first_seen(sub.received(), "dsmr/telegram")[0]),
                 30.0,
                 "the backlog of both runs",
-                detail=lambda: log_tail(second_log),
+                detail=lambda: (
+                    "missing: "
+                    + ", ".join(sorted(kept - set(first_seen(sub.received(), "dsmr/telegram")[0])))
+                    + "\n"
+                    + log_tail(second_log)
+                ),
             )
             status, _ = terminate(second)
             assert status == 0
