@@ -660,6 +660,7 @@ def _parse(args: argparse.Namespace) -> int:
 def _backfill(args: argparse.Namespace) -> int:
     import zoneinfo
 
+    from dsmr_logger.tools.alone import alone
     from dsmr_logger.tools.backfill import BackfillError, backfill, parse_range
 
     resolved = _config_or_exit(args)
@@ -673,17 +674,18 @@ def _backfill(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_CONFIG
     try:
-        return asyncio.run(
-            backfill(
-                config,
-                args.sink,
-                args.source,
-                since=since,
-                until=until,
-                restart=args.restart,
-                out=sys.stdout,
+        with alone(config.spool.path.with_name("backfill.lock"), "backfill"):
+            return asyncio.run(
+                backfill(
+                    config,
+                    args.sink,
+                    args.source,
+                    since=since,
+                    until=until,
+                    restart=args.restart,
+                    out=sys.stdout,
+                )
             )
-        )
     except BackfillError as exc:
         _error(f"backfill: {exc}")
         return EXIT_CONFIG

@@ -52,7 +52,7 @@ from dsmr_logger.net.http import (
 MAX_RETRY_AFTER = 86400.0
 """A server asking to wait longer than a day is not waited for: the import stops and says so."""
 SHOWN_BODY = 2000
-"""Characters of an error answer's body shown to the user."""
+"""Characters of an error answer's body shown to the user (its whitespace runs made one space)."""
 
 
 class Clock(Protocol):
@@ -129,7 +129,10 @@ class RateLimiter:
     period are forgotten); a request is granted only when, for each bucket, fewer than ``limit``
     granted times lie within ``period + margin`` before now, and not before ``_paused_until``.
     The windows slide, so whatever way a server counts (fixed or sliding windows) the client stays
-    inside. ``margin`` covers the network: two requests sent 1 s apart can arrive closer.
+    inside. ``margin`` covers the network: two requests sent 1 s apart can arrive closer. A clock
+    set back during a run (NTP stepping it) moves every remembered time back with it: a request
+    keeps its age and a pause its length, instead of the import waiting for the hour to come round
+    again.
     """
 
     def __init__(
@@ -149,16 +152,27 @@ class RateLimiter:
         self._horizon = max(b.period for b in buckets) + margin
         self._granted: list[float] = []
         self._paused_until = 0.0
+        self._seen = clock.time()
         if state is not None:
             self._load(state)
 
     def delay(self) -> float:
         """Seconds until a request may go (0: now)."""
-        return max(0.0, self.free_at() - self.clock.time())
+        return max(0.0, self.free_at() - self._now())
+
+    def _now(self) -> float:
+        """The clock's time, the remembered times moved back by as much as it was set back."""
+        now = self.clock.time()
+        if now < self._seen:
+            jump = self._seen - now
+            self._granted = [t - jump for t in self._granted]
+            self._paused_until -= jump
+        self._seen = now
+        return now
 
     def free_at(self) -> float:
         """When the next request may go (a wall-clock time)."""
-        now = self.clock.time()
+        now = self._now()
         at = max(now, self._paused_until)
         for bucket in self.buckets:
             recent = [t for t in self._granted if t > now - bucket.period - self.margin]
@@ -168,7 +182,7 @@ class RateLimiter:
 
     def take(self) -> None:
         """Record a request going out now (after ``delay()`` said 0)."""
-        now = self.clock.time()
+        now = self._now()
         self._granted = [t for t in self._granted if t > now - self._horizon]
         self._granted.append(now)
         self._save()
@@ -181,7 +195,7 @@ class RateLimiter:
 
     def left(self) -> list[tuple[Bucket, int]]:
         """Each bucket and the requests it allows now."""
-        now = self.clock.time()
+        now = self._now()
         return [
             (b, max(0, b.limit - sum(1 for t in self._granted if t > now - b.period - self.margin)))
             for b in self.buckets
@@ -241,7 +255,8 @@ class Token:
 
     @property
     def secret(self) -> str:
-        return self.authorization.rpartition(" ")[2]
+        """The token after the scheme, whole: one with a space in it is masked entirely."""
+        return self.authorization.partition(" ")[2]
 
 
 class TokenHolder:
@@ -478,9 +493,10 @@ class CloudClient:
             payload = urllib.parse.urlencode(form).encode()
             content_type = "application/x-www-form-urlencoded"
         response = await self._send(method, target, payload, content_type, auth, endpoint)
+        answer = _decode(response.body, endpoint, self.redact)  # garbage is never cached
         if cache is not None and (seconds := max_age(response.headers)) is not None:
             cache.put(endpoint, response.body, seconds)
-        return _decode(response.body, endpoint, self.redact)
+        return answer
 
     async def _send(
         self,
@@ -517,7 +533,10 @@ class CloudClient:
             status = response.status
             if 200 <= status < 300:
                 return response
-            text = self.redact(response.body.decode("utf-8", "replace").strip())[:SHOWN_BODY]
+            # One line: a proxy's HTML page spreads over many, and the error is one (redacted
+            # first: a secret may hold a run of spaces).
+            body = self.redact(response.body.decode("utf-8", "replace"))
+            text = " ".join(body.split())[:SHOWN_BODY]
             if status == 401 and auth and self.tokens is not None:
                 if renewed:
                     raise CloudError(

@@ -29,6 +29,7 @@ from dsmr_logger.imports.run import (
     state_directory,
 )
 from dsmr_logger.tools import printable
+from dsmr_logger.tools.alone import alone
 from dsmr_logger.tools.backfill import BackfillError, parse_range
 
 EXIT_FAILED = 1
@@ -144,9 +145,12 @@ def main(
         print(f"dsmr-logger: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return asyncio.run(
-            import_history(name, config, sink=sink, archive=archive, since=since_at, until=until_at)
-        )
+        with alone(state_directory(config) / "lock", "import"):
+            return asyncio.run(
+                import_history(
+                    name, config, sink=sink, archive=archive, since=since_at, until=until_at
+                )
+            )
     except (UsageError, CloudConfigError, BackfillError) as exc:
         # BackfillError: the sink refused the key or the listing (as for backfill: exit 2).
         print(f"dsmr-logger: import: {printable(str(exc))}", file=sys.stderr)

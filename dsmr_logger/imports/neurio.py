@@ -255,16 +255,20 @@ def _reading(stamp: datetime, sample: Mapping[str, Any], sensor: str) -> MeterRe
 
 def _observe(response: Response, limiter: RateLimiter, clock: Clock) -> None:
     """Pause before the budget is gone: when ``RateLimit-Remaining`` reaches 0, no request
-    until ``RateLimit-Reset`` (milliseconds from now, or an epoch in ms when that large)."""
+    until ``RateLimit-Reset`` (milliseconds from now, or an epoch in ms when that large); when
+    it is missing, unreadable or an epoch already past, for the document's hour."""
     remaining = response.headers.get("ratelimit-remaining", "").strip()
     reset = response.headers.get("ratelimit-reset", "").strip()
-    if not _digits(remaining) or int(remaining) > 0 or not _digits(reset):
+    if not _digits(remaining) or int(remaining) > 0:
         return
     now = clock.time()
-    milliseconds = Decimal(reset)  # any length: a wait past a day is refused below, not parsed
-    until = float(
-        milliseconds / 1000 if milliseconds > EPOCH_MS_ABOVE else Decimal(now) + milliseconds / 1000
-    )
+    until = now + AUTHORISED.period
+    if _digits(reset):
+        milliseconds = Decimal(reset)  # any length: a wait past a day is refused below
+        if milliseconds <= EPOCH_MS_ABOVE:
+            until = float(Decimal(now) + milliseconds / 1000)
+        elif milliseconds / 1000 > Decimal(now):
+            until = float(milliseconds / 1000)
     if until - now > MAX_RETRY_AFTER:
         raise CloudError(
             f"neurio: the hour's budget is spent, and RateLimit-Reset ({reset[:24]}) says it "

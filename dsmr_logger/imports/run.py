@@ -13,8 +13,9 @@ dead-lettered into the spool, and the statistics-rebuild hint at the end. ``--to
 writes the archive sink's day files (``YYYY-MM-DD.log``, the meter's local date) instead, which
 ``backfill`` and ``simulate`` replay; telegrams already in a day file are not written again.
 
-A cloud fills its latest hours in late, so a window younger than ``SETTLE`` counts as done only
-up to its last reading: the next run asks for the rest again.
+A cloud fills its latest hours in late, and not always in order (a gateway back online uploads
+its backlog after the live readings), so a window younger than ``SETTLE`` is not recorded as
+done: the next run asks for it again and sends only what the target still lacks.
 """
 
 from __future__ import annotations
@@ -187,22 +188,26 @@ class ArchiveTarget:
         return True
 
     async def settle(self) -> None:
-        for day, data in sorted(self._pending.items()):
+        """Append each day's telegrams; a day written leaves ``_pending`` at once, so a failure
+        on a later day (and ``close`` settling again on the way out) never writes it twice."""
+        wrote = False
+        for day in sorted(self._pending):
             path = self.directory / f"{day}.log"
             try:
                 with path.open("ab") as file:
-                    file.write(data)
+                    file.write(self._pending[day])
                     file.flush()
                     os.fsync(file.fileno())
             except OSError as exc:
                 raise CloudError(f"--to-archive: cannot write {path}: {exc.strerror}") from exc
-        if self._pending:
+            del self._pending[day]
+            wrote = True
+        if wrote:
             descriptor = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(descriptor)
             finally:
                 os.close(descriptor)
-        self._pending.clear()
 
     async def close(self) -> None:
         await self.settle()
@@ -324,11 +329,9 @@ async def run_import(
             await target.settle()
             tally.sent += len(delivered)
             tally.count_gaps(recorded, delivered)
-            settled = window.end <= datetime.fromtimestamp(clock.time(), UTC) - SETTLE
-            if settled or readings:
-                done = window.end if settled else readings[-1].timestamp
-                carry = next_carry
-                progress.save(done, carry)
+            carry = next_carry
+            if window.end <= datetime.fromtimestamp(clock.time(), UTC) - SETTLE:
+                progress.save(window.end, carry)
             tally.windows += 1
             bar.update(
                 tally.windows,

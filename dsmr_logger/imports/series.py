@@ -22,6 +22,10 @@ from typing import Any
 
 EPOCH_MS_ABOVE = 10**11
 """An epoch number above this is in milliseconds (10**11 s is the year 5138)."""
+EPOCH_DIGITS = 16
+"""An epoch number of more digits is past the year 9999 even in milliseconds: refused before any
+arithmetic (a million-digit ``1e999999`` took 26 s to turn into an int; ``1e10000000`` is past
+what Decimal arithmetic allows at all and raised ``decimal.Overflow``)."""
 LARGEST = Decimal(10) ** 15
 """No cloud value reaches this (a household meter counts about 10**5 kWh, 10**12 Ws); a register
 of more digits could not be written exactly in a telegram."""
@@ -86,9 +90,14 @@ def parse_time(value: Any, what: str) -> datetime:
     ):
         try:
             number = Decimal(str(value).strip())
+        except InvalidOperation as exc:
+            raise SeriesError(f"{what}: not a time: {value!r}") from exc
+        if number.is_finite() and number.adjusted() >= EPOCH_DIGITS:
+            raise SeriesError(f"{what}: out of range: {value!r}")
+        try:
             seconds = number / 1000 if number > EPOCH_MS_ABOVE else number
             moment = datetime.fromtimestamp(int(seconds), UTC)
-        except (InvalidOperation, OverflowError, OSError, ValueError) as exc:
+        except (ArithmeticError, OSError, ValueError) as exc:
             raise SeriesError(f"{what}: not a time: {value!r}") from exc
     elif isinstance(value, str):
         text = value.strip()
@@ -139,7 +148,7 @@ def number(value: Any, what: str, *, negative: bool = False) -> Decimal:
         raise SeriesError(f"{what}: not a number: {value!r}") from exc
     if not result.is_finite():
         raise SeriesError(f"{what}: not a finite number: {value!r}")
-    if abs(result) >= LARGEST:
+    if result.adjusted() >= LARGEST.adjusted():  # abs() could overflow past Decimal's range
         raise SeriesError(f"{what}: implausibly large: {value!r}")
     if result < 0 and not negative:
         raise SeriesError(f"{what}: negative: {value!r}")
