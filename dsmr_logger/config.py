@@ -1145,6 +1145,22 @@ def _mqtt_meter_rules(meter: MqttMeterConfig, sinks: tuple[SinkConfig, ...]) -> 
                 f"meter.client_id: {meter.client_id!r} is also sink ({sink.name}).client_id; "
                 "a broker keeps one connection per client id"
             )
+        if (
+            isinstance(sink, MqttSinkConfig)
+            and meter.topic in (f"{sink.topic}/telegram", f"{sink.topic}/reading")
+            and _broker(sink.url) == _broker(meter.url)
+        ):
+            yield (
+                f"meter.topic: {meter.topic!r} is where sink ({sink.name}) publishes: the logger "
+                "would read back its own telegrams (a backlog over and over); give the sink "
+                "another topic"
+            )
+
+
+def _broker(url: str) -> tuple[str, int]:
+    """(host, port) of an mqtt:// or mqtts:// URL, the default port filled in."""
+    parsed = urllib.parse.urlsplit(url)
+    return (parsed.hostname or "", parsed.port or (8883 if parsed.scheme == "mqtts" else 1883))
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:

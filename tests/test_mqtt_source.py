@@ -555,6 +555,30 @@ def test_configuration_checks_and_defaults() -> None:
     assert default_client_id("meterkast.local") == "dsmr-logger-meterkast"
 
 
+def test_a_meter_topic_the_logger_itself_publishes_to_is_refused() -> None:
+    """A dongle topic that is an MQTT sink's own ``<topic>/telegram`` on the same broker: the
+    logger would take back each telegram it publishes, and a backlog older than the last
+    REMEMBER taken would come in as new, again and again. Another broker, or another prefix,
+    is fine."""
+
+    def load(meter_url: str, sink_url: str, sink_topic: str = "dsmr") -> config.Config:
+        return config.from_mapping(
+            {
+                "meter": {"type": "mqtt", "url": meter_url, "topic": "dsmr/telegram"},
+                "sink": [{"name": "ha", "type": "mqtt", "url": sink_url, "topic": sink_topic}],
+            }
+        )
+
+    with pytest.raises(config.ConfigError) as raised:
+        load("mqtt://broker.lan", "mqtt://broker.lan:1883")
+    assert any(
+        p.startswith("meter.topic: 'dsmr/telegram' is where sink (ha) publishes")
+        for p in raised.value.problems
+    ), raised.value.problems
+    load("mqtt://broker.lan", "mqtt://other.lan")
+    load("mqtt://broker.lan", "mqtt://broker.lan", sink_topic="dsmr/ha")
+
+
 # --- 3. the daemon as a process -------------------------------------------------------------
 
 

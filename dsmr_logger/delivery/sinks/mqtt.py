@@ -14,7 +14,8 @@ acknowledged unit into twenty (every one of which must be acknowledged before th
 leaves the queue: twenty round trips a second on a Pi, and half-delivered telegrams to explain),
 and retaining them buys nothing for a meter that speaks every 1-10 s.
 
-With ``discovery``, each field the meter actually sends gets a retained config message under
+With ``discovery``, each field the meter actually measures (``sensors``: not the zeros the
+mapping fills in for DSMR-reader) gets a retained config message under
 ``<discovery_prefix>/sensor/<meter>/<field>/config`` (device class, state class, unit; one device
 per meter id), sent again after every reconnect (a broker without persistence forgets retained
 messages). ``<topic>/status`` says ``online`` (retained) while the logger is connected and
@@ -23,7 +24,10 @@ messages). ``<topic>/status`` says ``online`` (retained) while the logger is con
 How the broker's answers map (``answer_for``): a refused login (CONNACK 0x86/0x87) is a
 misconfigured sink (one clear error, keep spooling, probe slowly); PUBACK 0x87 (the account may
 not write the topic) and 0x90 too; a message over the broker's size limit (announced Maximum
-Packet Size, or PUBACK 0x95) is dead-lettered; anything else transient is retried.
+Packet Size, or PUBACK 0x95) is dead-lettered; anything else transient is retried. A telegram
+sent again after a publish went unanswered (``AckTimeout``, ``ConnectionLost``), or after the
+broker took its reading but not its raw telegram, may reach subscribers twice: the worker counts
+it in ``possible_duplicates``, as for the HTTP sinks.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -70,20 +74,24 @@ CONNACK_MISCONFIGURED: dict[int, str] = {
     0x87: "check the sink's username and password (and the broker's ACL)",
     0x8A: "the broker has banned this client",
     0x8C: "check the sink's username and password",
+    0x9A: "the broker keeps no retained messages, which the sink's status and discovery need "
+    "(Mosquitto: retain_available true)",
+    0x9B: "the broker takes only QoS 0: set the sink's qos = 0, or allow QoS 1 "
+    "(Mosquitto: max_qos)",
     0x9C: "check the sink's url: the broker says to use another server",
     0x9D: "check the sink's url: the broker has moved",
 }
 PUBACK_VERDICTS: dict[int, tuple[Verdict, str]] = {
-    0x87: (Verdict.MISCONFIGURED, "allow this account to publish under the sink's topic"),
-    0x90: (Verdict.MISCONFIGURED, "check the sink's topic"),
+    0x87: (Verdict.MISCONFIGURED, "allow this account to publish to that topic (the broker's ACL)"),
+    0x90: (Verdict.MISCONFIGURED, "check the sink's topic and discovery_prefix"),
     0x95: (Verdict.REJECTED, "larger than the broker takes (its message_size_limit)"),
     0x99: (Verdict.REJECTED, "the broker refused the payload's format"),
     0x91: (Verdict.RETRY, "packet identifier in use"),
     0x97: (Verdict.RETRY, "the broker's quota is exceeded"),
 }
 DISCONNECT_MISCONFIGURED: dict[int, str] = {
-    0x87: "allow this account to publish under the sink's topic",
-    0x90: "check the sink's topic",
+    0x87: "allow this account to publish under the sink's topic (and discovery_prefix)",
+    0x90: "check the sink's topic and discovery_prefix",
     0x8A: "the broker has banned this client",
 }
 SEVERITY = (
@@ -95,13 +103,16 @@ SEVERITY = (
 )
 
 
-def answer_for(outcome: mqtt.PubAck | BaseException) -> Answer:
-    """One message's fate as the worker's verdict; errors say what to fix, never a secret."""
+def answer_for(outcome: mqtt.PubAck | BaseException, topic: str | None = None) -> Answer:
+    """One message's fate as the worker's verdict; errors say what to fix, never a secret.
+    A refusal names the message's ``topic``: the sink's topic and discovery_prefix are two
+    places an ACL may deny."""
     if isinstance(outcome, mqtt.PubAck):
         if outcome.accepted:
             return Answer(Verdict.DELIVERED)
         verdict, fix = PUBACK_VERDICTS.get(outcome.reason, (Verdict.SUSPECT, ""))
-        return Answer(verdict, error=_join(f"broker refused: {outcome.describe()}", fix))
+        which = f" {topic}" if topic else ""
+        return Answer(verdict, error=_join(f"broker refused{which}: {outcome.describe()}", fix))
     if isinstance(outcome, mqtt.Refused) and outcome.reason in CONNACK_MISCONFIGURED:
         fix = CONNACK_MISCONFIGURED[outcome.reason]
         return Answer(Verdict.MISCONFIGURED, error=_join(str(outcome), fix))
@@ -121,7 +132,12 @@ def answer_for(outcome: mqtt.PubAck | BaseException) -> Answer:
                 error=_join(str(outcome), "another client connected with this client_id"),
             )
     if isinstance(outcome, OSError):
-        return Answer(Verdict.RETRY, error=f"{type(outcome).__name__}: {outcome}"[:300])
+        # Sent and unanswered (``AckTimeout``, ``ConnectionLost``): the broker may have it.
+        return Answer(
+            Verdict.RETRY,
+            error=f"{type(outcome).__name__}: {outcome}"[:300],
+            maybe_stored=bool(getattr(outcome, "maybe_sent", True)),
+        )
     raise outcome
 
 
@@ -173,6 +189,37 @@ def _fields() -> dict[str, Field]:
 FIELDS = _fields()
 
 
+def sensors(reading: Reading, mapped: list[str]) -> dict[str, Field]:
+    """The ``mapped`` fields this meter really measures, as Home Assistant shows them.
+
+    DSMR-reader's mapping fills what a meter lacks: tariff 2 = 0 beside a total (``1.8.0``,
+    Luxembourg, Austria, EasyMeter, Kamstrup), returned energy = 0 without ``2.8.x``. Those
+    zeros stay in the reading (it is the one mapping), but get no sensor, and a total is not
+    called tariff 1.
+    """
+    dropped: set[str] = set()
+    renamed: dict[str, str] = {}
+    for code, kind in (("1", "delivered"), ("2", "returned")):
+        if _register(reading, f"{code}.8.1") and _register(reading, f"{code}.8.2"):
+            continue
+        dropped.add(f"electricity_{kind}_2")
+        if _register(reading, f"{code}.8.0"):
+            renamed[f"electricity_{kind}_1"] = f"Energy {kind}"
+        else:
+            dropped.add(f"electricity_{kind}_1")
+    return {
+        name: replace(FIELDS[name], name=renamed.get(name, FIELDS[name].name))
+        for name in mapped
+        if name in FIELDS and name not in dropped
+    }
+
+
+def _register(reading: Reading, code: str) -> bool:
+    """The meter sends ``1-0:<code>`` (or ``1-1:<code>``, as the v2 mapping reads it)."""
+    values = (reading.value(f"{prefix}:{code}") for prefix in ("1-0", "1-1"))
+    return any(value is not None and value.number is not None for value in values)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     topic: str
@@ -217,7 +264,7 @@ def reading_payload(fields: dict[str, str], received_at: float) -> bytes:
 
 
 def discovery_messages(
-    meter: Meter, fields: list[str], *, topic: str, prefix: str, node: str
+    meter: Meter, fields: dict[str, Field], *, topic: str, prefix: str, node: str
 ) -> list[Message]:
     """Retained Home Assistant discovery configs, one per field this meter sends."""
     device = {
@@ -227,10 +274,7 @@ def discovery_messages(
         "sw_version": f"dsmr-logger {__version__}",
     }
     messages = []
-    for name in fields:
-        info = FIELDS.get(name)
-        if info is None:
-            continue
+    for name, info in fields.items():
         config = {
             "name": info.name,
             "unique_id": f"{node}_{name}",
@@ -332,8 +376,14 @@ class MqttSink:
         outcomes = await asyncio.gather(
             *(self._publish(client, message) for message in messages), return_exceptions=True
         )
-        answers = [answer_for(outcome) for outcome in outcomes]
+        answers = [answer_for(o, m.topic) for o, m in zip(outcomes, messages, strict=True)]
         answer = worst(answers)
+        if answer.verdict is not Verdict.DELIVERED and any(
+            a.verdict is Verdict.DELIVERED or a.maybe_stored
+            for a, m in zip(answers, messages, strict=True)
+            if not m.retain
+        ):  # its reading (or raw telegram) reached the broker: sending it again repeats that
+            answer = replace(answer, maybe_stored=True)
         if answer.verdict is Verdict.DELIVERED:
             self._announced.update(m.topic for m in messages if m.retain)
         if not client.connected:
@@ -341,16 +391,22 @@ class MqttSink:
         return answer
 
     async def probe(self) -> Answer:
-        """Does the broker take this client? DELIVERED if it is (or gets) connected; publishes
-        nothing new. The worker asks after an ambiguous answer (SUSPECT) to tell a message the
-        broker chokes on from a broker that is down."""
+        """Does the broker take messages from this client? DELIVERED if, connected, it
+        acknowledges ``online`` on ``<topic>/status`` (retained: it says nothing new). The worker
+        asks after an ambiguous answer (SUSPECT) to tell a message the broker chokes on from a
+        broker that is down, or that refuses everything (PUBACK 0x80 to every message once its
+        storage or a plugin failed: a connection alone would pass, and strike every telegram)."""
         try:
-            await self._connection()
+            client = await self._connection()
+            ack = await self._publish(client, Message(f"{self.topic}/status", ONLINE, retain=True))
         except _Unusable as exc:
             return exc.answer
         except (mqtt.MqttError, OSError) as exc:
             return answer_for(exc)
-        return Answer(Verdict.DELIVERED)
+        finally:
+            if self._client is not None and not self._client.connected:
+                self._forget(self._client)
+        return answer_for(ack, f"{self.topic}/status")
 
     async def _publish(self, client: mqtt.MqttClient, message: Message) -> mqtt.PubAck:
         return await client.publish(
@@ -368,7 +424,7 @@ class MqttSink:
                 node = f"dsmr_logger_{meter.key}"
                 wanted = discovery_messages(
                     meter,
-                    [name for name in mapped if name not in _TIMESTAMPS],
+                    sensors(reading, list(mapped)),
                     topic=self.topic,
                     prefix=self.config.discovery_prefix,
                     node=node,
@@ -422,7 +478,7 @@ class MqttSink:
             except BaseException:
                 await client.close()
                 raise
-            answer = answer_for(ack)
+            answer = answer_for(ack, f"{self.topic}/status")
             if answer.verdict is not Verdict.DELIVERED:  # e.g. the ACL forbids <topic>/status
                 await client.close()
                 raise _Unusable(answer)
