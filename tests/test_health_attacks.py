@@ -29,7 +29,6 @@ from test_daemon_process import (
     stamp,
     terminate,
     wait_until,
-    wait_until_quiet,
     write_config,
 )
 from test_full_disk import spool_counters
@@ -43,6 +42,7 @@ from test_health import (
     read_stamps,
     server,
     sink_status,
+    wait_until_delivered,
 )
 from test_ops import KEY as OPS_KEY
 from test_ops import get, make_config, running
@@ -104,7 +104,7 @@ def test_a_captive_portal_answering_200_is_not_a_delivery(
     wait_until(lambda: fetch(port, "/healthz")[0] == 200, 10.0, "healthy again")
     meter.terminate()
     meter.wait(timeout=10)
-    wait_until_quiet(server, 1.0, 20.0)
+    wait_until_delivered(server, log)
     assert terminate(daemon)[0] == 0
     delivered = [stamp(t) for t in server.received()]
     assert delivered == read_stamps(log), "not every telegram read, in order, once"
@@ -341,7 +341,7 @@ def test_a_flood_of_slow_clients_on_the_status_port_does_not_stop_delivery(
     wait_until(lambda: fetch(port, "/healthz")[0] == 200, 20.0, "/healthz answering again")
     meter.terminate()
     meter.wait(timeout=10)
-    wait_until_quiet(server, 1.0, 20.0)
+    wait_until_delivered(server, log)
     assert terminate(daemon)[0] == 0
     assert [stamp(t) for t in server.received()] == read_stamps(log)
 
@@ -424,6 +424,6 @@ def test_a_redirect_to_an_address_that_is_not_a_url_is_misconfigured_not_a_crash
     wait_until(lambda: fetch(port, "/healthz")[0] == 200, 10.0, "healthy after the fix")
     meter.terminate()
     meter.wait(timeout=10)
-    wait_until_quiet(server, 1.0, 20.0)
+    wait_until_delivered(server, log)
     assert terminate(daemon)[0] == 0
     assert [stamp(t) for t in server.received()] == read_stamps(log)
