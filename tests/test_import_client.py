@@ -123,6 +123,17 @@ def test_max_age_reads_cache_control_less_age() -> None:
     assert max_age({}) is None
 
 
+@pytest.mark.parametrize("value", ["inf", "1e400", "nan", "-5", "3600.5", "\u0663600", ""])
+def test_a_max_age_that_is_not_delta_seconds_caches_nothing(value: str) -> None:
+    """``float()`` took "inf" and "1e400": an answer then stayed in the cache for ever, on every
+    later run. max-age is digits only (RFC 9111); anything else is not a freshness at all."""
+    assert max_age({"cache-control": f"max-age={value}"}) is None
+
+
+def test_a_max_age_past_two_to_the_31_is_read_as_that() -> None:
+    assert max_age({"cache-control": f"max-age={10**40}"}) == 2**31
+
+
 def test_the_cache_answers_while_fresh_also_after_a_restart(tmp_path: Path) -> None:
     clock = VirtualClock(START)
     cache = ResponseCache(tmp_path / "cache", clock)

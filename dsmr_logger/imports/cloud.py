@@ -306,6 +306,10 @@ class TokenHolder:
 # --- caching ------------------------------------------------------------------------------------
 
 
+DELTA_SECONDS_MAX = 2**31
+"""The largest ``max-age`` taken as it is (RFC 9111 1.2.2: a bigger one means this)."""
+
+
 def max_age(headers: Mapping[str, str]) -> float | None:
     """Seconds a response stays fresh per ``Cache-Control`` (less its ``Age``), or None."""
     directives = {}
@@ -314,10 +318,10 @@ def max_age(headers: Mapping[str, str]) -> float | None:
         directives[name.lower()] = value.strip('"')
     if "no-store" in directives or "no-cache" in directives or "max-age" not in directives:
         return None
-    try:
-        seconds = float(directives["max-age"]) - float(headers.get("age", "0") or 0)
-    except ValueError:
-        return None
+    age, fresh = headers.get("age", "0").strip() or "0", directives["max-age"]
+    if not (fresh.isascii() and fresh.isdigit() and age.isascii() and age.isdigit()):
+        return None  # delta-seconds are digits (RFC 9111 1.2.2): not "inf", "1e400" or "-5"
+    seconds = min(int(fresh), DELTA_SECONDS_MAX) - int(age)
     return seconds if seconds > 0 else None
 
 
