@@ -158,6 +158,7 @@ class Daemon:
         """``clock`` at the start and at the last valid frame: ages the wall clock cannot skew."""
         self._last_telegram: bytes | None = None
         self._debug = config.log.level == "debug"
+        self._stopping = False
 
     def _on_frame(self, frame: Frame) -> None:
         self._last_telegram = frame.telegram
@@ -230,12 +231,14 @@ class Daemon:
                 ]
                 self.notifier.ready(self.status_line())
                 await stop.wait()
+                self._stopping = True
                 self.notifier.stopping()
                 reader.cancel()
                 await asyncio.gather(*(w.stop(STOP_GRACE) for w in self.workers))
                 for task in (*workers, *helpers):
                     task.cancel()
         except* TaskCrashed:
+            self._stopping = True
             self.notifier.stopping()
             crashed = True
         return crashed
@@ -337,6 +340,7 @@ class Daemon:
             polls=status.polls,
             repeats=status.repeats,
             spool=self.queues.spool_snapshot(),
+            stopping=self._stopping,
         )
 
     def status_line(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from test_daemon_process import (
     dead_letters_in_spool,
     log_events,
     log_tail,
+    pending_in_spool,
     received_count,
     stamp,
     terminate,
@@ -427,3 +429,42 @@ def test_a_redirect_to_an_address_that_is_not_a_url_is_misconfigured_not_a_crash
     wait_until_delivered(server, log)
     assert terminate(daemon)[0] == 0
     assert [stamp(t) for t in server.received()] == read_stamps(log)
+
+
+# --- a daemon told to stop ----------------------------------------------------------------------
+
+
+def test_a_daemon_told_to_stop_is_not_healthy_while_it_finishes(
+    tmp_path: Path, procs: Processes, server: DsmrReaderProcess
+) -> None:
+    """SIGTERM with a request in flight: the daemon reads no more telegrams while its sink gets
+    up to 5 s to finish. /healthz said 200 "healthy" all that time, so a monitor (or a load
+    balancer in front of several loggers) kept counting on a daemon on its way out. It is now
+    503 "stopping" until the port closes, and the telegram in flight stays spooled."""
+    port = free_port()
+    config = write_config(
+        tmp_path, server.url, sink={"timeout": 30.0}, http={"listen": f"127.0.0.1:{port}"}
+    )
+    daemon, _ = procs.daemon(config)
+    meter = a_meter(procs, tmp_path)
+    wait_until(lambda: received_count(server) >= 3, 30.0, "a few deliveries")
+    server.control(mode="hang")
+    wait_until(lambda: server.state()["hanging"] > 0, 30.0, "a post held by the server")
+    meter.terminate()
+    meter.wait(timeout=10)
+    with Monitor(port) as monitor:
+        wait_until(lambda: monitor.answered(), 10.0, "a health sample")
+        daemon.send_signal(signal.SIGTERM)
+        stopping = wait_until(
+            lambda: next((s for s in monitor.answered() if s.status == 503), None),
+            10.0,
+            "a 503 while stopping",
+            detail=lambda: str([s.status for s in monitor.samples[-5:]]),
+        )
+        assert daemon.wait(timeout=30) == 0
+    assert stopping.body["state"] == "stopping"
+    assert "stopping: no telegram is read any more" in stopping.body["reasons"]
+    signalled = next(s.at for s in monitor.samples if s is stopping)
+    after = [s for s in monitor.answered() if s.at >= signalled]
+    assert all(s.status == 503 for s in after), [s.status for s in after]
+    assert pending_in_spool(tmp_path / "spool.sqlite3"), "the telegram in flight stays spooled"

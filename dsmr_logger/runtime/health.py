@@ -8,7 +8,8 @@ refusing everything must not look healthy), or that dead-lettered ``REFUSED_RUN`
 (every other one refused forms no run, yet half the readings are not stored). Right after a
 start the meter has had no time to send a telegram: for ``frame_window`` the state is "starting"
 and healthy, so monitoring does not flap on every restart (measured before: 503 "no valid
-telegram for ever" 0.3 s after each restart).
+telegram for ever" 0.3 s after each restart). While it stops (the sinks finishing their
+requests, up to 5 s) it reads nothing: "stopping", a reason, not "healthy".
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ class Health:
     ok: bool
     reasons: tuple[str, ...]
     state: str = "healthy"
-    """"starting" (no telegram yet, within ``frame_window`` of the start), "healthy" or
-    "unhealthy"."""
+    """"starting" (no telegram yet, within ``frame_window`` of the start), "healthy",
+    "unhealthy", or "stopping" (told to stop: unhealthy, so a monitor or a load balancer
+    stops counting on it while it finishes, up to ``STOP_GRACE``)."""
 
 
 def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
@@ -56,6 +58,9 @@ def judge(snap: Snapshot, now: float, limits: HttpConfig) -> Health:
         reasons.extend(_sink_reasons(sink, now, limits))
     if snap.spool is not None and not snap.spool.writable:
         reasons.append(_spool_reason(snap.spool, now))
+    if snap.stopping:
+        reasons.insert(0, "stopping: no telegram is read any more")
+        return Health(False, tuple(reasons), "stopping")
     state = "unhealthy" if reasons else "starting" if starting else "healthy"
     return Health(not reasons, tuple(reasons), state)
 

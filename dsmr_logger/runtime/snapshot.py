@@ -73,3 +73,6 @@ class Snapshot:
     started_at: float | None = None
     """When the daemon started (Unix time): health allows ``frame_window`` for a first frame."""
     spool: SpoolSnapshot | None = None
+    stopping: bool = False
+    """Told to stop (SIGTERM, SIGINT, SIGHUP): no telegram is read any more while the sinks
+    finish (up to ``STOP_GRACE``) and the spool is committed."""
