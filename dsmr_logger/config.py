@@ -214,6 +214,28 @@ def http_url(value: Any) -> str:
     return url
 
 
+API_PATH = re.compile(r"/api(/v[12](/.*)?)?$")
+"""The end of a URL that already names DSMR-reader's API: the sink appends
+/api/v1/datalogger/dsmrreading (or v2) itself, so the path would be there twice (a 404)."""
+
+
+def _dsmr_reader_url(value: Any) -> str:
+    """DSMR-reader's base URL, not its API endpoint (DSMR-reader's API page shows the full
+    endpoint; the remote datalogger's API_HOSTS never held it)."""
+    url = http_url(value)
+    parsed = urllib.parse.urlsplit(url)
+    found = API_PATH.search(parsed.path)
+    if found:
+        base = urllib.parse.urlunsplit(
+            (parsed.scheme, parsed.netloc, parsed.path[: found.start()], "", "")
+        )
+        raise _Bad(
+            "must be DSMR-reader's base URL, without the API path (the sink adds "
+            f"/api/v1/datalogger/dsmrreading itself): use {base}"
+        )
+    return url
+
+
 def _api_key(value: Any) -> str:
     """A key the HTTP client can send as a header (``field_value_problem``), never the example's
     placeholder. The message never shows the key."""
@@ -625,7 +647,7 @@ class SpoolConfig:
 @dataclass(frozen=True, slots=True)
 class DsmrReaderSinkConfig:
     name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
-    url: str = key(check=http_url, doc="DSMR-reader's base URL")
+    url: str = key(check=_dsmr_reader_url, doc="DSMR-reader's base URL")
     api_key: str = key(check=_api_key, doc="DSMR-reader's API key", secret=True)
     type: Literal["dsmr-reader"] = key(
         "dsmr-reader", check=one_of("dsmr-reader"), doc="what kind of sink"

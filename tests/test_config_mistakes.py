@@ -251,3 +251,47 @@ def test_status_addresses_that_work_are_kept(tmp_path: Path) -> None:
         result = dsmr_logger("check-config", "--config", path)
         assert result.returncode == 0, result.stderr
         assert f'listen = "{listen}"' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "base"),
+    [
+        ("http://192.168.1.10/api/v1/datalogger/dsmrreading", "http://192.168.1.10"),
+        (
+            "https://dsmr.example:8443/dsmr/api/v2/datalogger/dsmrreading/",
+            "https://dsmr.example:8443/dsmr",
+        ),
+        ("http://192.168.1.10/api/v1", "http://192.168.1.10"),
+    ],
+)
+def test_a_sink_url_with_dsmr_readers_api_path_is_exit_2_naming_the_base_to_use(
+    tmp_path: Path, url: str, base: str
+) -> None:
+    """DSMR-reader's API page shows the full endpoint; pasted as ``url`` it was accepted, and the
+    daemon then posted to .../dsmrreading/api/v1/datalogger/dsmrreading and reported a 404 "no
+    DSMR-reader API at that address" without saying the path was there twice."""
+    config = write(
+        tmp_path,
+        '[meter]\nport = "/dev/null"\n'
+        + spool(tmp_path)
+        + f'[[sink]]\nname = "home"\nurl = "{url}"\napi_key = "{KEY}"\n',
+    )
+    result = dsmr_logger("check-config", "--config", config)
+    assert result.returncode == 2
+    line = one_clear_line(result, "sink[0] (home).url", "without the API path")
+    assert line.endswith(f"use {base}")
+    assert KEY not in result.stdout + result.stderr
+
+
+def test_a_sink_url_under_a_sub_path_is_kept(tmp_path: Path) -> None:
+    """DSMR-reader behind a proxy at /dsmr, or a path merely starting with "api", is a base."""
+    for url in ("http://192.168.1.10/dsmr", "http://192.168.1.10/apiary"):
+        config = write(
+            tmp_path,
+            '[meter]\nport = "/dev/null"\n'
+            + spool(tmp_path)
+            + f'[[sink]]\nname = "home"\nurl = "{url}"\napi_key = "{KEY}"\n',
+        )
+        result = dsmr_logger("check-config", "--config", config)
+        assert result.returncode == 0, result.stderr
+        assert tomllib.loads(result.stdout)["sink"][0]["url"] == url
