@@ -321,6 +321,10 @@ class Daemon:
                 )
             )
         attempts = max(status.attempts, status.connects)
+        # A port or a broker is reopened only after a failure: every attempt past the first is a
+        # reconnect. A polled device is asked again every interval, answered or not: there, a
+        # reconnect is the link coming back after it was lost (the polls are counted apart).
+        reconnects = status.disconnects if status.polls else max(0, attempts - 1)
         return Snapshot(
             port=self.config.meter.where,
             meter_state=status.state.value,
@@ -329,7 +333,7 @@ class Daemon:
             rejected=self.source.rejected(),
             bytes_in=counters.bytes_in,
             garbage_bytes=counters.garbage_bytes,
-            reconnects=max(0, attempts - 1),
+            reconnects=reconnects,
             last_frame_at=ago(self._last_frame),
             last_telegram=self._last_telegram,
             sinks=tuple(sinks),

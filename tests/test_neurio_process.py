@@ -455,6 +455,42 @@ def test_v2_login_refused_with_a_clear_error_then_every_sample_in_the_fields(
         assert PASSWORD not in text and token not in text
 
 
+# --- 2b. reconnects: the link coming back, not every poll ----------------------------------------
+
+
+def test_a_sensor_answering_every_poll_shows_no_reconnects_and_one_after_an_outage(
+    tmp_path: Path, children: Children
+) -> None:
+    """A polled device is asked every interval; status said "5 reconnects" after five healthy
+    polls (and /metrics' reconnect counter rose once a second), as if the link kept failing.
+    A reconnect is the link coming back after it was lost; the polls are counted apart."""
+    listen = f"127.0.0.1:{free_port()}"
+    with DsmrReaderProcess(API_KEY) as server:
+        sensor = children.sensor("eu3")
+        config = write_config(tmp_path, sensor, server, api="v1", listen=listen)
+        daemon, _ = children.daemon(config)
+        healthy = wait_until(
+            lambda: (s := status_of(listen)) and s["meter"]["polls"] >= 4 and s, 30, "4 polls"
+        )
+        assert healthy["meter"]["state"] == "ok"
+        assert healthy["meter"]["reconnects"] == 0, healthy["meter"]
+        shown = children.run_cli("status", "--config", str(config))
+        assert shown.returncode == 0, shown.stderr
+        assert ", 0 reconnects, " in shown.stdout, shown.stdout
+
+        sensor.control(mode="refuse")
+        wait_until(lambda: status_of(listen)["meter"]["state"] == "disconnected", 15, "down")
+        sensor.control(mode="ok")
+        back = wait_until(
+            lambda: (s := status_of(listen))["meter"]["state"] == "ok" and s, 30, "back"
+        )
+        assert back["meter"]["reconnects"] == 1, back["meter"]
+        assert back["meter"]["polls"] > healthy["meter"]["polls"]
+        with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as answer:
+            assert "dsmr_logger_meter_reconnects_total 1.0" in answer.read().decode()
+        assert terminate(daemon) == 0
+
+
 # --- 3. the demo and the simulator's command line -------------------------------------------------
 
 
