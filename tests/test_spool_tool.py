@@ -159,6 +159,33 @@ async def test_purge_refuses_while_the_daemon_runs_and_list_reads_beside_it(
         assert daemon.queues.undelivered()["home"] == 3
 
 
+async def test_list_shows_a_small_spools_size_in_a_unit_that_shows_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sixteen telegrams waiting (about 13 KB) were listed as "0.0 MiB of segment files": a
+    spool that looked empty beside "backlog home: 16 telegrams"."""
+    port = VirtualSerialPort()
+    async with DsmrReaderServer(api_key=KEY) as server:
+        server.mode = "refuse"
+        config = write_config(tmp_path, port.path, server.url)
+        try:
+            async with running(config) as daemon:
+                await wait_until(lambda: daemon.source.status.connected, "the meter port")
+                await MeterSimulator(port, TELEGRAMS, interval=0).run(16)
+                await wait_until(lambda: daemon.queues.undelivered()["home"] == 16, "a backlog")
+                await daemon.queues.flush(everything=True)
+                status, out = cli(config, "list", capsys=capsys)
+        finally:
+            port.close()
+    assert status == 0
+    assert "backlog home: 16 telegrams" in out
+    segments = sum(f.stat().st_size for f in (tmp_path / "spool.sqlite3-telegrams").iterdir())
+    assert segments > 12 * 1024
+    shown = next(line for line in out.splitlines() if "of segment files" in line)
+    assert shown.endswith(" KiB of segment files"), shown
+    assert float(shown.split(": ")[1].split()[0]) >= 12.0, shown
+
+
 def test_missing_spool_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_config(tmp_path, "/dev/null", "http://127.0.0.1:9")
     assert main(["spool", "--config", str(config), "list"]) == 1

@@ -25,7 +25,12 @@ EXPORT_PAGE = 1000
 
 
 def _size(count: int) -> str:
-    return f"{count} bytes" if count < 10_000 else f"{count / 1024 / 1024:.1f} MiB"
+    """Bytes as a person reads them: 12 KiB of telegrams is not "0.0 MiB"."""
+    if count < 10_000:
+        return f"{count} bytes"
+    if count < 10 * 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / 1024 / 1024:.1f} MiB"
 
 
 def _when(timestamp: float | None) -> str:
