@@ -444,6 +444,37 @@ def test_11_a_spool_directory_the_user_cannot_write(tmp_path: Path, command: str
     one_clear_line(result, f"cannot create {state}/spool.sqlite3: {state} is not writable by")
 
 
+@pytest.mark.parametrize("command", ["backfill", "import"])
+def test_11_backfill_and_import_in_a_spool_folder_the_user_cannot_write(
+    tmp_path: Path, command: str
+) -> None:
+    """Run without ``sudo -u dsmr-logger`` (the README's commands have it), both said only
+    "[Errno 13] Permission denied: '/var/lib/dsmr-logger/import'"; the line now names the file
+    and the command to run instead."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o555)
+    capture = tmp_path / "capture.log"
+    capture.write_bytes(default_capture())
+    climkit = (
+        '\n[import.climkit]\nusername = "api-user"\npassword = "pw"\n'
+        'site = "5f0c0ffee0c0ffee0c0ffee0"\nmeter = "5f0c0ffee0c0ffee0c0ffee1"\n'
+    )
+    config = config_file(tmp_path, spool=state / "spool.sqlite3", extra=climkit)
+    args = (
+        ["backfill", "--from", str(capture), "--sink", "home"]
+        if command == "backfill"
+        else ["import", "climkit", "--sink", "home"]
+    )
+    try:
+        result = dsmr_logger(*args, "--config", config, unprivileged=True)
+    finally:
+        state.chmod(0o755)
+    assert result.returncode == 1
+    line = one_clear_line(result, f"{command}: cannot write {state}/", "Permission denied")
+    assert "[Errno" not in line
+    assert line.endswith(f"sudo -u dsmr-logger dsmr-logger {command} ...)")
+
+
 # --- 12: check-config catches what run would trip on ------------------------------------------
 
 

@@ -10,6 +10,7 @@ for the whole day's budget. The second run now stops at once with one line; the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -22,9 +23,20 @@ class AlreadyRunning(OSError):
 
 @contextlib.contextmanager
 def alone(lock: Path, command: str) -> Iterator[None]:
-    """Hold ``lock`` for the block, or raise ``AlreadyRunning`` naming ``command``."""
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold ``lock`` for the block, or raise ``AlreadyRunning`` naming ``command``; a lock that
+    cannot be made is an ``OSError`` whose one line names it (and, when refused, whose command
+    to run instead: the spool's folder is the service's)."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        hint = ""
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            hint = (
+                f"; run it as the user that owns the spool (the service's: "
+                f"sudo -u dsmr-logger dsmr-logger {command} ...)"
+            )
+        raise OSError(f"cannot write {lock}: {exc.strerror or exc}{hint}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
