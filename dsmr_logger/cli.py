@@ -720,7 +720,7 @@ def _import(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import sqlite3
 
-    from dsmr_logger.tools.status import status
+    from dsmr_logger.tools.status import SpoolUnreadable, status
 
     resolved = _config_or_exit(args)
     if resolved is None:
@@ -730,6 +730,10 @@ def _status(args: argparse.Namespace) -> int:
     out = io.StringIO()
     try:
         code = status(config, as_json=args.json, out=out)
+    except SpoolUnreadable as exc:
+        why = f"{exc.daemon}; {_spool_trouble(config.spool.path, exc.cause, write=False)}"
+        _error(f"state unknown: {why}")
+        return _unknown(args, why)
     except (SpoolError, OSError, sqlite3.Error) as exc:
         why = _spool_trouble(config.spool.path, exc, write=False)
         _error(f"state unknown: {why}")

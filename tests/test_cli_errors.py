@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,47 @@ def test_3_status_and_spool_list_with_an_unreadable_spool_say_which_file(tmp_pat
         one_clear_line(listed, "spool.path", str(spool), "not readable by user")
     finally:
         spool.chmod(0o600)
+
+
+def test_3_status_of_a_stopped_daemon_says_it_does_not_answer_also_when_the_spool_is_closed(
+    tmp_path: Path,
+) -> None:
+    """A user in the dsmr-logger group (README step 5) asks ``status`` while the daemon is
+    stopped: the spool's folder is the service's alone, and the one line said only "cannot look
+    into /var/lib/dsmr-logger: permission denied", not that the daemon is down."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{probe.getsockname()[1]}"
+    state = tmp_path / "state"
+    spool_with_a_dead_letter(state / "spool.sqlite3")
+    config = config_file(
+        tmp_path, spool=state / "spool.sqlite3", extra=f'\n[http]\nlisten = "{listen}"\n'
+    )
+    state.chmod(0)  # not even its owner (the test's user) may enter it
+    try:
+        shown = dsmr_logger("status", "--config", config, unprivileged=True)
+        as_json = dsmr_logger("status", "--json", "--config", config, unprivileged=True)
+    finally:
+        state.chmod(0o700)
+    assert shown.returncode == 3
+    one_clear_line(
+        shown,
+        f"state unknown: the daemon does not answer on {listen}: nothing listens there "
+        "(is the daemon running?); ",
+        str(state),
+        "permission denied",
+    )
+    assert as_json.returncode == 3
+    error = json.loads(as_json.stdout)["error"]
+    assert f"does not answer on {listen}" in error and str(state) in error
+
+    running = dsmr_logger("status", "--config", config)  # the spool readable: read instead
+    assert running.returncode == 3
+    assert running.stdout.startswith(
+        f"dsmr-logger: state unknown (the daemon does not answer on {listen}: nothing listens "
+        "there (is the daemon running?))\n"
+    )
+    assert "sink home: backlog 0, dead letters held 1" in running.stdout
 
 
 def test_3_a_configuration_the_user_cannot_read(tmp_path: Path) -> None:

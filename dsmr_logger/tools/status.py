@@ -8,18 +8,29 @@ and says what it cannot know from there.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import urllib.error
 import urllib.request
 from typing import Any, TextIO
 
 from dsmr_logger.config import Config
-from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.delivery.spool import Spool, SpoolError
 from dsmr_logger.tools import printable
 
 EXIT_HEALTHY = 0
 EXIT_UNHEALTHY = 1
 EXIT_UNKNOWN = 3
+
+
+class SpoolUnreadable(Exception):
+    """The daemon could not be asked, and the spool cannot be read either: both are the answer
+    (a user not allowed into the spool's folder must still learn that the daemon is down)."""
+
+    def __init__(self, daemon: str, cause: Exception) -> None:
+        super().__init__(f"{daemon}; {cause}")
+        self.daemon = daemon
+        self.cause = cause
 
 
 def fetch_status(listen: str, timeout: float = 3.0) -> dict[str, Any]:
@@ -163,12 +174,25 @@ def status(config: Config, *, as_json: bool, out: TextIO) -> int:
         try:
             doc = fetch_status(listen)
         except (OSError, urllib.error.URLError, ValueError) as exc:
-            reason = f"the daemon does not answer on {listen}: {exc}"
+            reason = f"the daemon does not answer on {listen}: {_unanswered(exc)}"
         else:
             print(json.dumps(doc, indent=2) if as_json else printable(render(doc)), file=out)
             return EXIT_HEALTHY if doc["healthy"] else EXIT_UNHEALTHY
-    offline = offline_document(config, reason)
+    try:
+        offline = offline_document(config, reason)
+    except (SpoolError, OSError, sqlite3.Error) as exc:
+        raise SpoolUnreadable(reason, exc) from exc
     print(
         json.dumps(offline, indent=2) if as_json else printable(render_offline(offline)), file=out
     )
     return EXIT_UNKNOWN
+
+
+def _unanswered(exc: Exception) -> str:
+    """Why the daemon's port did not answer, in words ("<urlopen error [Errno 111] ...>" is not)."""
+    reason: object = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, ConnectionRefusedError):
+        return "nothing listens there (is the daemon running?)"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason)
