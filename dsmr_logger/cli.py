@@ -537,6 +537,16 @@ def _check_config(args: argparse.Namespace) -> int:
     if source is not None:
         print(f"# from {source}")
     print(effective_toml(config), end="")
+    if not config.sinks:  # the one default a table cannot show: a sink that is not written
+        from dsmr_logger.config import ArchiveSinkConfig
+        from dsmr_logger.daemon import default_sinks
+
+        (archive,) = default_sinks(config)
+        assert isinstance(archive, ArchiveSinkConfig)
+        print(
+            f"\n# No [[sink]]: every telegram is archived in {archive.directory}/YYYY-MM-DD.log"
+            "\n# (one file a day), beside the spool; add a [[sink]] to deliver it elsewhere."
+        )
     return EXIT_OK
 
 

@@ -295,3 +295,31 @@ def test_a_sink_url_under_a_sub_path_is_kept(tmp_path: Path) -> None:
         result = dsmr_logger("check-config", "--config", config)
         assert result.returncode == 0, result.stderr
         assert tomllib.loads(result.stdout)["sink"][0]["url"] == url
+
+
+def test_check_config_without_a_sink_says_where_telegrams_go(tmp_path: Path) -> None:
+    """With no [[sink]] the daemon archives beside the spool, but check-config, which prints
+    "every default filled in", showed no sink at all: a user could only guess that telegrams
+    were kept. The output says where, and still reads back as the same configuration."""
+    config = write(tmp_path, '[meter]\nport = "/dev/null"\n' + spool(tmp_path))
+    result = dsmr_logger("check-config", "--config", config)
+    assert result.returncode == 0, result.stderr
+    archive = tmp_path / "state" / "archive"
+    assert f"# No [[sink]]: every telegram is archived in {archive}/YYYY-MM-DD.log" in (
+        result.stdout
+    )
+    assert "sink" not in tomllib.loads(result.stdout)
+    again = dsmr_logger("check-config", "--config", write(tmp_path, result.stdout, "again.toml"))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == result.stdout
+
+    with_sink = write(
+        tmp_path,
+        '[meter]\nport = "/dev/null"\n'
+        + spool(tmp_path)
+        + f'[[sink]]\nname = "home"\nurl = "http://192.168.1.10"\napi_key = "{KEY}"\n',
+        "with-sink.toml",
+    )
+    shown = dsmr_logger("check-config", "--config", with_sink)
+    assert shown.returncode == 0, shown.stderr
+    assert "No [[sink]]" not in shown.stdout
