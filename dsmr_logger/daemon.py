@@ -323,7 +323,7 @@ class Daemon:
         attempts = max(status.attempts, status.connects)
         # A port or a broker is reopened only after a failure: every attempt past the first is a
         # reconnect. A polled device is asked again every interval, answered or not: there, a
-        # reconnect is the link coming back after it was lost (the polls are counted apart).
+        # reconnect is the link lost and asked for again (the polls are counted apart).
         reconnects = status.disconnects if status.polls else max(0, attempts - 1)
         return Snapshot(
             port=self.config.meter.where,

@@ -60,7 +60,8 @@ class SnapshotCollector(Collector):
         )
         yield CounterMetricFamily(
             "dsmr_logger_meter_reconnects",
-            "Attempts to reopen the meter link, failed ones included",
+            "Attempts to reopen the meter link, failed ones included (a polled device: "
+            "times it stopped answering)",
             value=snap.reconnects,
         )
         if snap.meter_error_at is not None:
