@@ -1224,13 +1224,33 @@ def read_text(path: Path) -> str:
         raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
 
 
+TWICE = re.compile(r"Cannot declare \(((?:'[^']*',? ?)+)\) twice \(at line (\d+), column \d+\)")
+"""tomllib's words for a section written twice, naming it as a Python tuple: ('meter',)."""
+
+
+def _toml_problem(message: str) -> str:
+    """tomllib's message, with a section written twice said in the file's own words: the
+    example's other [meter] sections uncommented beside the first is the likely mistake."""
+    found = TWICE.fullmatch(message)
+    if found is None:
+        return message
+    name = ".".join(re.findall(r"'([^']*)'", found[1]))
+    line = found[2]
+    if name == "sink":
+        return f"line {line}: [sink] after [[sink]]: every sink is written [[sink]]"
+    return (
+        f"line {line}: a second [{name}] section; a configuration has one: delete or comment "
+        "out the other"
+    )
+
+
 def load(path: Path) -> Config:
     """Read and validate a TOML file; errors name the file, and the line for syntax errors."""
     text = read_text(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: {exc}"]) from None
+        raise ConfigError([f"{path}: {_toml_problem(str(exc))}"]) from None
     except ValueError as exc:  # an integer of over 4300 digits: Python's own limit, no line
         raise ConfigError([f"{path}: not a configuration TOML can hold: {exc}"]) from None
     try:

@@ -323,3 +323,28 @@ def test_check_config_without_a_sink_says_where_telegrams_go(tmp_path: Path) -> 
     shown = dsmr_logger("check-config", "--config", with_sink)
     assert shown.returncode == 0, shown.stderr
     assert "No [[sink]]" not in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("added", "said"),
+    [
+        (
+            '[meter]\ntype = "neurio"\nurl = "http://192.168.1.50"\n',
+            "line 5: a second [meter] section; a configuration has one: delete or comment out",
+        ),
+        (
+            f'[[sink]]\nname = "a"\nurl = "http://h"\napi_key = "{KEY}"\n[sink]\nname = "b"\n',
+            "line 9: [sink] after [[sink]]: every sink is written [[sink]]",
+        ),
+    ],
+)
+def test_a_section_written_twice_is_named_with_its_line_and_the_fix(
+    tmp_path: Path, added: str, said: str
+) -> None:
+    """The example offers other [meter] sections, commented out: one uncommented beside the
+    cable's was "Cannot declare ('meter',) twice (at line 5, column 7)", tomllib's words."""
+    config = write(tmp_path, '[meter]\nport = "/dev/null"\n' + spool(tmp_path) + added)
+    result = dsmr_logger("check-config", "--config", config)
+    assert result.returncode == 2
+    line = one_clear_line(result, f"{config}: {said}")
+    assert "Cannot declare" not in line and "('" not in line
