@@ -330,8 +330,8 @@ def _parser() -> argparse.ArgumentParser:
         "look into and repair the spool (safe while running)",
         "Look into and repair the spool: backlog per sink, dead letters with the server's\n"
         "answer, requeue, export, purge. Safe while the daemon runs, except purge.\n\n"
-        "Exit status: 0 done, 1 the spool cannot be used, 2 usage error (an unknown id or\n"
-        "sink, a folder that does not exist).",
+        "Exit status: 0 done, 1 the spool cannot be used (or a purge not confirmed: nothing\n"
+        "deleted), 2 usage error (an unknown id or sink, a folder that does not exist).",
     )
     _with_config(spool)
     actions = spool.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -690,6 +690,9 @@ def test_purge_without_a_terminal_deletes_nothing(tmp_path: Path) -> None:
     assert (result.returncode, "Traceback" in result.stderr) == (1, False)
     assert "nothing deleted" in result.stdout
     assert "dead letters held: 1" in dsmr_logger("spool", "list", "--config", config).stdout
+    # The exit status a script sees is the one the help documents (it said only "1 the spool
+    # cannot be used", which an unconfirmed purge is not).
+    assert "a purge not confirmed" in " ".join(dsmr_logger("spool", "--help").stdout.split())
 
 
 def test_setpriv_really_takes_root_file_access_away(tmp_path: Path) -> None:
