@@ -41,6 +41,7 @@ from dsmr_logger.sources.http_poll import (
     PollFailed,
     PollingSource,
 )
+from dsmr_logger.sources.link import describe_failure
 from dsmr_logger.sources.p1.framing import Frame
 
 DEVICE_NAME = re.compile(r"appliance/p1dongle/([0-9a-fA-F]{12})")
@@ -95,7 +96,9 @@ async def presented_name(host: str, port: int, context: ssl.SSLContext, timeout:
     except ssl.SSLCertVerificationError as exc:
         raise Misconfigured(_not_homewizard(host, exc)) from exc
     except (OSError, TimeoutError) as exc:
-        raise PollFailed(f"cannot reach https://{_joined(host, port)}: {_describe(exc)}") from exc
+        raise PollFailed(
+            f"cannot reach https://{_joined(host, port)}: {describe_failure(exc)}"
+        ) from exc
     try:
         certificate: Any = writer.get_extra_info("peercert") or {}
         names = [
@@ -119,11 +122,6 @@ def _not_homewizard(host: str, exc: ssl.SSLCertVerificationError) -> str:
 def _joined(host: str, port: int) -> str:
     shown = f"[{host}]" if ":" in host else host
     return f"{shown}:{port}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
 def error_code(response: Response) -> str:

@@ -190,3 +190,10 @@ class RejectReport:
             last_detail=last.detail if last else None,
             **fields,
         )
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An exception as a link's last error shows it: its kind, then its text (once when the
+    text is only the kind)."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -18,7 +18,7 @@ import structlog
 
 from dsmr_logger.config import MeterConfig
 from dsmr_logger.sources import MeterState, MeterStatus
-from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
+from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport, describe_failure
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
 from dsmr_logger.sources.p1.port import READ_SIZE, Link, open_link
 
@@ -99,7 +99,7 @@ class MeterReader:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._link.down(f"cannot open: {_describe(exc)}")
+                self._link.down(f"cannot open: {describe_failure(exc)}")
             else:
                 productive = await self._read_until_lost(link)
                 if productive:
@@ -139,7 +139,7 @@ class MeterReader:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._link.down(f"read failed: {_describe(exc)}")
+            self._link.down(f"read failed: {describe_failure(exc)}")
         finally:
             await link.close()
         return self.assembler.counters.frames > frames_before
@@ -190,8 +190,3 @@ class MeterReader:
         if reopened:
             # Reopened by the idle watchdog: still the same "no bytes" state, not news.
             self._log.debug("meter port reopened", port=self.config.port)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
