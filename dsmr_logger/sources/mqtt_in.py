@@ -46,6 +46,7 @@ import structlog
 
 from dsmr_logger.config import MqttMeterConfig
 from dsmr_logger.net import mqtt
+from dsmr_logger.net.http import tls_context
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
 from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
@@ -231,7 +232,7 @@ class MqttSource:
             return None
         if self._tls is None:
             cafile = str(self.config.ca_file) if self.config.ca_file is not None else None
-            self._tls = ssl.create_default_context(cafile=cafile)
+            self._tls = tls_context(ca_file=cafile)
         return self._tls
 
     async def _serve(self, client: mqtt.MqttClient) -> mqtt.MqttError:
