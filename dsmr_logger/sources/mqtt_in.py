@@ -49,7 +49,7 @@ from dsmr_logger.net import mqtt
 from dsmr_logger.net.http import tls_context
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
-from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
+from dsmr_logger.sources.link import LinkTracker, LinkWording, ReconnectBackoff, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
 KEEPALIVE = 60
@@ -154,7 +154,9 @@ class MqttSource:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_new = loop.time()
-        delay = self.config.reconnect_initial
+        backoff = ReconnectBackoff(
+            self.config.reconnect_initial, self.config.reconnect_max, self._jitter
+        )
         try:
             while True:
                 outcome = await self._connection()
@@ -162,9 +164,8 @@ class MqttSource:
                     await asyncio.sleep(self.config.reconnect_max)
                     continue
                 if outcome:  # it was subscribed: back off afresh
-                    delay = self.config.reconnect_initial
-                await asyncio.sleep(delay * (0.5 + self._jitter() / 2))
-                delay = min(delay * 2, self.config.reconnect_max)
+                    backoff.reset()
+                await asyncio.sleep(backoff.pause())
         finally:
             self._last_taken.save(self.intake.last_key)
 

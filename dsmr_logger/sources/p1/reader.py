@@ -18,7 +18,13 @@ import structlog
 
 from dsmr_logger.config import MeterConfig
 from dsmr_logger.sources import MeterState, MeterStatus
-from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport, describe_failure
+from dsmr_logger.sources.link import (
+    LinkTracker,
+    LinkWording,
+    ReconnectBackoff,
+    RejectReport,
+    describe_failure,
+)
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
 from dsmr_logger.sources.p1.port import READ_SIZE, Link, open_link
 
@@ -90,7 +96,9 @@ class MeterReader:
         return self.assembler.counters
 
     async def run(self) -> None:
-        delay = self.config.reconnect_initial
+        backoff = ReconnectBackoff(
+            self.config.reconnect_initial, self.config.reconnect_max, self._jitter
+        )
         while True:
             self.status.attempts += 1
             try:
@@ -103,10 +111,8 @@ class MeterReader:
             else:
                 productive = await self._read_until_lost(link)
                 if productive:
-                    delay = self.config.reconnect_initial
-            pause = delay * (0.5 + self._jitter() / 2)
-            delay = min(delay * 2, self.config.reconnect_max)
-            await asyncio.sleep(pause)
+                    backoff.reset()
+            await asyncio.sleep(backoff.pause())
 
     async def _read_until_lost(self, link: Link) -> bool:
         """Pump bytes into the assembler until the link fails or idles; True if frames came."""
