@@ -981,17 +981,6 @@ SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
     {"spool": SpoolConfig, "log": LogConfig, "http": HttpConfig}
 )
 """Sections with one fixed shape (``meter`` and ``sink`` depend on their ``type``)."""
-SECRET_KEYS = frozenset(
-    f.name
-    for cls in (
-        *METER_TYPES.values(),
-        *SINK_TYPES.values(),
-        *SECTIONS.values(),
-        *IMPORT_TYPES.values(),
-    )
-    for f in dataclasses.fields(cls)
-    if f.metadata.get("secret")
-)
 
 
 # --- reading ------------------------------------------------------------------------------------
