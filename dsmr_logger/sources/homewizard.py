@@ -97,7 +97,7 @@ async def presented_name(host: str, port: int, context: ssl.SSLContext, timeout:
         raise Misconfigured(_not_homewizard(host, exc)) from exc
     except (OSError, TimeoutError) as exc:
         raise PollFailed(
-            f"cannot reach https://{_joined(host, port)}: {describe_failure(exc)}"
+            f"cannot reach https://{host_port(host, port)}: {describe_failure(exc)}"
         ) from exc
     try:
         certificate: Any = writer.get_extra_info("peercert") or {}
@@ -119,7 +119,8 @@ def _not_homewizard(host: str, exc: ssl.SSLCertVerificationError) -> str:
     )
 
 
-def _joined(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
     shown = f"[{host}]" if ":" in host else host
     return f"{shown}:{port}"
 
@@ -199,7 +200,7 @@ class HomeWizardV2:
                 )
             serial = match.group(1).lower()
         client = HttpClient(
-            f"https://{_joined(self._address, self._port)}",
+            f"https://{host_port(self._address, self._port)}",
             timeout=self.config.timeout,
             headers={"Authorization": f"Bearer {self._token}", "X-Api-Version": "2"},
             ssl_context=self._context,
@@ -294,7 +295,7 @@ class HomeWizardV1:
         self.config = config
         address, port = split_host(config.host)
         self._client = HttpClient(
-            f"http://{_joined(address, port or 80)}",
+            f"http://{host_port(address, port or 80)}",
             timeout=config.timeout,
             max_body=MAX_BODY,
             idle_timeout=max(5.0, 2 * config.interval),
