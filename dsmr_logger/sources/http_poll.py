@@ -16,7 +16,6 @@ but has nothing new (``MeterSilent``: polled on at ``interval``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from typing import Protocol
 import structlog
 
 from dsmr_logger.config import HomeWizardConfig, HttpMeterConfig
-from dsmr_logger.net.http import HttpClient, HttpError, Response, tls_context
+from dsmr_logger.net.http import HttpClient, HttpError, Response, basic_auth, tls_context
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
 from dsmr_logger.sources.link import LinkTracker, LinkWording, ReconnectBackoff, RejectReport
@@ -213,8 +212,7 @@ class HttpFetcher:
         if config.token is not None:
             headers["Authorization"] = f"Bearer {config.token}"
         elif config.username is not None:
-            pair = f"{config.username}:{config.password or ''}".encode()
-            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
+            headers["Authorization"] = basic_auth(config.username, config.password or "")
         context = None
         if base.startswith("https:"):
             context = tls_context(ca_file=str(config.ca_file) if config.ca_file else None)
