@@ -644,9 +644,28 @@ class SpoolConfig:
     )
 
 
+# Keys every kind of sink has (the last two: the sinks that retry), written once like the meters'.
+
+
+def _sink_name_key() -> Any:
+    return key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+
+
+def _min_interval_key() -> Any:
+    return key(0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds")
+
+
+def _retry_initial_key() -> Any:
+    return key(1.0, check=number(0.01, 3600.0), doc="first pause after a failed delivery")
+
+
+def _retry_max_key() -> Any:
+    return key(300.0, check=number(0.01, 86400.0), doc="longest pause between retries")
+
+
 @dataclass(frozen=True, slots=True)
 class DsmrReaderSinkConfig:
-    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    name: str = _sink_name_key()
     url: str = key(check=_dsmr_reader_url, doc="DSMR-reader's base URL")
     api_key: str = key(check=_api_key, doc="DSMR-reader's API key", secret=True)
     type: Literal["dsmr-reader"] = key(
@@ -660,13 +679,9 @@ class DsmrReaderSinkConfig:
     )
     timeout: float = key(20.0, check=number(0.05, 600.0), doc="seconds for one request")
     verify_tls: bool = key(True, check=_bool, doc="check the server's https certificate")
-    min_interval: float = key(
-        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
-    )
-    retry_initial: float = key(
-        1.0, check=number(0.01, 3600.0), doc="first pause after a failed delivery"
-    )
-    retry_max: float = key(300.0, check=number(0.01, 86400.0), doc="longest pause between retries")
+    min_interval: float = _min_interval_key()
+    retry_initial: float = _retry_initial_key()
+    retry_max: float = _retry_max_key()
     gas_channel: int | None = key(
         None, check=one_of(1, 2, 3, 4), doc="v2: M-Bus channel of the gas meter"
     )
@@ -677,20 +692,18 @@ class DsmrReaderSinkConfig:
 
 @dataclass(frozen=True, slots=True)
 class ArchiveSinkConfig:
-    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    name: str = _sink_name_key()
     directory: Path = key(check=_path, doc="one YYYY-MM-DD.log file a day in it")
     type: Literal["archive"] = key("archive", check=one_of("archive"), doc="what kind of sink")
     compress_after_days: int | None = key(
         None, check=integer(1), doc="gzip day files at least this many days old"
     )
-    min_interval: float = key(
-        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
-    )
+    min_interval: float = _min_interval_key()
 
 
 @dataclass(frozen=True, slots=True)
 class MqttSinkConfig:
-    name: str = key(check=_sink_name, doc="unique; the spooled backlog is kept under it")
+    name: str = _sink_name_key()
     url: str = key(check=mqtt_url, doc="the broker: mqtt://host[:1883] or mqtts://host[:8883]")
     type: Literal["mqtt"] = key("mqtt", check=one_of("mqtt"), doc="what kind of sink")
     username: str | None = key(None, check=_str, doc="the broker account's name")
@@ -714,13 +727,9 @@ class MqttSinkConfig:
     timeout: float = key(
         10.0, check=number(0.05, 600.0), doc="seconds to connect, or for an acknowledgement"
     )
-    min_interval: float = key(
-        0.0, check=number(0.0, 86400.0), doc="at most one telegram per this many seconds"
-    )
-    retry_initial: float = key(
-        1.0, check=number(0.01, 3600.0), doc="first pause after a failed delivery"
-    )
-    retry_max: float = key(300.0, check=number(0.01, 86400.0), doc="longest pause between retries")
+    min_interval: float = _min_interval_key()
+    retry_initial: float = _retry_initial_key()
+    retry_max: float = _retry_max_key()
     max_in_flight: int = key(
         1, check=integer(1, 8), doc="telegrams at once while a backlog drains; 1 keeps order"
     )
@@ -994,17 +1003,6 @@ SECTIONS: Mapping[str, type[Any]] = types.MappingProxyType(
     {"spool": SpoolConfig, "log": LogConfig, "http": HttpConfig}
 )
 """Sections with one fixed shape (``meter`` and ``sink`` depend on their ``type``)."""
-SECRET_KEYS = frozenset(
-    f.name
-    for cls in (
-        *METER_TYPES.values(),
-        *SINK_TYPES.values(),
-        *SECTIONS.values(),
-        *IMPORT_TYPES.values(),
-    )
-    for f in dataclasses.fields(cls)
-    if f.metadata.get("secret")
-)
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -114,18 +114,18 @@ class Daemon:
         self._wall = wall_clock
         self._clock = clock
         self._log = log or structlog.get_logger("dsmr_logger")
+        strict = config.spool.durability == "strict"
         self.queues = Queues(
             Spool(
                 config.spool.path,
                 max_bytes=config.spool.max_bytes,
-                strict=config.spool.durability == "strict",
+                strict=strict,
                 sync_interval=SYNC_FLUSHES * config.spool.flush_interval,
             ),
             {sink.name: sink.min_interval for sink in self.sink_configs},
             flush_interval=config.spool.flush_interval,
-            strict=config.spool.durability == "strict",
+            strict=strict,
         )
-        strict = config.spool.durability == "strict"
         self.sinks = [build_sink(sink, config.meter, strict=strict) for sink in self.sink_configs]
         self.workers = [
             SinkWorker(

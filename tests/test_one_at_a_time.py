@@ -45,17 +45,22 @@ async def test_a_second_backfill_beside_a_running_one_stops_at_once(tmp_path: Pa
         first = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dsmr_logger", *map(str, command), stdout=PIPE, stderr=PIPE
         )
-        await wait_until(lambda: server.hanging > 0, "the first backfill's post held", timeout=60)
-        asked = server.requests
+        try:
+            await wait_until(lambda: server.hanging > 0, "the first backfill's post held", 60)
+            asked = server.requests
 
-        second = await asyncio.to_thread(dsmr_logger, *command)
-        assert second.returncode == 1
-        one_clear_line(second, "another `dsmr-logger backfill` is running", "backfill.lock")
-        assert server.requests == asked, "the second run sent nothing"
+            second = await asyncio.to_thread(dsmr_logger, *command)
+            assert second.returncode == 1
+            one_clear_line(second, "another `dsmr-logger backfill` is running", "backfill.lock")
+            assert server.requests == asked, "the second run sent nothing"
 
-        server.mode = "ok"
-        _, errors = await asyncio.wait_for(first.communicate(), 60)
-        assert first.returncode == 0, errors
+            server.mode = "ok"
+            _, errors = await asyncio.wait_for(first.communicate(), 60)
+            assert first.returncode == 0, errors
+        finally:
+            if first.returncode is None:
+                first.kill()
+                await first.wait()
         assert len(server.received) == 40
 
         again = await asyncio.to_thread(dsmr_logger, *command)
@@ -102,18 +107,23 @@ async def test_a_second_import_beside_a_running_one_spends_no_budget(tmp_path: P
         first = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "dsmr_logger", *command, stdout=PIPE, stderr=PIPE
         )
-        await wait_until(fake.holding.is_set, "the first import's request held", timeout=60)
-        spent = len(fake.history)
+        try:
+            await wait_until(fake.holding.is_set, "the first import's request held", timeout=60)
+            spent = len(fake.history)
 
-        second = await asyncio.to_thread(dsmr_logger, *command)
-        assert second.returncode == 1
-        one_clear_line(second, "another `dsmr-logger import` is running")
-        assert SECRET not in second.stderr
-        assert len(fake.history) == spent, "the second run asked the cloud nothing"
+            second = await asyncio.to_thread(dsmr_logger, *command)
+            assert second.returncode == 1
+            one_clear_line(second, "another `dsmr-logger import` is running")
+            assert SECRET not in second.stderr
+            assert len(fake.history) == spent, "the second run asked the cloud nothing"
 
-        fake.release.set()
-        _, errors = await asyncio.wait_for(first.communicate(), 120)
-        assert first.returncode == 0, errors
+            fake.release.set()
+            _, errors = await asyncio.wait_for(first.communicate(), 120)
+            assert first.returncode == 0, errors
+        finally:
+            if first.returncode is None:
+                first.kill()
+                await first.wait()
         assert fake.violations == []
         written = sorted(p.name for p in (tmp_path / "archive").iterdir())
         assert written, "the first import wrote its day files"

@@ -159,11 +159,6 @@ class SinkQueue:
             self._current = self._take_ready()
         return self._current
 
-    async def peek_behind_head(self) -> Item | None:
-        """The telegram after the head, without waiting (for the poison probe)."""
-        behind = await self.following(1)
-        return behind[0] if behind else None
-
     async def following(self, count: int) -> list[Item]:
         """Up to ``count`` telegrams after the head, in queue order, without waiting."""
         if self._current is None:
@@ -338,10 +333,6 @@ class Queues:
     @property
     def committing(self) -> bool:
         return self.gate.committing
-
-    @property
-    def spool_error(self) -> str | None:
-        return self.keeper.trouble.error
 
     async def in_spool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking spool call on the spool's own thread (calls stay in order)."""

@@ -56,8 +56,6 @@ from dsmr_logger.delivery.sinks import Sink
 POISON_STRIKES = 10
 """HTML 500s of one telegram, each while the server answered its health probe, before it is
 dead-lettered as poison (see the module docstring for the odds)."""
-REFUSED_RUN_REASON = 10
-"""Telegrams dead-lettered in a row (nothing delivered between) that make ``/healthz`` say so."""
 RECENT = 100
 """Telegrams last resolved (delivered or dead-lettered) that ``refused_recently`` counts in: ten
 refused among them make ``/healthz`` say so, though no run forms (every other one refused)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 from zoneinfo import ZoneInfo
 
-from dsmr_logger.config import IMPORT_TYPES, Config, DsmrReaderSinkConfig
+from dsmr_logger.config import Config, DsmrReaderSinkConfig
 from dsmr_logger.delivery.spool import SpoolError
 from dsmr_logger.imports.cloud import Clock, CloudConfigError, CloudError, SystemClock
 from dsmr_logger.imports.run import (
@@ -35,7 +35,6 @@ from dsmr_logger.tools.backfill import BackfillError, parse_range
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
-CLOUDS = tuple(IMPORT_TYPES)
 
 
 class UsageError(Exception):

@@ -27,12 +27,13 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 from zoneinfo import ZoneInfo
 
 from dsmr_logger.config import Config, DsmrReaderSinkConfig
+from dsmr_logger.delivery.sinks.archive import day_file, fsync_directory
 from dsmr_logger.delivery.sinks.dsmr_reader import DsmrReaderV2Sink
 from dsmr_logger.imports.cloud import Clock, CloudError, write_atomically
 from dsmr_logger.imports.series import Window
@@ -154,7 +155,7 @@ class ArchiveTarget:
         self.zone = zone
         self.key = f"archive:{directory.resolve()}"
         self.description = f"archive {directory}"
-        self._pending: dict[str, bytearray] = {}
+        self._pending: dict[date, bytearray] = {}
 
     async def start(self) -> None:
         try:
@@ -183,7 +184,7 @@ class ArchiveTarget:
 
     async def send(self, item: Recorded) -> bool:
         assert item.timestamp is not None
-        day = item.timestamp.astimezone(self.zone).date().isoformat()
+        day = item.timestamp.astimezone(self.zone).date()
         self._pending.setdefault(day, bytearray()).extend(item.telegram)
         return True
 
@@ -192,7 +193,7 @@ class ArchiveTarget:
         on a later day (and ``close`` settling again on the way out) never writes it twice."""
         wrote = False
         for day in sorted(self._pending):
-            path = self.directory / f"{day}.log"
+            path = day_file(self.directory, day)
             try:
                 with path.open("ab") as file:
                     file.write(self._pending[day])
@@ -203,11 +204,7 @@ class ArchiveTarget:
             del self._pending[day]
             wrote = True
         if wrote:
-            descriptor = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            fsync_directory(self.directory)
 
     async def close(self) -> None:
         await self.settle()

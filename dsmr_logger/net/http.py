@@ -25,6 +25,7 @@ reused connection may be sent again.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import re
@@ -542,6 +543,12 @@ def wire_host(host: str) -> str:
     if not _HOST.fullmatch(encoded):
         raise ValueError("has an invalid host name (letters, digits, '-' and '.' only)")
     return encoded
+
+
+def basic_auth(username: str, password: str) -> str:
+    """The ``Authorization`` header value of HTTP Basic authentication (RFC 7617, UTF-8)."""
+    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+    return f"Basic {token}"
 
 
 def redact_url(url: str) -> str:

@@ -2,7 +2,7 @@
 
 A source reads (a P1 port in ``p1/``; other kinds of meter beside it) and passes every complete,
 CRC-checked telegram to ``on_frame``; it never exits because of the meter, and it says how the
-link is doing in a ``SourceStatus`` that the health verdict, ``/status`` and ``status`` show. A
+link is doing in a ``MeterStatus`` that the health verdict, ``/status`` and ``status`` show. A
 source that does not speak P1 (a sensor's JSON, a cloud's readings) writes each reading as a DSMR
 5 telegram (``telegram.build``) and feeds it through the same ``FrameAssembler`` as bytes from a
 cable, so everything after the source carries one kind of record.

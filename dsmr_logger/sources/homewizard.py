@@ -41,6 +41,7 @@ from dsmr_logger.sources.http_poll import (
     PollFailed,
     PollingSource,
 )
+from dsmr_logger.sources.link import describe_failure
 from dsmr_logger.sources.p1.framing import Frame
 
 DEVICE_NAME = re.compile(r"appliance/p1dongle/([0-9a-fA-F]{12})")
@@ -95,7 +96,9 @@ async def presented_name(host: str, port: int, context: ssl.SSLContext, timeout:
     except ssl.SSLCertVerificationError as exc:
         raise Misconfigured(_not_homewizard(host, exc)) from exc
     except (OSError, TimeoutError) as exc:
-        raise PollFailed(f"cannot reach https://{_joined(host, port)}: {_describe(exc)}") from exc
+        raise PollFailed(
+            f"cannot reach https://{host_port(host, port)}: {describe_failure(exc)}"
+        ) from exc
     try:
         certificate: Any = writer.get_extra_info("peercert") or {}
         names = [
@@ -116,14 +119,10 @@ def _not_homewizard(host: str, exc: ssl.SSLCertVerificationError) -> str:
     )
 
 
-def _joined(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
     shown = f"[{host}]" if ":" in host else host
     return f"{shown}:{port}"
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
 
 
 def error_code(response: Response) -> str:
@@ -201,7 +200,7 @@ class HomeWizardV2:
                 )
             serial = match.group(1).lower()
         client = HttpClient(
-            f"https://{_joined(self._address, self._port)}",
+            f"https://{host_port(self._address, self._port)}",
             timeout=self.config.timeout,
             headers={"Authorization": f"Bearer {self._token}", "X-Api-Version": "2"},
             ssl_context=self._context,
@@ -296,7 +295,7 @@ class HomeWizardV1:
         self.config = config
         address, port = split_host(config.host)
         self._client = HttpClient(
-            f"http://{_joined(address, port or 80)}",
+            f"http://{host_port(address, port or 80)}",
             timeout=config.timeout,
             max_body=MAX_BODY,
             idle_timeout=max(5.0, 2 * config.interval),

@@ -16,7 +16,6 @@ but has nothing new (``MeterSilent``: polled on at ``interval``).
 from __future__ import annotations
 
 import asyncio
-import base64
 import random
 import time
 from collections.abc import Callable
@@ -26,10 +25,10 @@ from typing import Protocol
 import structlog
 
 from dsmr_logger.config import HomeWizardConfig, HttpMeterConfig
-from dsmr_logger.net.http import HttpClient, HttpError, Response, tls_context
+from dsmr_logger.net.http import HttpClient, HttpError, Response, basic_auth, tls_context
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
-from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
+from dsmr_logger.sources.link import LinkTracker, LinkWording, ReconnectBackoff, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
 MAX_BODY = 64 * 1024
@@ -115,17 +114,18 @@ class PollingSource:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_new = loop.time()
-        delay = self.config.reconnect_initial
+        backoff = ReconnectBackoff(
+            self.config.reconnect_initial, self.config.reconnect_max, self._jitter
+        )
         try:
             while True:
                 started = loop.time()
                 pause = await self._poll_once(loop.time)
                 if pause is None:  # a good poll: the next one an interval after this one began
-                    delay = self.config.reconnect_initial
+                    backoff.reset()
                     pause = max(0.0, self.config.interval - (loop.time() - started))
                 elif pause < 0:  # a passing failure: back off
-                    pause = delay * (0.5 + self._jitter() / 2)
-                    delay = min(delay * 2, self.config.reconnect_max)
+                    pause = backoff.pause()
                 await asyncio.sleep(pause)
         finally:
             self._last_taken.save(self.intake.last_key)
@@ -212,8 +212,7 @@ class HttpFetcher:
         if config.token is not None:
             headers["Authorization"] = f"Bearer {config.token}"
         elif config.username is not None:
-            pair = f"{config.username}:{config.password or ''}".encode()
-            headers["Authorization"] = f"Basic {base64.b64encode(pair).decode('ascii')}"
+            headers["Authorization"] = basic_auth(config.username, config.password or "")
         context = None
         if base.startswith("https:"):
             context = tls_context(ca_file=str(config.ca_file) if config.ca_file else None)

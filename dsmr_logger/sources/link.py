@@ -10,7 +10,8 @@ the link is back (the P1 reader and Neurio keep it, with its time; the others cl
 
 ``RejectReport`` is the other half every source shares: a warning about rejected frames at most
 once a minute, and only when there are new ones (a DSMR 5 meter whose every telegram fails its
-CRC, one a second, is one line a minute, not 60).
+CRC, one a second, is one line a minute, not 60). ``ReconnectBackoff`` paces the attempts of the
+P1 reader, the polled sources and the MQTT subscriber alike (Neurio polls on its own grid).
 """
 
 from __future__ import annotations
@@ -190,3 +191,28 @@ class RejectReport:
             last_detail=last.detail if last else None,
             **fields,
         )
+
+
+class ReconnectBackoff:
+    """Pauses between attempts on a failing link: ``initial`` doubling up to ``maximum``, each
+    50-100 % of the delay (jitter), back to ``initial`` after ``reset`` (the link worked)."""
+
+    def __init__(self, initial: float, maximum: float, jitter: Callable[[], float]) -> None:
+        self.initial, self.maximum, self._jitter = initial, maximum, jitter
+        self.delay = initial
+
+    def reset(self) -> None:
+        self.delay = self.initial
+
+    def pause(self) -> float:
+        """The pause before the next attempt; the delay after it is doubled (up to ``maximum``)."""
+        pause = self.delay * (0.5 + self._jitter() / 2)
+        self.delay = min(self.delay * 2, self.maximum)
+        return pause
+
+
+def describe_failure(exc: BaseException) -> str:
+    """An exception as a link's last error shows it: its kind, then its text (once when the
+    text is only the kind)."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -46,9 +46,10 @@ import structlog
 
 from dsmr_logger.config import MqttMeterConfig
 from dsmr_logger.net import mqtt
+from dsmr_logger.net.http import tls_context
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.intake import Intake, LastTaken
-from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
+from dsmr_logger.sources.link import LinkTracker, LinkWording, ReconnectBackoff, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FramingCounters
 
 KEEPALIVE = 60
@@ -153,7 +154,9 @@ class MqttSource:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_new = loop.time()
-        delay = self.config.reconnect_initial
+        backoff = ReconnectBackoff(
+            self.config.reconnect_initial, self.config.reconnect_max, self._jitter
+        )
         try:
             while True:
                 outcome = await self._connection()
@@ -161,9 +164,8 @@ class MqttSource:
                     await asyncio.sleep(self.config.reconnect_max)
                     continue
                 if outcome:  # it was subscribed: back off afresh
-                    delay = self.config.reconnect_initial
-                await asyncio.sleep(delay * (0.5 + self._jitter() / 2))
-                delay = min(delay * 2, self.config.reconnect_max)
+                    backoff.reset()
+                await asyncio.sleep(backoff.pause())
         finally:
             self._last_taken.save(self.intake.last_key)
 
@@ -231,7 +233,7 @@ class MqttSource:
             return None
         if self._tls is None:
             cafile = str(self.config.ca_file) if self.config.ca_file is not None else None
-            self._tls = ssl.create_default_context(cafile=cafile)
+            self._tls = tls_context(ca_file=cafile)
         return self._tls
 
     async def _serve(self, client: mqtt.MqttClient) -> mqtt.MqttError:

@@ -27,7 +27,6 @@ warning, instead of rejecting everything forever.
 from __future__ import annotations
 
 import asyncio
-import base64
 import enum
 import json
 import random
@@ -43,7 +42,7 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from dsmr_logger.config import NeurioMeterConfig
-from dsmr_logger.net.http import HttpClient, parse_json
+from dsmr_logger.net.http import HttpClient, basic_auth, parse_json
 from dsmr_logger.sources import MeterState, MeterStatus
 from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
@@ -443,11 +442,6 @@ class PollSchedule:
         self.delay = min(self.delay * 2, self.retry_max)
         self.due = now + pause
         return self.due
-
-
-def basic_auth(username: str, password: str) -> str:
-    token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-    return f"Basic {token}"
 
 
 class NeurioSource:

@@ -1,5 +1,5 @@
 """Commands a person runs beside (or instead of) the daemon: ``status``, ``spool``, ``parse``,
-``backfill``, ``simulate`` and ``demo``."""
+``backfill``, ``pair``, ``simulate``, ``simulate-neurio`` and ``demo``."""
 
 from __future__ import annotations
 

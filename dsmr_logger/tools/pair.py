@@ -42,6 +42,7 @@ from dsmr_logger.sources.homewizard import (
     device_name,
     device_tls,
     error_code,
+    host_port,
     presented_name,
     split_host,
 )
@@ -105,7 +106,7 @@ async def pair(
     serial = match.group(1).lower()
     name = user_name(hostname if hostname is not None else socket.gethostname())
     client = HttpClient(
-        f"https://{_joined(address, port)}",
+        f"https://{host_port(address, port)}",
         timeout=TIMEOUT,
         headers={"X-Api-Version": "2"},
         ssl_context=device_tls(ca_file),
@@ -339,7 +340,3 @@ def pair_command(
     for key, value in values.items():
         print(f"{key} = {_quoted(value)}", file=out)
     return 0
-
-
-def _joined(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -13,11 +13,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
 from dsmr_logger.delivery.spool import Spool
+from dsmr_logger.logsetup import local_time
 from dsmr_logger.telegram.glance import glance
 from dsmr_logger.tools import printable
 
@@ -36,7 +36,7 @@ def _size(count: int) -> str:
 def _when(timestamp: float | None) -> str:
     if timestamp is None:
         return "-"
-    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+    return local_time(timestamp)
 
 
 def _age(timestamp: float | None, now: float) -> str:

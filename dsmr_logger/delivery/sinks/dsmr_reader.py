@@ -8,7 +8,7 @@ A success is DSMR-reader's own: v1 answers 201 (200 before v1.6) with an empty b
 reading as a JSON object (with its ``timestamp``). A 2xx with any other body (a captive portal's
 login page, a JSON error from some gateway) stored nothing: confirming it would lose the telegram,
 so the sink is misconfigured.
-Each sink holds its own keep-alive connections (``sinks/http.py``): a telegram a second for years
+Each sink holds its own keep-alive connections (``net/http.py``): a telegram a second for years
 is the whole workload, so every microsecond and MiB of the client counts on a Raspberry Pi.
 """
 

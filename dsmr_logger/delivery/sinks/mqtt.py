@@ -50,7 +50,7 @@ from dsmr_logger import __version__
 from dsmr_logger.config import MqttSinkConfig
 from dsmr_logger.delivery.answers import Answer, Verdict
 from dsmr_logger.delivery.sinks import Telegram
-from dsmr_logger.net import mqtt
+from dsmr_logger.net import http, mqtt
 from dsmr_logger.telegram.obis import ParseError, Reading, parse
 from dsmr_logger.telegram.v2 import MappingError, to_v2
 
@@ -308,13 +308,8 @@ def tls_context(config: MqttSinkConfig) -> ssl.SSLContext | None:
     """For ``mqtts://``: verified against ``ca_file`` (or the system's CAs) unless turned off."""
     if not config.url.startswith("mqtts:"):
         return None
-    context = ssl.create_default_context(
-        cafile=str(config.ca_file) if config.ca_file is not None else None
-    )
-    if not config.verify_tls:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
+    ca_file = str(config.ca_file) if config.ca_file is not None else None
+    return http.tls_context(config.verify_tls, ca_file)
 
 
 # --- the sink ------------------------------------------------------------------------------------

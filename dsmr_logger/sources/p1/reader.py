@@ -18,7 +18,13 @@ import structlog
 
 from dsmr_logger.config import MeterConfig
 from dsmr_logger.sources import MeterState, MeterStatus
-from dsmr_logger.sources.link import LinkTracker, LinkWording, RejectReport
+from dsmr_logger.sources.link import (
+    LinkTracker,
+    LinkWording,
+    ReconnectBackoff,
+    RejectReport,
+    describe_failure,
+)
 from dsmr_logger.sources.p1.framing import Frame, FrameAssembler, FramingCounters
 from dsmr_logger.sources.p1.port import READ_SIZE, Link, open_link
 
@@ -90,7 +96,9 @@ class MeterReader:
         return self.assembler.counters
 
     async def run(self) -> None:
-        delay = self.config.reconnect_initial
+        backoff = ReconnectBackoff(
+            self.config.reconnect_initial, self.config.reconnect_max, self._jitter
+        )
         while True:
             self.status.attempts += 1
             try:
@@ -99,14 +107,12 @@ class MeterReader:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._link.down(f"cannot open: {_describe(exc)}")
+                self._link.down(f"cannot open: {describe_failure(exc)}")
             else:
                 productive = await self._read_until_lost(link)
                 if productive:
-                    delay = self.config.reconnect_initial
-            pause = delay * (0.5 + self._jitter() / 2)
-            delay = min(delay * 2, self.config.reconnect_max)
-            await asyncio.sleep(pause)
+                    backoff.reset()
+            await asyncio.sleep(backoff.pause())
 
     async def _read_until_lost(self, link: Link) -> bool:
         """Pump bytes into the assembler until the link fails or idles; True if frames came."""
@@ -139,7 +145,7 @@ class MeterReader:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._link.down(f"read failed: {_describe(exc)}")
+            self._link.down(f"read failed: {describe_failure(exc)}")
         finally:
             await link.close()
         return self.assembler.counters.frames > frames_before
@@ -190,8 +196,3 @@ class MeterReader:
         if reopened:
             # Reopened by the idle watchdog: still the same "no bytes" state, not news.
             self._log.debug("meter port reopened", port=self.config.port)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
