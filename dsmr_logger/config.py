@@ -1191,8 +1191,13 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         if name not in known:
             problems.append(f"{name}: unknown section (expected {', '.join(known)})")
     if "meter" not in data:
-        problems.append("meter: section is required (at least meter.port)")
-    meter = _meter(data.get("meter", {}), problems)
+        kinds = ", ".join(repr(k) for k in METER_TYPES if k != "p1")
+        problems.append(
+            "meter: section is required: [meter] with port = the P1 cable's device (e.g. "
+            f'"/dev/ttyUSB0"), or a type ({kinds}) and its keys; see deploy/config.example.toml'
+        )
+    # Without the section its keys' own "is required" would say the same thing again.
+    meter = _meter(data.get("meter", {}), problems if "meter" in data else [])
     raw_sinks = data.get("sink", [])
     if not isinstance(raw_sinks, list):
         problems.append("sink: must be an array of tables, written [[sink]]")

@@ -348,3 +348,16 @@ def test_a_section_written_twice_is_named_with_its_line_and_the_fix(
     assert result.returncode == 2
     line = one_clear_line(result, f"{config}: {said}")
     assert "Cannot declare" not in line and "('" not in line
+
+
+def test_a_configuration_without_a_meter_section_is_one_line_naming_every_kind(
+    tmp_path: Path,
+) -> None:
+    """No [meter] at all gave two lines for one mistake, the first asking for "at least
+    meter.port", which a Neurio or a Wi-Fi dongle does not have."""
+    result = dsmr_logger("check-config", "--config", write(tmp_path, spool(tmp_path)))
+    assert result.returncode == 2
+    line = one_clear_line(result, "meter: section is required")
+    assert "meter.port: is required" not in result.stderr
+    for kind in ("neurio", "homewizard", "http", "mqtt"):
+        assert repr(kind) in line

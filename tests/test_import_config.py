@@ -93,7 +93,10 @@ def test_check_config_shows_the_sections_with_secrets_masked(
     [
         (["neurio", "--sink", "home"], "import.neurio: no [import.neurio] section"),
         (["climkit", "--sink", "nowhere"], "--sink 'nowhere': not a dsmr-reader sink"),
-        (["climkit", "--sink", "home", "--since", "last tuesday"], "--since: Invalid isoformat"),
+        (
+            ["climkit", "--sink", "home", "--since", "last tuesday"],
+            "--since: 'last tuesday' is not an ISO 8601 date",
+        ),
     ],
 )
 def test_command_mistakes_exit_2_with_one_line(

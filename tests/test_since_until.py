@@ -45,7 +45,7 @@ COMMANDS = {
         (["--since", "0001-01-01"], "--since: '0001-01-01' is out of range"),
         (["--until", "0001-01-01T00:10"], "--until: '0001-01-01T00:10' is out of range"),
         (["--until", "9999-12-31T23:30+00:00"], "--until: '9999-12-31T23:30+00:00' is out of"),
-        (["--since", "last tuesday"], "--since: Invalid isoformat string"),
+        (["--since", "last tuesday"], "--since: 'last tuesday' is not an ISO 8601 date or time"),
         (
             ["--since", "2026-12-05", "--until", "2026-12-01"],
             "--since 2026-12-05 is after --until 2026-12-01",

@@ -604,7 +604,13 @@ def parse_moment(text: str, zone: ZoneInfo, *, latest: bool = False) -> datetime
     The answer carries a fixed offset, so comparing it with a meter's timestamp never depends
     on ``fold`` (which comparisons within one zone ignore).
     """
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 date or time (e.g. 2026-11-01, 2026-11-01T06:00 or "
+            "2026-11-01T06:00+01:00)"
+        ) from None
     if moment.tzinfo is None:
         try:
             instants = sorted(moment.replace(tzinfo=zone, fold=f).astimezone(UTC) for f in (0, 1))
