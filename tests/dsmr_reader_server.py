@@ -64,8 +64,8 @@ As a process (daemon tests)::
 prints the API port on the first stdout line and a control port on the second, then serves until
 SIGTERM/SIGINT. The control port (never refused) takes ``POST /_control`` with JSON
 ``{"mode", "poison_substring", "poison_answer", "delay", "retry_after", "hang_outcome",
-"v2_reject_timestamps", "flap_rate", "flap_seed", "redirect_to", "reset"}`` (all optional;
-answers the state) and ``GET /_control`` (state), ``GET /_received`` (JSON list of stored
+"v2_reject_timestamps", "flap_rate", "flap_seed", "redirect_to", "hang_after", "reset"}`` (all
+optional; answers the state) and ``GET /_control`` (state), ``GET /_received`` (JSON list of stored
 telegrams), ``GET /_readings`` (JSON list of stored v2 readings); the API port serves the same
 too. ``DsmrReaderProcess`` below wraps all of that for synchronous use.
 """
@@ -497,6 +497,9 @@ class DsmrReaderServer:
         self.requests = 0
         self.hanging = 0
         self._mode = mode
+        self.hang_after: int | None = None
+        """Once this many telegrams and readings are stored, the mode becomes ``hang``: a test
+        that must interrupt a client mid-run gets it held there, however slow the machine."""
         self._release = asyncio.Event()
         self._stopping = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -655,6 +658,7 @@ class DsmrReaderServer:
         if status == 201:
             assert telegram is not None
             self.received.append(telegram)
+            self._maybe_hang()
         elif status == 405:
             headers["Allow"] = "POST"
         elif status == 429:
@@ -832,7 +836,16 @@ class DsmrReaderServer:
         if errors:
             return 400, json.dumps(errors), "invalid: " + ", ".join(errors)
         self.readings.append(dict(fields))
+        self._maybe_hang()
         return 201, json.dumps(self.render(len(self.readings) - 1)), ""
+
+    def _maybe_hang(self) -> None:
+        if (
+            self.hang_after is not None
+            and len(self.received) + len(self.readings) >= self.hang_after
+        ):
+            self.hang_after = None
+            self._set_mode("hang")
 
     def render(self, index: int) -> dict[str, Any]:
         """Reading ``index`` of ``readings`` as DSMR-reader's JSON shows it."""
@@ -991,7 +1004,14 @@ class DsmrReaderServer:
             )
         if "v2_reject_timestamps" in changes:
             self.v2_reject = _reject_timestamps(changes["v2_reject_timestamps"])
-        for key in ("poison_answer", "delay", "retry_after", "hang_outcome", "flap_rate"):
+        for key in (
+            "poison_answer",
+            "delay",
+            "retry_after",
+            "hang_outcome",
+            "flap_rate",
+            "hang_after",
+        ):
             if key in changes:
                 setattr(self, key, changes[key])
         if "redirect_to" in changes:

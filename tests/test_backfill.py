@@ -119,21 +119,23 @@ def test_interrupted_backfill_continues_without_duplicates(tmp_path: Path) -> No
     telegrams = capture()[:200]
     folder = archive(tmp_path, telegrams)
     with DsmrReaderProcess(KEY) as server:
-        server.control(delay=0.01)  # about 100 posts/s: slow enough to interrupt
+        # The 51st post is held, so the SIGINT lands mid-run however slow the machine is.
+        server.control(hang_after=50)
         config = write_config(tmp_path, server.url)
         command = [sys.executable, "-m", "dsmr_logger", "backfill", "--config", str(config)]
         command += ["--from", str(folder), "--sink", "home"]
         first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 20
-        while len(server.readings()) < 50 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while server.state()["hanging"] == 0 and first.poll() is None:
+            assert time.monotonic() < deadline, "the 51st post never arrived"
             time.sleep(0.02)
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=20)
         assert first.returncode == 130, err
         assert b"run the same command again" in err
-        interrupted_at = len(server.readings())
-        assert 50 <= interrupted_at < 200
+        assert len(server.readings()) == 50
 
+        server.control(mode="ok")
         second = subprocess.run(command, capture_output=True, timeout=60)
         assert second.returncode == 0, second.stderr
         readings = server.readings()

@@ -506,7 +506,7 @@ async def test_a_real_process_interrupted_by_sigint_continues_without_duplicates
     points = [p for p in spring_series() if p.at <= datetime(2024, 3, 30, 12, tzinfo=ZONE)]
     until = points[-1].at
     async with climkit(RealClock(), points) as fake, DsmrReaderServer(api_key=KEY) as dsmr:
-        dsmr.delay = 0.01  # about a second a day of slots: time to interrupt mid-window
+        dsmr.hang_after = 40  # the 41st reading held: the SIGINT lands mid-window, however slow
         config = tmp_path / "config.toml"
         config.write_text(
             f'[meter]\nport = "/dev/null"\ntimezone = "Europe/Zurich"\n'
@@ -533,12 +533,15 @@ async def test_a_real_process_interrupted_by_sigint_continues_without_duplicates
         first = await asyncio.create_subprocess_exec(
             sys.executable, *command, stdout=PIPE, stderr=PIPE
         )
-        await wait_until(lambda: len(dsmr.readings) >= 40, "the import under way", timeout=60)
+        await wait_until(
+            lambda: dsmr.hanging > 0 or first.returncode is not None, "the 41st reading held", 60
+        )
         first.send_signal(signal.SIGINT)
         out1, err1 = await asyncio.wait_for(first.communicate(), 30)
         assert first.returncode == 130, err1
         assert b"run the same command again" in err1
-        assert 40 <= len(dsmr.readings) < 96  # stopped inside the first day
+        assert len(dsmr.readings) == 40  # stopped inside the first day
+        dsmr.mode = "ok"
 
         second = await asyncio.create_subprocess_exec(
             sys.executable, *command, stdout=PIPE, stderr=PIPE

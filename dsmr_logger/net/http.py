@@ -348,15 +348,17 @@ class HttpClient:
         self._heads: dict[tuple[str, str], bytes] = {}
         self._closed = False
 
-    async def post(self, path: str, body: bytes, content_type: str) -> Response:
+    async def post(
+        self, path: str, body: bytes, content_type: str, *, timeout: float | None = None
+    ) -> Response:
         """POST body to the base URL's path + path (which starts with "/").
 
         Raises an ``HttpError`` subclass: ``ConnectError``/``ConnectTimeout`` (not sent) or
-        ``ReadError``/``ReadTimeout``/``ProtocolError`` (sent: maybe stored). ``timeout`` bounds
-        it all, the wait for a free connection included.
+        ``ReadError``/``ReadTimeout``/``ProtocolError`` (sent: maybe stored). The client's
+        ``timeout`` (or this request's) bounds it all, the wait for a free connection included.
         """
         request = b"%b%d\r\n\r\n%b" % (self._head(path, content_type), len(body), body)
-        return await self._send(request)
+        return await self._send(request, timeout)
 
     async def get(self, path: str, headers: Mapping[str, str] | None = None) -> Response:
         """GET the base URL's path + path (a query string may follow); errors as ``post``."""
@@ -386,12 +388,13 @@ class HttpClient:
         request = "".join(lines).encode("latin-1") + b"\r\n" + (body or b"")
         return await self._send(request)
 
-    async def _send(self, request: bytes) -> Response:
+    async def _send(self, request: bytes, timeout: float | None = None) -> Response:
         if self._closed:
             raise RuntimeError("request on a closed HttpClient")
         attempt = _Attempt()
+        timeout = self._timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
+            async with asyncio.timeout(timeout), self._slots:
                 reused = self._idle_connection()
                 if reused is not None:
                     try:
@@ -405,8 +408,8 @@ class HttpClient:
             if isinstance(exc, HttpError):
                 raise
             if attempt.sent:
-                raise ReadTimeout(f"no answer within {self._timeout:g} s") from exc
-            raise ConnectTimeout(f"no connection within {self._timeout:g} s") from exc
+                raise ReadTimeout(f"no answer within {timeout:g} s") from exc
+            raise ConnectTimeout(f"no connection within {timeout:g} s") from exc
 
     async def close(self) -> None:
         """Close the idle connections; posts still running close theirs when they finish."""
