@@ -37,6 +37,7 @@ from test_full_disk import spool_counters
 from test_health import (
     Monitor,
     a_meter,
+    endpoint_up,
     events,
     fetch,
     free_port,
@@ -132,6 +133,7 @@ def test_every_other_telegram_refused_is_unhealthy_though_no_run_forms(
         http={"listen": f"127.0.0.1:{port}"},
     )
     daemon, _ = procs.daemon(config)
+    endpoint_up(port)
     meter = a_meter(procs, tmp_path)
     with Monitor(port) as monitor:
         wait_until(lambda: sink_status(port)["dead_letters"] >= 30, 30.0, "30 dead letters")
