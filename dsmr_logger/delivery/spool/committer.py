@@ -134,7 +134,7 @@ class Committer:
             batch, self._window.strict_waiting = self._window.strict_waiting, []
             self._window.unflushed.extend(batch)
             if self._keeper.available and not self._keeper.trouble.active:
-                await self.flush(everything=True)
+                await self._flush_whole(everything=True)
             for record in batch:
                 for name in record.waiting:
                     self._sinks[name].push(record)
@@ -170,6 +170,14 @@ class Committer:
         """Commit what is still undelivered after ``flush_interval`` (or all of it), and acks."""
         async with self._flushing:
             await self._flush(everything or self.strict)
+
+    async def _flush_whole(self, *, everything: bool = False) -> None:
+        """A flush that cancelling its task (the daemon stopping) does not cut short: the batch
+        it took out of the memory window is committed (or put back) before the cancellation
+        goes on, and the stop's own flush waits for it. Cut short, that batch was in neither
+        the window nor the spool, and the stop said "10 telegrams ... lost" for telegrams the
+        spool could take (a flusher cancelled while waiting for SQLite's lock)."""
+        await asyncio.shield(self.flush(everything=everything))
 
     async def _flush(self, everything: bool) -> None:
         keeper, window = self._keeper, self._window
@@ -312,7 +320,7 @@ class Committer:
                 window.unflushed or self._acks or self._letters.waiting or window.pending_counts()
             )
             if waiting or not keeper.available:
-                await self.flush()
+                await self._flush_whole()
             elif keeper.trouble.active:
                 await keeper.probe()  # nothing to write: can it be written (to say so)?
             if keeper.available and keeper.spool.sync_due():
@@ -325,7 +333,7 @@ class Committer:
                     await keeper.call(keeper.spool.check_present)
                 except SpoolGone as exc:
                     keeper.gone = exc
-                    await self.flush()
+                    await self._flush_whole()
                 await self.adopt_requeued()
 
     async def close(self) -> None:
